@@ -1,0 +1,34 @@
+{
+  "targets": [
+    {
+      "target_name": "trimkv",
+      "sources": [
+        "csrc/cpu/attention_cpu.cc",
+        "csrc/cpu/cache_cpu.cc",
+        "csrc/cpu/gate_cpu.cc",
+        "csrc/ops/cache.cc",
+        "csrc/ops/cuda_unavailable.cc",
+        "csrc/ops/device_none.cc",
+        "csrc/ops/gate.cc",
+        "csrc/ops/tensor.cc",
+        "csrc/napi/addon.cc",
+        "csrc/napi/cache.cc",
+        "csrc/napi/gate.cc",
+        "csrc/napi/runtime.cc",
+        "csrc/napi/tensor.cc"
+      ],
+      "include_dirs": [
+        "<!(node -p \"require('node-addon-api').include_dir\")",
+        "csrc"
+      ],
+      "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS"],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
+      "cflags_cc": ["-std=c++17", "-O2"],
+      "xcode_settings": {
+        "GCC_ENABLE_CPP_EXCEPTIONS": "YES",
+        "CLANG_CXX_LANGUAGE_STANDARD": "c++17"
+      }
+    }
+  ]
+}

@@ -1,0 +1,84 @@
+// CPU retention gate: float32 weights (exact upcast of the stored dtype), float32 math.
+#include <cmath>
+
+#include "common/errors.h"
+#include "ops/gate.h"
+
+namespace trimkv {
+namespace {
+
+float activate(Activation act, float u) {
+  switch (act) {
+    case Activation::kSilu: return u / (1.f + std::exp(-u));
+    case Activation::kGelu: return 0.5f * u * (1.f + std::erf(u * 0.70710678118654752f));
+    case Activation::kGeluTanh: {
+      const float c = 0.79788456080286536f;  // sqrt(2 / pi)
+      return 0.5f * u * (1.f + std::tanh(c * (u + 0.044715f * u * u * u)));
+    }
+    case Activation::kRelu: return u > 0.f ? u : 0.f;
+  }
+  return u;
+}
+
+// log(sigmoid(z)) without overflow for large |z|: min(z, 0) - log1p(exp(-|z|)).
+float log_sigmoid(float z) { return std::fmin(z, 0.f) - std::log1p(std::exp(-std::fabs(z))); }
+
+float dot(const float* a, const float* b, int n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+std::vector<float> to_float(const std::vector<uint8_t>& raw, DType t) {
+  std::vector<float> out(raw.size() / dtype_size(t));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = load_as_float(raw.data(), t, i);
+  return out;
+}
+
+class CpuGate final : public Gate {
+ public:
+  CpuGate(const gate_spec_t& spec, const gate_weights_t& w)
+      : Gate(Backend::kCpu, spec),
+        a_(to_float(w.a, w.dtype)),
+        b_(to_float(w.b, w.dtype)),
+        out_(to_float(w.out, w.dtype)),
+        bias_(to_float(w.bias, w.dtype)) {}
+
+ protected:
+  void do_run(const Tensor& x, Tensor& lam) override {
+    const int n = static_cast<int>(x.shape()[0]);
+    const int In = spec_.input_size, I = spec_.intermediate_size, H = spec_.kv_heads;
+    std::vector<float> xrow(In), hidden(I);
+    float* lam_out = static_cast<float*>(lam.data());
+    for (int t = 0; t < n; ++t) {
+      for (int i = 0; i < In; ++i) xrow[i] = load_as_float(x.data(), x.dtype(), static_cast<size_t>(t) * In + i);
+      for (int i = 0; i < I; ++i) {
+        const float* row = a_.data() + static_cast<size_t>(i) * In;
+        if (spec_.kind == GateKind::kRg3) {
+          const float up = dot(b_.data() + static_cast<size_t>(i) * In, xrow.data(), In);
+          hidden[i] = activate(spec_.activation, dot(row, xrow.data(), In)) * up;
+        } else {
+          hidden[i] = activate(spec_.activation, dot(row, xrow.data(), In) + b_[i]);
+        }
+      }
+      for (int h = 0; h < H; ++h) {
+        const float z = dot(out_.data() + static_cast<size_t>(h) * I, hidden.data(), I) + bias_[h];
+        lam_out[static_cast<size_t>(t) * H + h] = log_sigmoid(z);
+      }
+    }
+  }
+
+ private:
+  std::vector<float> a_, b_, out_, bias_;
+};
+
+}  // namespace
+
+std::unique_ptr<Gate> create_cpu_gate(const gate_spec_t& spec, const gate_weights_t& w) {
+  return std::make_unique<CpuGate>(spec, w);
+}
+
+}  // namespace trimkv

@@ -1,0 +1,170 @@
+/** The memory-bounded KV cache of TRIM-KV for a batch of sequences (SPEC sections 4-7). */
+import { native, TrimKVError } from './errors.js';
+import { BACKEND_INDEX, loadAddon, type NativeCacheHandle } from './native.js';
+import { DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
+import { expectTensor } from './tensor.js';
+import type { BackendName, CacheConfig, DecodeInputs, HeadSnapshot, PrefillInputs } from './types.js';
+import { integerIn, invalid, numberIn, oneOf } from './validate.js';
+
+/** A cache configuration with every default filled in (`threshold: null` = none). */
+export type ResolvedCacheConfig = Readonly<Required<Omit<CacheConfig, 'threshold'>> & { threshold: number | null }>;
+
+/** Validates a configuration and fills in the defaults. @throws {TrimKVError} */
+export function resolveCacheConfig(config: CacheConfig): ResolvedCacheConfig {
+  if (config === null || typeof config !== 'object') invalid('a CacheConfig object', 'config', config);
+  const c = config;
+  const layers = integerIn(c.layers, 'layers', 1, 4096);
+  const batch = integerIn(c.batch, 'batch', 1, 65536);
+  const kvHeads = integerIn(c.kvHeads, 'kvHeads', 1, 1024);
+  const qHeads = integerIn(c.qHeads, 'qHeads', 1, 65536);
+  if (qHeads % kvHeads !== 0) invalid(`a multiple of kvHeads (${kvHeads})`, 'qHeads', qHeads, 'ERR_RANGE');
+  const headDim = integerIn(c.headDim, 'headDim', 1, MAX_HEAD_DIM);
+  const memory = integerIn(c.memory, 'memory', 1, 2 ** 30);
+  const buffer = integerIn(c.buffer ?? 0, 'buffer', 0, 2 ** 30);
+  const window = integerIn(c.window ?? 0, 'window', 0, 2 ** 31 - 1);
+  const dtype = oneOf(c.dtype ?? 'fp16', 'dtype', DTYPES);
+  const strategy = oneOf(c.strategy ?? 'alpha', 'strategy', STRATEGIES);
+  const scope = oneOf(c.scope ?? 'head', 'scope', SCOPES);
+  const floor = numberIn(c.floor ?? 0, 'floor', 0, 1, { maxOpen: true });
+  const threshold = c.threshold === undefined || c.threshold === null
+    ? null
+    : numberIn(c.threshold, 'threshold', 0, 1, { minOpen: true });
+  const scale = c.scale === undefined ? 1 / Math.sqrt(headDim) : numberIn(c.scale, 'scale', 0, Number.MAX_VALUE, { minOpen: true });
+  return Object.freeze({ layers, batch, qHeads, kvHeads, headDim, memory, buffer, dtype, strategy, window, scope, floor, threshold, scale });
+}
+
+export class KVCache {
+  readonly config: ResolvedCacheConfig;
+  readonly backend: BackendName;
+  #handle: NativeCacheHandle | undefined;
+
+  /** @internal Use `Runtime.createCache`. @throws {TrimKVError} */
+  constructor(backend: BackendName, config: CacheConfig) {
+    this.backend = backend;
+    this.config = resolveCacheConfig(config);
+    const cfg = { ...this.config, threshold: this.config.threshold ?? 0 };
+    this.#handle = native(() => new (loadAddon().NativeCache)(BACKEND_INDEX[backend], cfg));
+  }
+
+  get disposed(): boolean {
+    return this.#handle === undefined;
+  }
+
+  #h(): NativeCacheHandle {
+    if (!this.#handle) throw new TrimKVError('ERR_DISPOSED', 'the KV cache has been disposed');
+    return this.#handle;
+  }
+
+  #layer(layer: unknown): number {
+    return integerIn(layer, 'layer', 0, this.config.layers - 1);
+  }
+
+  /**
+   * One decode step of one layer for every sequence slot: appends each active slot's new
+   * token, attends over the cache, then evicts (SPEC section 5). Call layers 0..L-1 in order.
+   * @throws {TrimKVError} ERR_SHAPE, ERR_DTYPE, ERR_RANGE (layer, positions), ERR_STATE (layer
+   *   order), ERR_DISPOSED, ERR_NATIVE. A rejected call leaves the cache as it was.
+   */
+  decode(layer: number, inputs: DecodeInputs): void {
+    const h = this.#h();
+    const l = this.#layer(layer);
+    if (inputs === null || typeof inputs !== 'object') invalid('a DecodeInputs object', 'inputs', inputs);
+    const { batch: B, qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = this.config;
+    const q = expectTensor(inputs.q, 'q', this.backend, dtype, [B, Hq, D]);
+    const k = expectTensor(inputs.k, 'k', this.backend, dtype, [B, Hkv, D]);
+    const v = expectTensor(inputs.v, 'v', this.backend, dtype, [B, Hkv, D]);
+    const lam = expectTensor(inputs.lam, 'lam', this.backend, 'fp32', [B, Hkv]);
+    const out = expectTensor(inputs.out, 'out', this.backend, dtype, [B, Hq, D]);
+    const p = inputs.positions;
+    if (!(p instanceof Int32Array) && !Array.isArray(p)) invalid('an Int32Array or number[]', 'positions', p);
+    if (p.length !== B) invalid(`${B} positions`, 'positions', p, 'ERR_SHAPE');
+    const positions = p instanceof Int32Array ? p : Int32Array.from(p.map((x, i) => integerIn(x, `positions[${i}]`, -1, 2 ** 31 - 2)));
+    native(() => h.decode(l, q.handle('q'), k.handle('k'), v.handle('v'), lam.handle('lam'), out.handle('out'), positions));
+  }
+
+  /**
+   * One prefill chunk of one sequence for one layer: the chunk attends to the cache and
+   * causally to itself, then the cache is evicted down to its budget. Call layers in order.
+   * @throws {TrimKVError} as `decode`.
+   */
+  prefill(layer: number, inputs: PrefillInputs): void {
+    const h = this.#h();
+    const l = this.#layer(layer);
+    if (inputs === null || typeof inputs !== 'object') invalid('a PrefillInputs object', 'inputs', inputs);
+    const { qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = this.config;
+    const seq = integerIn(inputs.seq, 'seq', 0, this.config.batch - 1);
+    const start = integerIn(inputs.start, 'start', 0, 2 ** 31 - 2);
+    const q0 = inputs.q;
+    const C = q0 && typeof q0 === 'object' && 'shape' in q0 ? (q0.shape[0] ?? 0) : 0;
+    if (C < 1) invalid('a q tensor of shape [C >= 1, qHeads, headDim]', 'q', q0, 'ERR_SHAPE');
+    const q = expectTensor(inputs.q, 'q', this.backend, dtype, [C, Hq, D]);
+    const k = expectTensor(inputs.k, 'k', this.backend, dtype, [C, Hkv, D]);
+    const v = expectTensor(inputs.v, 'v', this.backend, dtype, [C, Hkv, D]);
+    const lam = expectTensor(inputs.lam, 'lam', this.backend, 'fp32', [C, Hkv]);
+    const out = expectTensor(inputs.out, 'out', this.backend, dtype, [C, Hq, D]);
+    native(() => h.prefill(l, seq, start, q.handle('q'), k.handle('k'), v.handle('v'), lam.handle('lam'), out.handle('out')));
+  }
+
+  /** Empties a sequence slot for reuse (T = 0). @throws {TrimKVError} ERR_RANGE, ERR_STATE */
+  reset(seq: number): void {
+    const h = this.#h();
+    const s = integerIn(seq, 'seq', 0, this.config.batch - 1);
+    native(() => h.reset(s));
+  }
+
+  /** T: the number of tokens the sequence has processed (last position + 1). */
+  seen(seq: number): number {
+    const h = this.#h();
+    const s = integerIn(seq, 'seq', 0, this.config.batch - 1);
+    return native(() => h.seen(s));
+  }
+
+  /** Tokens held by one (sequence, layer, KV head). */
+  length(seq: number, layer: number, head: number): number {
+    const h = this.#h();
+    const s = integerIn(seq, 'seq', 0, this.config.batch - 1);
+    const hd = integerIn(head, 'head', 0, this.config.kvHeads - 1);
+    return native(() => h.length(s, this.#layer(layer), hd));
+  }
+
+  /** Tokens held per (sequence, layer, KV head), laid out [batch, layers, kvHeads]. */
+  lengths(): Int32Array {
+    const h = this.#h();
+    return native(() => h.lengths());
+  }
+
+  /**
+   * The retained tokens of one head, sorted by position, with their decayed score at the
+   * sequence's current T (the window rule is not folded into the scores).
+   */
+  inspect(seq: number, layer: number, head: number): HeadSnapshot {
+    const h = this.#h();
+    const s = integerIn(seq, 'seq', 0, this.config.batch - 1);
+    const hd = integerIn(head, 'head', 0, this.config.kvHeads - 1);
+    return native(() => h.inspect(s, this.#layer(layer), hd));
+  }
+
+  /** Bytes of K/V and per-token metadata held (`used`) and allocated (`reserved`). */
+  memoryBytes(): { used: number; reserved: number } {
+    const h = this.#h();
+    return native(() => h.memoryBytes());
+  }
+
+  /** Bytes a full (unbounded) cache would hold for the same tokens seen. */
+  fullCacheBytes(): number {
+    const { batch, layers, kvHeads, headDim, dtype } = this.config;
+    const per = 2 * headDim * (dtype === 'fp32' ? 4 : 2);
+    let tokens = 0;
+    for (let b = 0; b < batch; b++) tokens += this.seen(b);
+    return tokens * layers * kvHeads * per;
+  }
+
+  dispose(): void {
+    this.#handle?.dispose();
+    this.#handle = undefined;
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}

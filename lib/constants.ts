@@ -1,0 +1,11 @@
+/** Supported values, mirrored from csrc/common/config.h. */
+import type { Activation, DType, GateKind, Scope, Strategy } from './types.js';
+
+export const DTYPES: readonly DType[] = ['fp32', 'fp16', 'bf16'];
+export const STRATEGIES: readonly Strategy[] = ['alpha', 'knorm_alpha'];
+export const SCOPES: readonly Scope[] = ['head', 'layer', 'global'];
+export const GATE_KINDS: readonly GateKind[] = ['rg', 'rg2', 'rg3'];
+export const ACTIVATIONS: readonly Activation[] = ['silu', 'swish', 'gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu'];
+/** Head dims with fast CUDA paths; every head dim up to MAX_HEAD_DIM is correct on the CPU. */
+export const FAST_HEAD_DIMS: readonly number[] = [64, 128, 256];
+export const MAX_HEAD_DIM = 1024;

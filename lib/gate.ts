@@ -1,0 +1,100 @@
+/** The retention gate (SPEC section 3): lam = logsigmoid(gate(x)) for a batch of tokens. */
+import { native, TrimKVError } from './errors.js';
+import { BACKEND_INDEX, loadAddon, type NativeGateHandle } from './native.js';
+import { ACTIVATIONS, DTYPES, GATE_KINDS } from './constants.js';
+import { checkTensor, expectTensor, type Tensor } from './tensor.js';
+import type { BackendName, DType, GateKind, GateSpec, GluGateWeights, MlpGateWeights, WeightInput } from './types.js';
+import { integerIn, invalid, oneOf } from './validate.js';
+
+function weightParts(w: WeightInput, name: string): { dtype: DType; data: Float32Array | Uint16Array; shape?: number[] } {
+  if (w instanceof Float32Array) return { dtype: 'fp32', data: w };
+  if (w === null || typeof w !== 'object') invalid('a Float32Array or a { dtype, shape, data } weight', name, w);
+  const dtype = oneOf(w.dtype, `${name}.dtype`, DTYPES);
+  const data = w.data;
+  if (dtype === 'fp32' ? !(data instanceof Float32Array) : !(data instanceof Uint16Array)) {
+    invalid(dtype === 'fp32' ? 'a Float32Array' : 'a Uint16Array of raw bits', `${name}.data`, data, 'ERR_DTYPE');
+  }
+  return { dtype, data, shape: w.shape };
+}
+
+export class RetentionGate {
+  readonly kind: GateKind;
+  readonly inputSize: number;
+  readonly intermediateSize: number;
+  readonly kvHeads: number;
+  readonly backend: BackendName;
+  /** The dtype the weights are stored in (all weights of one gate share it). */
+  readonly weightDtype: DType;
+  #handle: NativeGateHandle | undefined;
+
+  /** @internal Use `Runtime.createGate`. @throws {TrimKVError} */
+  constructor(backend: BackendName, spec: GateSpec) {
+    if (spec === null || typeof spec !== 'object') invalid('a GateSpec object', 'spec', spec);
+    this.backend = backend;
+    this.kind = oneOf(spec.kind, 'spec.kind', GATE_KINDS);
+    const activation = oneOf(spec.activation, 'spec.activation', ACTIVATIONS);
+    this.inputSize = integerIn(spec.inputSize, 'spec.inputSize', 1, 2 ** 20);
+    this.intermediateSize = integerIn(spec.intermediateSize, 'spec.intermediateSize', 1, 2 ** 20);
+    this.kvHeads = integerIn(spec.kvHeads, 'spec.kvHeads', 1, 1024);
+    const w = spec.weights as Partial<MlpGateWeights & GluGateWeights> | undefined;
+    if (w === null || typeof w !== 'object') invalid('a weights object', 'spec.weights', w);
+    const I = this.intermediateSize, In = this.inputSize, H = this.kvHeads;
+    const glu = this.kind === 'rg3';
+    const names = glu
+      ? (['gateProj', 'upProj', 'downProj', 'bias'] as const)
+      : (['linear1Weight', 'linear1Bias', 'linear2Weight', 'bias'] as const);
+    const sizes = glu ? [I * In, I * In, H * I, H] : [I * In, I, H * I, H];
+    const parts = names.map((n, i) => {
+      const value = (w as Record<string, WeightInput | undefined>)[n];
+      if (value === undefined) invalid('a weight', `spec.weights.${n}`, value);
+      const p = weightParts(value, `spec.weights.${n}`);
+      if (p.data.length !== sizes[i]) invalid(`${sizes[i]} values`, `spec.weights.${n}`, p.data, 'ERR_SHAPE');
+      if (p.shape && p.shape.reduce((a, b) => a * b, 1) !== sizes[i]) {
+        invalid(`a shape of ${sizes[i]} elements`, `spec.weights.${n}.shape`, p.shape, 'ERR_SHAPE');
+      }
+      return p;
+    });
+    this.weightDtype = parts[0]!.dtype;
+    parts.forEach((p, i) => {
+      if (p.dtype !== this.weightDtype) {
+        invalid(`dtype ${this.weightDtype} (all weights of a gate share one dtype)`, `spec.weights.${names[i]}`, p.dtype, 'ERR_DTYPE');
+      }
+    });
+    const nativeSpec = { kind: this.kind, activation, inputSize: In, intermediateSize: I, kvHeads: H };
+    this.#handle = native(
+      () => new (loadAddon().NativeGate)(BACKEND_INDEX[backend], nativeSpec, this.weightDtype,
+        parts[0]!.data, parts[1]!.data, parts[2]!.data, parts[3]!.data),
+    );
+  }
+
+  get disposed(): boolean {
+    return this.#handle === undefined;
+  }
+
+  /**
+   * Computes lam for `n` tokens.
+   * @param x [n, inputSize], any float dtype: the layer's hidden states (rg) or the rotated
+   *   keys and values of all KV heads, [k_0; v_0; k_1; v_1; ...] (rg2, rg3)
+   * @param lam [n, kvHeads] fp32, written
+   * @throws {TrimKVError} ERR_SHAPE, ERR_DTYPE, ERR_DISPOSED, ERR_INVALID_ARGUMENT
+   */
+  run(x: Tensor, lam: Tensor): void {
+    if (!this.#handle) throw new TrimKVError('ERR_DISPOSED', 'the retention gate has been disposed');
+    const xt = checkTensor(x, 'x', this.backend);
+    if (xt.shape.length !== 2 || xt.shape[1] !== this.inputSize) {
+      invalid(`shape [n, ${this.inputSize}]`, 'x', `shape [${xt.shape.join(', ')}]`, 'ERR_SHAPE');
+    }
+    const lt = expectTensor(lam, 'lam', this.backend, 'fp32', [xt.shape[0]!, this.kvHeads]);
+    const h = this.#handle;
+    native(() => h.run(xt.handle('x'), lt.handle('lam')));
+  }
+
+  dispose(): void {
+    this.#handle?.dispose();
+    this.#handle = undefined;
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}

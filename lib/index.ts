@@ -1,0 +1,11 @@
+/**
+ * trimkv: TRIM-KV (learned token retention for a memory-bounded KV cache) for Node.js.
+ * @packageDocumentation
+ */
+export { backends, buildInfo, openRuntime, Runtime, FORCE_CPU_ENV } from './runtime.js';
+export { Tensor } from './tensor.js';
+export { RetentionGate } from './gate.js';
+export { KVCache, resolveCacheConfig, type ResolvedCacheConfig } from './cache.js';
+export { TrimKVError, type ErrorCode } from './errors.js';
+export { ACTIVATIONS, DTYPES, FAST_HEAD_DIMS, GATE_KINDS, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
+export type * from './types.js';

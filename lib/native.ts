@@ -1,0 +1,98 @@
+/**
+ * The only module that loads the `.node` file. node-gyp-build looks for a prebuilt binary
+ * (prebuilds/<platform>-<arch>/) first, then a local build (build/Release/).
+ */
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { existsSync } from 'node:fs';
+import { TrimKVError } from './errors.js';
+
+export interface NativeCudaStatus {
+  compiled: boolean;
+  available: boolean;
+  reason: string;
+  archs: string;
+  runtimeVersion: number;
+  driverVersion: number;
+  devices: { index: number; name: string; computeCapability: string; totalMemory: number; multiprocessors: number }[];
+}
+
+export interface NativeTensorHandle {
+  write(data: Float32Array | Uint16Array): void;
+  readSync(): Float32Array;
+  read(): Promise<Float32Array>;
+  dispose(): void;
+}
+
+export interface NativeGateHandle {
+  run(x: NativeTensorHandle, lam: NativeTensorHandle): void;
+  dispose(): void;
+}
+
+export interface NativeCacheHandle {
+  decode(layer: number, q: NativeTensorHandle, k: NativeTensorHandle, v: NativeTensorHandle,
+    lam: NativeTensorHandle, out: NativeTensorHandle, positions: Int32Array): void;
+  prefill(layer: number, seq: number, start: number, q: NativeTensorHandle, k: NativeTensorHandle,
+    v: NativeTensorHandle, lam: NativeTensorHandle, out: NativeTensorHandle): void;
+  reset(seq: number): void;
+  seen(seq: number): number;
+  length(seq: number, layer: number, head: number): number;
+  lengths(): Int32Array;
+  inspect(seq: number, layer: number, head: number): { positions: Int32Array; scores: Float32Array };
+  memoryBytes(): { used: number; reserved: number };
+  dispose(): void;
+}
+
+export interface NativeAddon {
+  cudaStatus(): NativeCudaStatus;
+  synchronize(): Promise<void>;
+  NativeTensor: new (backend: number, dtype: string, shape: number[]) => NativeTensorHandle;
+  NativeGate: new (backend: number, spec: object, dtype: string, a: ArrayBufferView, b: ArrayBufferView,
+    out: ArrayBufferView, bias: ArrayBufferView) => NativeGateHandle;
+  NativeCache: new (backend: number, config: object) => NativeCacheHandle;
+}
+
+/** Where the loaded binary came from, for `trimkv info`. */
+export interface AddonOrigin {
+  kind: 'prebuilt' | 'local build';
+  path: string;
+}
+
+/** The package root: lib/ (sources, under vitest) and dist/ (published) are one level down. */
+export const packageRoot: string = join(dirname(fileURLToPath(import.meta.url)), '..');
+
+let addon: NativeAddon | undefined;
+let origin: AddonOrigin | undefined;
+
+/** Loads the addon once; throws ERR_ADDON_LOAD with the reason and the fix. */
+export function loadAddon(): NativeAddon {
+  if (addon) return addon;
+  const require = createRequire(import.meta.url);
+  try {
+    const gypBuild = require('node-gyp-build') as { (dir: string): NativeAddon; resolve(dir: string): string };
+    const path = gypBuild.resolve(packageRoot);
+    addon = require(path) as NativeAddon;
+    origin = { kind: path.includes(`${join('prebuilds', '')}`) ? 'prebuilt' : 'local build', path };
+  } catch (e) {
+    const built = existsSync(join(packageRoot, 'build', 'Release'));
+    throw new TrimKVError(
+      'ERR_ADDON_LOAD',
+      `could not load the trimkv native addon: ${(e as Error).message}. ` +
+        (built
+          ? 'A local build exists but failed to load; rebuild it with `npm rebuild trimkv`.'
+          : 'No prebuilt binary matches this platform and no local build exists; run `npm rebuild trimkv` ' +
+            '(needs CMake and a C++17 compiler; nvcc enables CUDA).'),
+      { cause: e },
+    );
+  }
+  return addon;
+}
+
+export function addonOrigin(): AddonOrigin {
+  loadAddon();
+  return origin!;
+}
+
+/** Backend indices shared with csrc/ops/device.h. */
+export const BACKEND_INDEX = { cpu: 0, cuda: 1 } as const;

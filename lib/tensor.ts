@@ -1,0 +1,107 @@
+/** Tensors owned by a runtime: host memory on the CPU backend, device memory on CUDA. */
+import { fromNative, native, TrimKVError } from './errors.js';
+import { BACKEND_INDEX, loadAddon, type NativeTensorHandle } from './native.js';
+import { DTYPES } from './constants.js';
+import type { BackendName, DType } from './types.js';
+import { integerIn, invalid, oneOf } from './validate.js';
+
+const BYTES: Record<DType, number> = { fp32: 4, fp16: 2, bf16: 2 };
+
+export class Tensor {
+  readonly shape: readonly number[];
+  readonly dtype: DType;
+  readonly backend: BackendName;
+  readonly numel: number;
+  readonly byteLength: number;
+  #handle: NativeTensorHandle | undefined;
+
+  /** @internal Use `Runtime.tensor` or `Runtime.fromArray`. @throws {TrimKVError} */
+  constructor(backend: BackendName, shape: readonly number[], dtype: DType) {
+    if (!Array.isArray(shape)) invalid('an array of dimensions', 'shape', shape);
+    shape.forEach((d, i) => integerIn(d, `shape[${i}]`, 0, 2 ** 40));
+    this.dtype = oneOf(dtype, 'dtype', DTYPES);
+    this.shape = Object.freeze([...shape]);
+    this.backend = backend;
+    this.numel = shape.reduce((a, b) => a * b, 1);
+    this.byteLength = this.numel * BYTES[dtype];
+    this.#handle = native(() => new (loadAddon().NativeTensor)(BACKEND_INDEX[backend], dtype, [...shape]));
+  }
+
+  get disposed(): boolean {
+    return this.#handle === undefined;
+  }
+
+  /** @internal The native handle; throws ERR_DISPOSED after dispose(). */
+  handle(name = 'tensor'): NativeTensorHandle {
+    if (!this.#handle) throw new TrimKVError('ERR_DISPOSED', `${name} has been disposed`);
+    return this.#handle;
+  }
+
+  /**
+   * Writes all elements. A Float32Array is converted to the storage dtype (round to nearest
+   * even); a Uint16Array holds raw fp16 / bf16 bit patterns.
+   * @throws {TrimKVError} ERR_INVALID_ARGUMENT, ERR_SHAPE (wrong length), ERR_DTYPE, ERR_DISPOSED
+   */
+  write(data: Float32Array | Uint16Array): this {
+    const h = this.handle();
+    if (!(data instanceof Float32Array) && !(data instanceof Uint16Array)) {
+      invalid('a Float32Array or Uint16Array', 'data', data);
+    }
+    if (data.length !== this.numel) {
+      invalid(`${this.numel} values (shape [${this.shape.join(', ')}])`, 'data', data, 'ERR_SHAPE');
+    }
+    if (data instanceof Uint16Array && this.dtype === 'fp32') {
+      invalid('a Float32Array (raw 16-bit data needs an fp16 or bf16 tensor)', 'data', data, 'ERR_DTYPE');
+    }
+    native(() => h.write(data));
+    return this;
+  }
+
+  /** Reads all elements as float32, without blocking the event loop. @throws {TrimKVError} */
+  async read(): Promise<Float32Array> {
+    const h = this.handle();
+    return native(() => h.read()).catch((e: unknown) => {
+      throw fromNative(e);
+    });
+  }
+
+  /** Reads all elements as float32, synchronously. @throws {TrimKVError} */
+  readSync(): Float32Array {
+    const h = this.handle();
+    return native(() => h.readSync());
+  }
+
+  /** Frees the memory now (idempotent). Pending reads finish first. */
+  dispose(): void {
+    this.#handle?.dispose();
+    this.#handle = undefined;
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+
+  toString(): string {
+    return `Tensor(${this.dtype}[${this.shape.join(', ')}] on ${this.backend})`;
+  }
+}
+
+/** @internal Checks that `t` is a live Tensor of this backend. */
+export function checkTensor(t: unknown, name: string, backend: BackendName): Tensor {
+  if (!(t instanceof Tensor)) invalid('a Tensor', name, t);
+  if (t.disposed) throw new TrimKVError('ERR_DISPOSED', `${name} has been disposed`);
+  if (t.backend !== backend) {
+    invalid(`a tensor on the ${backend} backend`, name, `a tensor on the ${t.backend} backend`);
+  }
+  return t;
+}
+
+/** @internal Checks dtype and shape of a tensor argument. */
+export function expectTensor(t: unknown, name: string, backend: BackendName, dtype: DType, shape: readonly number[]): Tensor {
+  const x = checkTensor(t, name, backend);
+  if (x.dtype !== dtype) invalid(`dtype ${dtype}`, name, `${x.dtype}`, 'ERR_DTYPE');
+  if (x.shape.length !== shape.length || x.shape.some((d, i) => d !== shape[i])) {
+    invalid(`shape [${shape.join(', ')}]`, name, `shape [${x.shape.join(', ')}]`, 'ERR_SHAPE');
+  }
+  return x;
+}
