@@ -9,3 +9,16 @@ export { KVCache, resolveCacheConfig, type ResolvedCacheConfig } from './cache.j
 export { TrimKVError, type ErrorCode } from './errors.js';
 export { ACTIVATIONS, DTYPES, FAST_HEAD_DIMS, GATE_KINDS, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
 export type * from './types.js';
+export {
+  loadCheckpoint,
+  loadCheckpointSync,
+  parseCheckpoint,
+  encodeSafetensors,
+  readSafetensors,
+  readTorchStateDict,
+  type Checkpoint,
+  type CheckpointCacheDefaults,
+  type LoadCheckpointOptions,
+  type SafetensorsFile,
+  type TorchStateDict,
+} from './checkpoint.js';
