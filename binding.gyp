@@ -12,6 +12,7 @@
         "csrc/ops/gate.cc",
         "csrc/ops/tensor.cc",
         "csrc/napi/addon.cc",
+        "csrc/napi/bench.cc",
         "csrc/napi/cache.cc",
         "csrc/napi/gate.cc",
         "csrc/napi/runtime.cc",

@@ -4,7 +4,7 @@ import { BACKEND_INDEX, loadAddon, type NativeGateHandle } from './native.js';
 import { ACTIVATIONS, DTYPES, GATE_KINDS } from './constants.js';
 import { checkTensor, expectTensor, type Tensor } from './tensor.js';
 import type { BackendName, DType, GateKind, GateSpec, GluGateWeights, MlpGateWeights, WeightInput } from './types.js';
-import { integerIn, invalid, oneOf } from './validate.js';
+import { integerIn, invalid, invalidText, oneOf } from './validate.js';
 
 function weightParts(w: WeightInput, name: string): { dtype: DType; data: Float32Array | Uint16Array; shape?: number[] } {
   if (w instanceof Float32Array) return { dtype: 'fp32', data: w };
@@ -57,7 +57,7 @@ export class RetentionGate {
     this.weightDtype = parts[0]!.dtype;
     parts.forEach((p, i) => {
       if (p.dtype !== this.weightDtype) {
-        invalid(`dtype ${this.weightDtype} (all weights of a gate share one dtype)`, `spec.weights.${names[i]}`, p.dtype, 'ERR_DTYPE');
+        invalidText(`dtype ${this.weightDtype} (all weights of a gate share one dtype)`, `spec.weights.${names[i]}`, p.dtype, 'ERR_DTYPE');
       }
     });
     const nativeSpec = { kind: this.kind, activation, inputSize: In, intermediateSize: I, kvHeads: H };
@@ -82,7 +82,7 @@ export class RetentionGate {
     if (!this.#handle) throw new TrimKVError('ERR_DISPOSED', 'the retention gate has been disposed');
     const xt = checkTensor(x, 'x', this.backend);
     if (xt.shape.length !== 2 || xt.shape[1] !== this.inputSize) {
-      invalid(`shape [n, ${this.inputSize}]`, 'x', `shape [${xt.shape.join(', ')}]`, 'ERR_SHAPE');
+      invalidText(`shape [n, ${this.inputSize}]`, 'x', `shape [${xt.shape.join(', ')}]`, 'ERR_SHAPE');
     }
     const lt = expectTensor(lam, 'lam', this.backend, 'fp32', [xt.shape[0]!, this.kvHeads]);
     const h = this.#handle;

@@ -51,6 +51,10 @@ export interface NativeAddon {
   NativeGate: new (backend: number, spec: object, dtype: string, a: ArrayBufferView, b: ArrayBufferView,
     out: ArrayBufferView, bias: ArrayBufferView) => NativeGateHandle;
   NativeCache: new (backend: number, config: object) => NativeCacheHandle;
+  /** Per-call times (ms): CUDA events on the device (after a spin of spinMs), a steady clock on the CPU. */
+  timeCalls(backend: number, n: number, spinMs: number, fn: (i: number) => void): Float64Array;
+  /** Device-to-device copy bandwidth in GB/s (read + write), median of iters. */
+  copyBandwidth(bytes: number, iters: number): number;
 }
 
 /** Where the loaded binary came from, for `trimkv info`. */

@@ -3,7 +3,7 @@ import { fromNative, native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeTensorHandle } from './native.js';
 import { DTYPES } from './constants.js';
 import type { BackendName, DType } from './types.js';
-import { integerIn, invalid, oneOf } from './validate.js';
+import { integerIn, invalid, invalidText, oneOf } from './validate.js';
 
 const BYTES: Record<DType, number> = { fp32: 4, fp16: 2, bf16: 2 };
 
@@ -91,7 +91,7 @@ export function checkTensor(t: unknown, name: string, backend: BackendName): Ten
   if (!(t instanceof Tensor)) invalid('a Tensor', name, t);
   if (t.disposed) throw new TrimKVError('ERR_DISPOSED', `${name} has been disposed`);
   if (t.backend !== backend) {
-    invalid(`a tensor on the ${backend} backend`, name, `a tensor on the ${t.backend} backend`);
+    invalidText(`a tensor on the ${backend} backend`, name, `a tensor on the ${t.backend} backend`);
   }
   return t;
 }
@@ -99,9 +99,9 @@ export function checkTensor(t: unknown, name: string, backend: BackendName): Ten
 /** @internal Checks dtype and shape of a tensor argument. */
 export function expectTensor(t: unknown, name: string, backend: BackendName, dtype: DType, shape: readonly number[]): Tensor {
   const x = checkTensor(t, name, backend);
-  if (x.dtype !== dtype) invalid(`dtype ${dtype}`, name, `${x.dtype}`, 'ERR_DTYPE');
+  if (x.dtype !== dtype) invalidText(`dtype ${dtype}`, name, x.dtype, 'ERR_DTYPE');
   if (x.shape.length !== shape.length || x.shape.some((d, i) => d !== shape[i])) {
-    invalid(`shape [${shape.join(', ')}]`, name, `shape [${x.shape.join(', ')}]`, 'ERR_SHAPE');
+    invalidText(`shape [${shape.join(', ')}]`, name, `shape [${x.shape.join(', ')}]`, 'ERR_SHAPE');
   }
   return x;
 }

@@ -15,7 +15,12 @@ export function describe(value: unknown): string {
 }
 
 export function invalid(what: string, name: string, value: unknown, code: ErrorCode = 'ERR_INVALID_ARGUMENT'): never {
-  throw new TrimKVError(code, `Expected ${what} for ${name} but received ${describe(value)}`);
+  return invalidText(what, name, describe(value), code);
+}
+
+/** As `invalid`, with the received value already described (e.g. "shape [2, 4]"). */
+export function invalidText(what: string, name: string, received: string, code: ErrorCode = 'ERR_INVALID_ARGUMENT'): never {
+  throw new TrimKVError(code, `Expected ${what} for ${name} but received ${received}`);
 }
 
 export function isInteger(v: unknown): v is number {

@@ -10,6 +10,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   trimkv::napi::register_tensor(env, exports, data);
   trimkv::napi::register_gate(env, exports);
   trimkv::napi::register_cache(env, exports);
+  trimkv::napi::register_bench(env, exports);
   return exports;
 }
 

@@ -76,5 +76,6 @@ void register_tensor(Napi::Env env, Napi::Object exports, addon_data_t* data);
 void register_gate(Napi::Env env, Napi::Object exports);
 void register_cache(Napi::Env env, Napi::Object exports);
 void register_runtime(Napi::Env env, Napi::Object exports);
+void register_bench(Napi::Env env, Napi::Object exports);
 
 }  // namespace trimkv::napi

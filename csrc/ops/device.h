@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -39,5 +40,13 @@ void device_free(void* p) noexcept;
 void copy_to_device(void* dst, const void* src, size_t bytes);
 void copy_to_host(void* dst, const void* src, size_t bytes);
 void device_synchronize();
+
+/// GPU time of each of `n` calls of `fn` (ms), from CUDA events recorded between the calls on
+/// the default stream. A spin kernel of `spin_ms` runs first so that the host can enqueue all
+/// the calls before the GPU reaches them: the times are device time, not launch gaps.
+std::vector<double> cuda_time_calls(int n, double spin_ms, const std::function<void(int)>& fn);
+
+/// Device-to-device copy bandwidth (GB/s, bytes read plus bytes written), median of `iters`.
+double cuda_copy_bandwidth(size_t bytes, int iters);
 
 }  // namespace trimkv

@@ -129,4 +129,83 @@ void device_synchronize() {
   if (e != cudaSuccess) fail(code::kNative, "CUDA synchronize failed: ", cuda_error_text(e));
 }
 
+namespace {
+
+// Keeps the GPU busy for `ns` nanoseconds (globaltimer) so queued work starts back to back.
+__global__ void SpinKernel(unsigned long long ns) {
+  unsigned long long start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < ns);
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    fail(code::kNative, what, " failed: ", cuda_error_text(e));
+  }
+}
+
+struct Events {
+  std::vector<cudaEvent_t> ev;
+  explicit Events(size_t n) : ev(n, nullptr) {
+    for (auto& e : ev) check(cudaEventCreate(&e), "cudaEventCreate");
+  }
+  ~Events() {
+    for (auto e : ev)
+      if (e) cudaEventDestroy(e);
+  }
+};
+
+}  // namespace
+
+std::vector<double> cuda_time_calls(int n, double spin_ms, const std::function<void(int)>& fn) {
+  if (!cuda_status().available) fail(code::kBackendUnavailable, cuda_status().reason);
+  Events events(static_cast<size_t>(n) + 1);
+  SpinKernel<<<1, 1>>>(static_cast<unsigned long long>(spin_ms * 1e6));
+  check(cudaGetLastError(), "spin kernel launch");
+  check(cudaEventRecord(events.ev[0], nullptr), "cudaEventRecord");
+  for (int i = 0; i < n; ++i) {
+    fn(i);
+    check(cudaEventRecord(events.ev[i + 1], nullptr), "cudaEventRecord");
+  }
+  check(cudaEventSynchronize(events.ev[n]), "cudaEventSynchronize");
+  std::vector<double> ms(n);
+  for (int i = 0; i < n; ++i) {
+    float t = 0.f;
+    check(cudaEventElapsedTime(&t, events.ev[i], events.ev[i + 1]), "cudaEventElapsedTime");
+    ms[i] = t;
+  }
+  return ms;
+}
+
+double cuda_copy_bandwidth(size_t bytes, int iters) {
+  void* a = device_alloc(bytes);
+  void* b = nullptr;
+  try {
+    b = device_alloc(bytes);
+  } catch (...) {
+    device_free(a);
+    throw;
+  }
+  std::vector<double> ms;
+  try {
+    check(cudaMemset(a, 1, bytes), "cudaMemset");
+    check(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "warm-up copy");
+    ms = cuda_time_calls(iters, 2.0, [&](int i) {
+      check(cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice, nullptr), "copy");
+    });
+  } catch (...) {
+    device_free(a);
+    device_free(b);
+    throw;
+  }
+  device_free(a);
+  device_free(b);
+  std::sort(ms.begin(), ms.end());
+  const double med = ms[ms.size() / 2];
+  return 2.0 * static_cast<double>(bytes) / (med * 1e-3) / 1e9;
+}
+
 }  // namespace trimkv

@@ -1,0 +1,86 @@
+/**
+ * CUDA decode against the CPU backend (issue 4): a long run of thousands of decode steps for a
+ * batch of sequences with different lengths, B = 0 and B > 0, several layers. Outputs are
+ * compared at every step; retained position sets at every 100th step. Runs where the CUDA
+ * backend is available (the GPU machine), skipped with the reason elsewhere.
+ */
+import { describe, expect, test } from 'vitest';
+import { openRuntime, type Runtime, type Tensor } from '../lib/index.js';
+import type { DType } from '../lib/types.js';
+import { cudaAvailable, cudaSkipReason } from './backends.js';
+import { ctx, randInt, randnArray, randomLam, relError, TOL } from './helpers.js';
+
+if (!cudaAvailable) console.warn(`[trimkv tests] cuda_decode.test.ts skipped: ${cudaSkipReason}`);
+
+const STEPS = Number(process.env.TRIMKV_LONG_STEPS ?? 5000);
+
+interface Pair { cpu: Tensor; gpu: Tensor }
+
+function pair(cpu: Runtime, gpu: Runtime, shape: number[], dtype: DType): Pair {
+  return { cpu: cpu.tensor(shape, dtype), gpu: gpu.tensor(shape, dtype) };
+}
+
+function writeBoth(p: Pair, data: Float32Array): void {
+  p.cpu.write(data);
+  p.gpu.write(data);
+}
+
+describe.skipIf(!cudaAvailable)('CUDA decode vs CPU backend, long runs', () => {
+  test.each([
+    { buffer: 0, dtype: 'bf16' as DType, headDim: 64, strategy: 'alpha' as const, window: 0 },
+    { buffer: 16, dtype: 'fp16' as DType, headDim: 128, strategy: 'knorm_alpha' as const, window: 4 },
+  ])('batch 16, 4 layers, B=$buffer $dtype D=$headDim $strategy W=$window', ({ buffer, dtype, headDim, strategy, window }) => {
+    const cpu = openRuntime('cpu');
+    const gpu = openRuntime('cuda');
+    const cfg = { layers: 4, batch: 16, qHeads: 8, kvHeads: 2, headDim, memory: 48, buffer, dtype, strategy, window };
+    const cc = cpu.createCache(cfg);
+    const gc = gpu.createCache(cfg);
+    const { batch: Bt, qHeads: Hq, kvHeads: Hkv, layers: L } = cfg;
+    const D = headDim;
+    const q = pair(cpu, gpu, [Bt, Hq, D], dtype), k = pair(cpu, gpu, [Bt, Hkv, D], dtype);
+    const v = pair(cpu, gpu, [Bt, Hkv, D], dtype), lam = pair(cpu, gpu, [Bt, Hkv], 'fp32');
+    const out = pair(cpu, gpu, [Bt, Hq, D], dtype);
+    // Sequences start at different steps and some are reset and restarted: different lengths.
+    const startAt = Array.from({ length: Bt }, (_, b) => (b === 0 ? 0 : randInt(0, 300)));
+    const next = new Int32Array(Bt);
+    let worst = 0;
+    for (let step = 0; step < STEPS; step++) {
+      const positions = new Int32Array(Bt);
+      for (let b = 0; b < Bt; b++) {
+        if (step === 2000 + 37 * b && b % 3 === 1) {
+          cc.reset(b);
+          gc.reset(b);
+          next[b] = 0;
+        }
+        positions[b] = step >= startAt[b]! && step % 17 !== b ? next[b]!++ : -1;
+      }
+      for (let l = 0; l < L; l++) {
+        writeBoth(q, randnArray(Bt * Hq * D));
+        writeBoth(k, randnArray(Bt * Hkv * D));
+        writeBoth(v, randnArray(Bt * Hkv * D));
+        writeBoth(lam, randomLam(Bt * Hkv));
+        out.gpu.write(new Float32Array(Bt * Hq * D).fill(Number.NaN));
+        cc.decode(l, { q: q.cpu, k: k.cpu, v: v.cpu, lam: lam.cpu, out: out.cpu, positions });
+        gc.decode(l, { q: q.gpu, k: k.gpu, v: v.gpu, lam: lam.gpu, out: out.gpu, positions });
+        const err = relError(out.gpu.readSync(), out.cpu.readSync());
+        worst = Math.max(worst, err);
+        if (!(err <= TOL[dtype])) expect.fail(ctx(`step ${step} layer ${l}: relative error ${err} > ${TOL[dtype]}`));
+      }
+      if (step % 100 === 99 || step === STEPS - 1) {
+        expect(Array.from(gc.lengths()), ctx(`lengths at step ${step}`)).toEqual(Array.from(cc.lengths()));
+        for (let b = 0; b < Bt; b++) {
+          for (let l = 0; l < L; l++) {
+            for (let h = 0; h < Hkv; h++) {
+              const want = cc.inspect(b, l, h), got = gc.inspect(b, l, h);
+              expect(Array.from(got.positions), ctx(`retained set step ${step} seq ${b} layer ${l} head ${h}`))
+                .toEqual(Array.from(want.positions));
+            }
+          }
+        }
+      }
+    }
+    console.log(`long run B=${buffer} ${dtype}: ${STEPS} steps, worst relative error ${worst.toExponential(2)}`);
+    cpu.dispose();
+    gpu.dispose();
+  }, 900_000);
+});

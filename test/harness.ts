@@ -1,0 +1,233 @@
+/**
+ * Runs a native KVCache and the float64 oracle in lock step on the same fresh random inputs
+ * and checks, at every layer call, the outputs (SPEC section 8 tolerance, every output
+ * written) and, after every step, the retained positions and scores of every head.
+ */
+import { expect } from 'vitest';
+import { openRuntime } from '../lib/index.js';
+import type { KVCache, Runtime, Tensor } from '../lib/index.js';
+import type { BackendName, CacheConfig, DType } from '../lib/types.js';
+import { ctx, poison, quantize, randnArray, randomLam, relError, TOL } from './helpers.js';
+import { OracleCache } from './oracle.js';
+
+/** lam override for planted cases: (layer, row, kvHead) -> lam, row = slot or chunk index. */
+export type LamFn = (layer: number, row: number, head: number) => number;
+
+export interface StepOptions {
+  lam?: LamFn;
+  /** Scale of the random keys (for knorm_alpha spread). */
+  kScale?: (layer: number, row: number, head: number) => number;
+}
+
+const runtimes = new Map<BackendName, Runtime>();
+
+/** One runtime per backend per test file. */
+export function runtimeFor(backend: BackendName): Runtime {
+  let rt = runtimes.get(backend);
+  if (!rt) {
+    rt = openRuntime(backend);
+    runtimes.set(backend, rt);
+  }
+  return rt;
+}
+
+/** A tensor of `dtype` holding `data` (raw bits for fp16 / bf16). */
+export function tensorOf(rt: Runtime, shape: number[], dtype: DType, data: Float32Array | Uint16Array): Tensor {
+  const t = rt.tensor(shape, dtype);
+  t.write(data);
+  return t;
+}
+
+/** Random inputs of one layer call, already rounded to the cache dtype. */
+export interface LayerInputs {
+  q: { data: Float32Array | Uint16Array; values: Float64Array };
+  k: { data: Float32Array | Uint16Array; values: Float64Array };
+  v: { data: Float32Array | Uint16Array; values: Float64Array };
+  lam: Float32Array;
+}
+
+export function makeInputs(
+  rows: number,
+  qHeads: number,
+  kvHeads: number,
+  D: number,
+  dtype: DType,
+  layer: number,
+  opts: StepOptions = {},
+): LayerInputs {
+  const kRaw = randnArray(rows * kvHeads * D);
+  if (opts.kScale) {
+    for (let r = 0; r < rows; r++)
+      for (let h = 0; h < kvHeads; h++) {
+        const s = opts.kScale(layer, r, h);
+        for (let d = 0; d < D; d++) kRaw[(r * kvHeads + h) * D + d]! *= s;
+      }
+  }
+  const lam = randomLam(rows * kvHeads);
+  if (opts.lam) for (let r = 0; r < rows; r++) for (let h = 0; h < kvHeads; h++) lam[r * kvHeads + h] = opts.lam(layer, r, h);
+  return {
+    q: quantize(randnArray(rows * qHeads * D), dtype),
+    k: quantize(kRaw, dtype),
+    v: quantize(randnArray(rows * kvHeads * D), dtype),
+    lam,
+  };
+}
+
+/** Asserts that block `i` (of `size` values) of `out` matches `ref` within `tol`. */
+export function expectBlockClose(out: Float32Array, ref: Float64Array, i: number, size: number, tol: number, what: string) {
+  const o = out.subarray(i * size, (i + 1) * size);
+  const r = ref.subarray(i * size, (i + 1) * size);
+  const err = relError(o, r);
+  expect(err, ctx(`${what}: relative error ${err} > ${tol}`)).toBeLessThanOrEqual(tol);
+}
+
+/** Native cache + oracle, driven together. */
+export class CachePair {
+  readonly cache: KVCache;
+  readonly oracle: OracleCache;
+  readonly dtype: DType;
+  readonly tol: number;
+  /** Steps run so far, for failure messages. */
+  step = 0;
+
+  constructor(
+    readonly rt: Runtime,
+    readonly config: CacheConfig,
+    readonly label = '',
+  ) {
+    this.cache = rt.createCache(config);
+    this.oracle = new OracleCache(config);
+    this.dtype = config.dtype ?? 'fp16';
+    this.tol = TOL[this.dtype];
+  }
+
+  get cfg() {
+    return this.oracle.cfg;
+  }
+
+  /** One decode step (all layers in order). Returns the inputs used, per layer. */
+  decodeStep(positions: number[], opts: StepOptions = {}): LayerInputs[] {
+    const { batch, layers, qHeads, kvHeads, headDim: D } = this.cfg;
+    const used: LayerInputs[] = [];
+    for (let l = 0; l < layers; l++) {
+      const inp = makeInputs(batch, qHeads, kvHeads, D, this.dtype, l, opts);
+      used.push(inp);
+      this.runDecodeLayer(l, positions, inp);
+    }
+    this.step++;
+    this.checkState(`after decode step ${this.step} positions=[${positions}]`);
+    return used;
+  }
+
+  /** One layer of a decode step with given inputs; compares outputs. */
+  runDecodeLayer(l: number, positions: number[], inp: LayerInputs): void {
+    const { batch, qHeads, kvHeads, headDim: D } = this.cfg;
+    const rt = this.rt;
+    const q = tensorOf(rt, [batch, qHeads, D], this.dtype, inp.q.data);
+    const k = tensorOf(rt, [batch, kvHeads, D], this.dtype, inp.k.data);
+    const v = tensorOf(rt, [batch, kvHeads, D], this.dtype, inp.v.data);
+    const lam = tensorOf(rt, [batch, kvHeads], 'fp32', inp.lam);
+    const out = rt.tensor([batch, qHeads, D], this.dtype);
+    poison(out);
+    try {
+      // Both accepted forms of positions, alternating by step.
+      const pos = this.step % 2 === 0 ? Int32Array.from(positions) : [...positions];
+      this.cache.decode(l, { q, k, v, lam, out, positions: pos });
+      const got = out.readSync();
+      const ref = this.oracle.decode(l, inp.q.values, inp.k.values, inp.v.values, inp.lam, positions);
+      for (let b = 0; b < batch; b++) {
+        const what = `${this.label} decode step ${this.step} layer ${l} slot ${b} (position ${positions[b]})`;
+        if (positions[b]! < 0) {
+          const rows = Array.from(got.subarray(b * qHeads * D, (b + 1) * qHeads * D));
+          expect(rows.every((x) => x === 0), ctx(`${what}: inactive slot rows must be zeros`)).toBe(true);
+        } else {
+          expectBlockClose(got, ref, b, qHeads * D, this.tol, what);
+        }
+      }
+    } finally {
+      for (const t of [q, k, v, lam, out]) t.dispose();
+    }
+  }
+
+  /** A prompt of `length` tokens of `seq` from `start`, in chunks of `chunk` tokens. */
+  prefillPrompt(seq: number, start: number, length: number, chunk: number, opts: StepOptions = {}): void {
+    for (let s = start; s < start + length; s += chunk) this.prefillChunk(seq, s, Math.min(chunk, start + length - s), opts);
+  }
+
+  /** One prefill chunk (all layers in order); compares outputs and then the state. */
+  prefillChunk(seq: number, start: number, C: number, opts: StepOptions = {}): LayerInputs[] {
+    const { layers, qHeads, kvHeads, headDim: D } = this.cfg;
+    const rt = this.rt;
+    const used: LayerInputs[] = [];
+    for (let l = 0; l < layers; l++) {
+      const inp = makeInputs(C, qHeads, kvHeads, D, this.dtype, l, opts);
+      used.push(inp);
+      const q = tensorOf(rt, [C, qHeads, D], this.dtype, inp.q.data);
+      const k = tensorOf(rt, [C, kvHeads, D], this.dtype, inp.k.data);
+      const v = tensorOf(rt, [C, kvHeads, D], this.dtype, inp.v.data);
+      const lam = tensorOf(rt, [C, kvHeads], 'fp32', inp.lam);
+      const out = rt.tensor([C, qHeads, D], this.dtype);
+      poison(out);
+      try {
+        this.cache.prefill(l, { seq, start, q, k, v, lam, out });
+        const got = out.readSync();
+        const ref = this.oracle.prefill(l, seq, start, inp.q.values, inp.k.values, inp.v.values, inp.lam, C);
+        for (let c = 0; c < C; c++) {
+          expectBlockClose(got, ref, c, qHeads * D, this.tol, `${this.label} prefill seq ${seq} start ${start} C ${C} layer ${l} row ${c}`);
+        }
+      } finally {
+        for (const t of [q, k, v, lam, out]) t.dispose();
+      }
+    }
+    this.step++;
+    this.checkState(`after prefill seq ${seq} start ${start} C ${C}`);
+    return used;
+  }
+
+  reset(seq: number): void {
+    this.cache.reset(seq);
+    this.oracle.reset(seq);
+    this.checkState(`after reset(${seq})`);
+  }
+
+  /** seen, lengths and inspect of every head equal the oracle's. */
+  checkState(when: string): void {
+    const { batch, layers, kvHeads } = this.cfg;
+    const lengths = this.cache.lengths();
+    expect(lengths.length, ctx(`${this.label} lengths() size`)).toBe(batch * layers * kvHeads);
+    for (let s = 0; s < batch; s++) {
+      expect(this.cache.seen(s), ctx(`${this.label} seen(${s}) ${when}`)).toBe(this.oracle.seen(s));
+      for (let l = 0; l < layers; l++) {
+        for (let h = 0; h < kvHeads; h++) {
+          const where = `${this.label} seq ${s} layer ${l} head ${h} ${when}`;
+          const ref = this.oracle.inspect(s, l, h);
+          const got = this.cache.inspect(s, l, h);
+          expect(Array.from(got.positions), ctx(`retained positions of ${where}`)).toEqual(ref.positions);
+          expect(this.cache.length(s, l, h), ctx(`length of ${where}`)).toBe(ref.positions.length);
+          expect(lengths[(s * layers + l) * kvHeads + h], ctx(`lengths() of ${where}`)).toBe(ref.positions.length);
+          expectScoresClose(got.scores, ref.scores, `scores of ${where}`);
+        }
+      }
+    }
+  }
+
+  dispose(): void {
+    this.cache.dispose();
+  }
+}
+
+/**
+ * Scores agree to float32 precision for tokens outside the sliding window. Window-protected
+ * tokens (oracle score +inf) are checked by position only here; what inspect reports as their
+ * score (+inf per lib/API.md) has its own test in cache.test.ts ("inspect reports +inf ...").
+ */
+export function expectScoresClose(got: Float32Array, ref: number[], what: string): void {
+  expect(got.length, ctx(what)).toBe(ref.length);
+  for (let i = 0; i < ref.length; i++) {
+    const r = ref[i]!;
+    const g = got[i]!;
+    if (r === Infinity) continue;
+    const err = Math.abs(g - r);
+    expect(err, ctx(`${what} [${i}]: ${g} vs ${r}`)).toBeLessThanOrEqual(1e-5 * Math.max(1, Math.abs(r)));
+  }
+}
