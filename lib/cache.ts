@@ -1,7 +1,7 @@
 /** The memory-bounded KV cache of TRIM-KV for a batch of sequences (SPEC sections 4-7). */
 import { native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeCacheHandle } from './native.js';
-import { DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
+import { CUDA_HEAD_DIM_MULTIPLE, CUDA_MAX_HEAD_DIM, DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
 import { expectTensor } from './tensor.js';
 import type { BackendName, CacheConfig, DecodeInputs, HeadSnapshot, PrefillInputs } from './types.js';
 import { integerIn, invalid, numberIn, oneOf } from './validate.js';
@@ -33,6 +33,24 @@ export function resolveCacheConfig(config: CacheConfig): ResolvedCacheConfig {
   return Object.freeze({ layers, batch, qHeads, kvHeads, headDim, memory, buffer, dtype, strategy, window, scope, floor, threshold, scale });
 }
 
+/**
+ * Why a backend cannot run a (valid) cache configuration, or null when it can. The CPU runs
+ * every configuration; the CUDA kernels cover scope 'head' without threshold, with head dims
+ * that are multiples of 8 up to 256 (pooled scopes and threshold on CUDA come with the
+ * selection kernels of the prefill issue).
+ * @throws {TrimKVError} for an invalid configuration, as `resolveCacheConfig`
+ */
+export function cacheSupport(backend: BackendName, config: CacheConfig | ResolvedCacheConfig): string | null {
+  const c = resolveCacheConfig(config as CacheConfig);
+  if (backend === 'cpu') return null;
+  if (c.scope !== 'head') return `scope '${c.scope}' is not supported by the CUDA backend yet; use scope 'head' or the CPU backend`;
+  if (c.threshold !== null) return 'threshold is not supported by the CUDA backend yet; use the CPU backend';
+  if (c.headDim % CUDA_HEAD_DIM_MULTIPLE !== 0 || c.headDim > CUDA_MAX_HEAD_DIM) {
+    return `headDim ${c.headDim} is not supported by the CUDA backend (multiples of ${CUDA_HEAD_DIM_MULTIPLE} up to ${CUDA_MAX_HEAD_DIM})`;
+  }
+  return null;
+}
+
 export class KVCache {
   readonly config: ResolvedCacheConfig;
   readonly backend: BackendName;
@@ -42,6 +60,8 @@ export class KVCache {
   constructor(backend: BackendName, config: CacheConfig) {
     this.backend = backend;
     this.config = resolveCacheConfig(config);
+    const unsupported = cacheSupport(backend, this.config);
+    if (unsupported) throw new TrimKVError('ERR_UNSUPPORTED', unsupported);
     const cfg = { ...this.config, threshold: this.config.threshold ?? 0 };
     this.#handle = native(() => new (loadAddon().NativeCache)(BACKEND_INDEX[backend], cfg));
   }

@@ -9,3 +9,8 @@ export const ACTIVATIONS: readonly Activation[] = ['silu', 'swish', 'gelu', 'gel
 /** Head dims with fast CUDA paths; every head dim up to MAX_HEAD_DIM is correct on the CPU. */
 export const FAST_HEAD_DIMS: readonly number[] = [64, 128, 256];
 export const MAX_HEAD_DIM = 1024;
+/** The CUDA kernels take head dims that are multiples of CUDA_HEAD_DIM_MULTIPLE up to CUDA_MAX_HEAD_DIM. */
+export const CUDA_MAX_HEAD_DIM = 256;
+export const CUDA_HEAD_DIM_MULTIPLE = 8;
+/** The CUDA gate reads its input in 16-byte vectors: inputSize must be a multiple of 8. */
+export const CUDA_GATE_INPUT_MULTIPLE = 8;

@@ -7,6 +7,7 @@ export type ErrorCode =
   | 'ERR_STATE'
   | 'ERR_DISPOSED'
   | 'ERR_BACKEND_UNAVAILABLE'
+  | 'ERR_UNSUPPORTED'
   | 'ERR_OUT_OF_MEMORY'
   | 'ERR_NATIVE'
   | 'ERR_ADDON_LOAD'

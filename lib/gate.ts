@@ -1,7 +1,7 @@
 /** The retention gate (SPEC section 3): lam = logsigmoid(gate(x)) for a batch of tokens. */
 import { native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeGateHandle } from './native.js';
-import { ACTIVATIONS, DTYPES, GATE_KINDS } from './constants.js';
+import { ACTIVATIONS, CUDA_GATE_INPUT_MULTIPLE, DTYPES, GATE_KINDS } from './constants.js';
 import { checkTensor, expectTensor, type Tensor } from './tensor.js';
 import type { BackendName, DType, GateKind, GateSpec, GluGateWeights, MlpGateWeights, WeightInput } from './types.js';
 import { integerIn, invalid, invalidText, oneOf } from './validate.js';
@@ -15,6 +15,14 @@ function weightParts(w: WeightInput, name: string): { dtype: DType; data: Float3
     invalid(dtype === 'fp32' ? 'a Float32Array' : 'a Uint16Array of raw bits', `${name}.data`, data, 'ERR_DTYPE');
   }
   return { dtype, data, shape: w.shape };
+}
+
+/** Why a backend cannot run a gate of this input size, or null when it can. */
+export function gateSupport(backend: BackendName, inputSize: number): string | null {
+  if (backend === 'cuda' && inputSize % CUDA_GATE_INPUT_MULTIPLE !== 0) {
+    return `inputSize ${inputSize} is not supported by the CUDA gate (a multiple of ${CUDA_GATE_INPUT_MULTIPLE} is needed)`;
+  }
+  return null;
 }
 
 export class RetentionGate {
@@ -60,6 +68,8 @@ export class RetentionGate {
         invalidText(`dtype ${this.weightDtype} (all weights of a gate share one dtype)`, `spec.weights.${names[i]}`, p.dtype, 'ERR_DTYPE');
       }
     });
+    const unsupported = gateSupport(backend, this.inputSize);
+    if (unsupported) throw new TrimKVError('ERR_UNSUPPORTED', unsupported);
     const nativeSpec = { kind: this.kind, activation, inputSize: In, intermediateSize: I, kvHeads: H };
     this.#handle = native(
       () => new (loadAddon().NativeGate)(BACKEND_INDEX[backend], nativeSpec, this.weightDtype,

@@ -4,10 +4,13 @@
  */
 export { backends, buildInfo, openRuntime, Runtime, FORCE_CPU_ENV } from './runtime.js';
 export { Tensor } from './tensor.js';
-export { RetentionGate } from './gate.js';
-export { KVCache, resolveCacheConfig, type ResolvedCacheConfig } from './cache.js';
+export { gateSupport, RetentionGate } from './gate.js';
+export { cacheSupport, KVCache, resolveCacheConfig, type ResolvedCacheConfig } from './cache.js';
 export { TrimKVError, type ErrorCode } from './errors.js';
-export { ACTIVATIONS, DTYPES, FAST_HEAD_DIMS, GATE_KINDS, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
+export {
+  ACTIVATIONS, CUDA_GATE_INPUT_MULTIPLE, CUDA_HEAD_DIM_MULTIPLE, CUDA_MAX_HEAD_DIM, DTYPES, FAST_HEAD_DIMS, GATE_KINDS,
+  MAX_HEAD_DIM, SCOPES, STRATEGIES,
+} from './constants.js';
 export type * from './types.js';
 export {
   loadCheckpoint,

@@ -4,10 +4,10 @@
  * of every head identical after every step. Parametrized over the backends under test.
  */
 import { describe, expect, test } from 'vitest';
-import type { KVCache, Tensor } from '../lib/index.js';
+import { cacheSupport, type KVCache, type Tensor } from '../lib/index.js';
 import type { CacheConfig, DType, Scope, Strategy } from '../lib/types.js';
 import { backendsUnderTest, cudaAvailable, cudaSkipReason } from './backends.js';
-import { CachePair, expectScoresClose, makeInputs, runtimeFor, tensorOf } from './harness.js';
+import { CachePair, expectScoresClose, makeInputs, runtimeFor, skipIfUnsupported, tensorOf } from './harness.js';
 import { ctx, poison, randInt, rand, relError, TOL, uniform } from './helpers.js';
 
 const BACKENDS = backendsUnderTest();
@@ -549,6 +549,7 @@ describe.skipIf(!cudaAvailable)(`KVCache: cuda against cpu${cudaAvailable ? '' :
     { label: 'head fp16 D=72 threshold', layers: 2, batch: 2, qHeads: 4, kvHeads: 1, headDim: 72, memory: 10, threshold: 0.2, dtype: 'fp16' },
   ];
   test.each(cases)('$label: outputs and retained sets agree', ({ label: _label, ...config }) => {
+    skipIfUnsupported(cacheSupport('cuda', config));
     const rts = [runtimeFor('cpu'), runtimeFor('cuda')] as const;
     const caches = rts.map((rt) => rt.createCache(config));
     const dtype = config.dtype ?? 'fp16';

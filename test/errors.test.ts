@@ -5,7 +5,7 @@
  * step still matches the oracle.
  */
 import { describe, expect, test } from 'vitest';
-import { openRuntime, TrimKVError, type ErrorCode, type KVCache, type Tensor } from '../lib/index.js';
+import { cacheSupport, gateSupport, openRuntime, TrimKVError, type ErrorCode, type KVCache, type Tensor } from '../lib/index.js';
 import { fromNative } from '../lib/errors.js';
 import type { BackendName, CacheConfig, DecodeInputs, DType, GateSpec, PrefillInputs } from '../lib/types.js';
 import { backendsUnderTest, cudaAvailable } from './backends.js';
@@ -188,14 +188,14 @@ describe.each(BACKENDS)('errors on %s', (backend) => {
       const gate = rt.createGate({
         kind: 'rg',
         activation: 'silu',
-        inputSize: 4,
+        inputSize: 8,
         intermediateSize: 2,
         kvHeads: 1,
-        weights: { linear1Weight: new Float32Array(8), linear1Bias: new Float32Array(2), linear2Weight: new Float32Array(2), bias: new Float32Array(1) },
+        weights: { linear1Weight: new Float32Array(16), linear1Bias: new Float32Array(2), linear2Weight: new Float32Array(2), bias: new Float32Array(1) },
       });
       const x = rt.tensor([3, 5], 'fp32');
       const lam = rt.tensor([3, 1], 'fp32');
-      expectError(() => gate.run(x, lam), 'ERR_SHAPE', /^Expected shape \[n, 4\] for x but received "?shape \[3, 5\]"?$/);
+      expectError(() => gate.run(x, lam), 'ERR_SHAPE', /^Expected shape \[n, 8\] for x but received "?shape \[3, 5\]"?$/);
       gate.dispose();
       x.dispose();
       lam.dispose();
@@ -406,12 +406,12 @@ describe.each(BACKENDS)('errors on %s', (backend) => {
       const gate = rt.createGate({
         kind: 'rg',
         activation: 'relu',
-        inputSize: 2,
+        inputSize: 8,
         intermediateSize: 2,
         kvHeads: 1,
-        weights: { linear1Weight: new Float32Array(4), linear1Bias: new Float32Array(2), linear2Weight: new Float32Array(2), bias: new Float32Array(1) },
+        weights: { linear1Weight: new Float32Array(16), linear1Bias: new Float32Array(2), linear2Weight: new Float32Array(2), bias: new Float32Array(1) },
       });
-      const x = rt.tensor([1, 2], 'fp32');
+      const x = rt.tensor([1, 8], 'fp32');
       const lam = rt.tensor([1, 1], 'fp32');
       gate.dispose();
       expectError(() => gate.run(x, lam), 'ERR_DISPOSED', 'the retention gate has been disposed');
@@ -433,7 +433,7 @@ describe.each(BACKENDS)('errors on %s', (backend) => {
     });
 
     test('a cache whose slots need terabytes', () => {
-      expectError(() => runtimeFor(backend).createCache({ ...CONFIG, headDim: 1024, memory: 2 ** 30, batch: 64 }), 'ERR_OUT_OF_MEMORY', /out of .*memory/);
+      expectError(() => runtimeFor(backend).createCache({ ...CONFIG, headDim: 256, memory: 2 ** 30, batch: 64 }), 'ERR_OUT_OF_MEMORY', /out of .*memory/);
     });
   });
 });
@@ -469,5 +469,27 @@ describe('ERR_NATIVE', () => {
   test('a native error with a code keeps it', () => {
     const e = fromNative(Object.assign(new Error('out of GPU memory allocating 8 bytes'), { code: 'ERR_OUT_OF_MEMORY' }));
     expect(e.code).toBe('ERR_OUT_OF_MEMORY');
+  });
+});
+
+describe('ERR_UNSUPPORTED: valid configurations a backend cannot run', () => {
+  test('cacheSupport names what the CUDA backend lacks and accepts everything on the CPU', () => {
+    expect(cacheSupport('cpu', { ...CONFIG, scope: 'global', threshold: 0.5, headDim: 3 })).toBeNull();
+    expect(cacheSupport('cuda', CONFIG)).toBeNull();
+    expect(cacheSupport('cuda', { ...CONFIG, scope: 'layer' })).toMatch(/scope 'layer' is not supported by the CUDA backend/);
+    expect(cacheSupport('cuda', { ...CONFIG, threshold: 0.5 })).toMatch(/threshold is not supported by the CUDA backend/);
+    expect(cacheSupport('cuda', { ...CONFIG, headDim: 1024 })).toMatch(/headDim 1024 is not supported by the CUDA backend/);
+    expect(gateSupport('cuda', 12)).toMatch(/inputSize 12 is not supported by the CUDA gate/);
+    expect(gateSupport('cpu', 12)).toBeNull();
+  });
+
+  test.skipIf(!cudaAvailable)('the CUDA backend refuses them with the reason', () => {
+    const rt = runtimeFor('cuda');
+    expectError(() => rt.createCache({ ...CONFIG, scope: 'global' }), 'ERR_UNSUPPORTED', "scope 'global' is not supported by the CUDA backend");
+    expectError(() => rt.createCache({ ...CONFIG, headDim: 12 }), 'ERR_UNSUPPORTED', 'headDim 12 is not supported by the CUDA backend');
+    expectError(
+      () => rt.createGate({ kind: 'rg', activation: 'silu', inputSize: 4, intermediateSize: 2, kvHeads: 1,
+        weights: { linear1Weight: new Float32Array(8), linear1Bias: new Float32Array(2), linear2Weight: new Float32Array(2), bias: new Float32Array(1) } }),
+      'ERR_UNSUPPORTED', 'inputSize 4 is not supported by the CUDA gate');
   });
 });

@@ -3,8 +3,8 @@
  * and checks, at every layer call, the outputs (SPEC section 8 tolerance, every output
  * written) and, after every step, the retained positions and scores of every head.
  */
-import { expect } from 'vitest';
-import { openRuntime } from '../lib/index.js';
+import { beforeEach, expect, type TestContext } from 'vitest';
+import { cacheSupport, openRuntime } from '../lib/index.js';
 import type { KVCache, Runtime, Tensor } from '../lib/index.js';
 import type { BackendName, CacheConfig, DType } from '../lib/types.js';
 import { ctx, poison, quantize, randnArray, randomLam, relError, TOL } from './helpers.js';
@@ -82,6 +82,27 @@ export function expectBlockClose(out: Float32Array, ref: Float64Array, i: number
 }
 
 /** Native cache + oracle, driven together. */
+// The running test's context, so that helpers deep in a test can mark it skipped.
+let currentTest: TestContext | undefined;
+beforeEach((ctx) => {
+  currentTest = ctx;
+});
+const announcedSkips = new Set<string>();
+
+/**
+ * Skips the running test, visibly and with the reason, when the backend under test does not
+ * support its configuration (e.g. scope 'layer' on CUDA); the same test runs on the CPU.
+ */
+export function skipIfUnsupported(reason: string | null): void {
+  if (reason === null) return;
+  if (!announcedSkips.has(reason)) {
+    announcedSkips.add(reason);
+    console.warn(`[trimkv tests] skipped on this backend: ${reason}`);
+  }
+  if (!currentTest) throw new Error(`unsupported configuration outside a test: ${reason}`);
+  currentTest.skip(reason);
+}
+
 export class CachePair {
   readonly cache: KVCache;
   readonly oracle: OracleCache;
@@ -95,6 +116,7 @@ export class CachePair {
     readonly config: CacheConfig,
     readonly label = '',
   ) {
+    skipIfUnsupported(cacheSupport(rt.backend, config));
     this.cache = rt.createCache(config);
     this.oracle = new OracleCache(config);
     this.dtype = config.dtype ?? 'fp16';

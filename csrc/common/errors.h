@@ -17,6 +17,7 @@ inline constexpr const char* kRange = "ERR_RANGE";
 inline constexpr const char* kState = "ERR_STATE";
 inline constexpr const char* kDisposed = "ERR_DISPOSED";
 inline constexpr const char* kBackendUnavailable = "ERR_BACKEND_UNAVAILABLE";
+inline constexpr const char* kUnsupported = "ERR_UNSUPPORTED";
 inline constexpr const char* kOutOfMemory = "ERR_OUT_OF_MEMORY";
 inline constexpr const char* kNative = "ERR_NATIVE";
 }  // namespace code

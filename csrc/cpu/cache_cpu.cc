@@ -10,6 +10,7 @@
 #include "common/score.h"
 #include "cpu/attention_cpu.h"
 #include "ops/cache.h"
+#include "ops/device.h"
 
 namespace trimkv {
 namespace {
@@ -44,6 +45,7 @@ class CpuCache final : public Cache {
         heads_(static_cast<size_t>(cfg.layers) * cfg.batch * cfg.kv_heads) {
     if (cfg.scope == Scope::kHead) {
       const size_t cap = static_cast<size_t>(cfg.memory) + cfg.buffer + 1;
+      check_host_allocation(heads_.size() * cap * token_bytes(), "the KV cache");
       for (HeadStore& h : heads_) reserve(h, cap);
     }
   }

@@ -41,6 +41,12 @@ void copy_to_device(void* dst, const void* src, size_t bytes);
 void copy_to_host(void* dst, const void* src, size_t bytes);
 void device_synchronize();
 
+/// Physical memory of this machine in bytes (0 if unknown). Host allocations larger than this
+/// fail with ERR_OUT_OF_MEMORY up front, whatever the kernel's overcommit policy would allow.
+size_t host_memory_bytes();
+/// Throws ERR_OUT_OF_MEMORY when `bytes` of host memory can never be had here.
+void check_host_allocation(size_t bytes, const char* what);
+
 /// GPU time of each of `n` calls of `fn` (ms), from CUDA events recorded between the calls on
 /// the default stream. A spin kernel of `spin_ms` runs first so that the host can enqueue all
 /// the calls before the GPU reaches them: the times are device time, not launch gaps.

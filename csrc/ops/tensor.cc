@@ -4,14 +4,29 @@
 #include <new>
 #include <sstream>
 
+#include <unistd.h>
+
 #include "common/errors.h"
 
 namespace trimkv {
+
+size_t host_memory_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page) : 0;
+}
+
+void check_host_allocation(size_t bytes, const char* what) {
+  const size_t total = host_memory_bytes();
+  if (total > 0 && bytes > total) {
+    fail(code::kOutOfMemory, "out of host memory: ", what, " needs ", bytes, " bytes but this machine has ", total);
+  }
+}
 
 Buffer::Buffer(Backend backend, size_t bytes) : backend_(backend), bytes_(bytes) {
   if (backend == Backend::kCuda) {
     data_ = device_alloc(bytes);
   } else {
+    check_host_allocation(bytes, "a tensor");
     data_ = ::operator new(bytes == 0 ? 1 : bytes, std::nothrow);
     if (!data_) fail(code::kOutOfMemory, "out of host memory allocating ", bytes, " bytes");
   }

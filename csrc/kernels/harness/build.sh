@@ -1,0 +1,13 @@
+#!/bin/sh
+# Builds the standalone kernel harness into <repo>/.kbuild/harness (sm_90).
+set -e
+cd "$(dirname "$0")/../../.."
+mkdir -p .kbuild .kobj
+F="-gencode arch=compute_90,code=sm_90 -O3 -std=c++17 -Xcompiler -fopenmp -lineinfo"
+for s in decode decode_f32 decode_f16 decode_bf16 retention_gate; do
+  nvcc $F -c csrc/kernels/$s.cu -o .kobj/$s.o &
+done
+nvcc $F -c csrc/kernels/harness/harness.cu -o .kobj/harness.o &
+wait
+nvcc $F .kobj/*.o -o .kbuild/harness -lgomp
+echo built .kbuild/harness

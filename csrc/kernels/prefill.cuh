@@ -1,0 +1,701 @@
+// TRIM-KV prefill of one chunk of one sequence, one layer (SPEC.md sections 4-6):
+// causal GQA attention of the chunk's queries over the head's cached tokens plus the chunk's
+// own tokens, then the retention eviction over cached + chunk tokens, writing only the
+// survivors of the chunk into the cache, so that a head never needs more than cap slots
+// whatever the chunk length.
+//
+// Launch sequence (one stream, no host synchronisation):
+//   1. PrefillLognormKernel   (knorm only) ln ||k|| of each chunk key      -> workspace
+//   2. PrefillAttnMmaKernel   (fp16/bf16, sm_80+; tensor cores)  or
+//      PrefillAttnSimtKernel  (fp32, and fp16/bf16 before sm_80)          -> out
+//   3. PrefillSelectKernel    per KV head: top-M of cached + chunk keys, slot plan, metadata,
+//                             lens
+//   4. PrefillWriteKernel     copies the chunk survivors' K/V rows into their slots (and cached
+//                             survivors moved down when the head shrinks, B > 0)
+// Attention reads the cache before 3-4 modify it (stream order).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "../common/dtype.h"
+#include "vec_dtypes.cuh"
+
+namespace trimkv {
+
+/// Parameters of one prefill chunk of sequence `seq` over one layer. Device pointers.
+struct prefill_params_t {
+  void* k_cache = nullptr;         ///< [batch, kv_heads, cap, head_dim] dtype
+  void* v_cache = nullptr;         ///< [batch, kv_heads, cap, head_dim] dtype
+  int32_t* pos_cache = nullptr;    ///< [batch, kv_heads, cap] absolute positions
+  float* lam_cache = nullptr;      ///< [batch, kv_heads, cap] log-retention
+  float* lognorm_cache = nullptr;  ///< [batch, kv_heads, cap] ln(max(|k|,1e-12)); knorm only
+  int32_t* lens = nullptr;         ///< [batch, kv_heads] valid slots 0..len-1
+  int seq = 0;                     ///< sequence (batch row) of this chunk
+  int start = 0;                   ///< position of the chunk's first token
+  int chunk = 0;                   ///< tokens in the chunk (>= 1; 0 is a no-op)
+  const void* q = nullptr;         ///< [chunk, q_heads, head_dim] dtype
+  const void* k = nullptr;         ///< [chunk, kv_heads, head_dim] dtype
+  const void* v = nullptr;         ///< [chunk, kv_heads, head_dim] dtype
+  const float* lam = nullptr;      ///< [chunk, kv_heads]
+  void* out = nullptr;             ///< [chunk, q_heads, head_dim] dtype
+  int batch = 0;
+  int q_heads = 0;
+  int kv_heads = 0;
+  int head_dim = 0;    ///< multiple of 8, <= 256 (64/128/256 exact tiles)
+  int memory = 0;      ///< M >= 1
+  int buffer = 0;      ///< B >= 0
+  int cap = 0;         ///< slots per head, >= M + B
+  int window = 0;      ///< W >= 0: pos >= T - W is never evicted
+  bool knorm = false;  ///< strategy knorm_alpha
+  float scale = 0.f;   ///< softmax scale (1/sqrt(head_dim) usually)
+};
+
+/// Workspace pointers carved out of the caller's workspace buffer.
+struct prefill_ws_t {
+  unsigned long long* keys = nullptr;  ///< [kv_heads, cap + chunk] keep-keys, cached then chunk
+  int* holes = nullptr;                ///< [kv_heads, cap] evicted cached slots, ascending
+  int* move_src = nullptr;             ///< [kv_heads, cap] chunk index (>= 0) or -1 - slot
+  int* move_dst = nullptr;             ///< [kv_heads, cap] destination slot
+  int* move_count = nullptr;           ///< [kv_heads]
+  float* lognorm = nullptr;            ///< [kv_heads, chunk] (knorm only)
+};
+
+/// Bytes of workspace PrefillChunk needs for these params (host only, no sync).
+size_t PrefillWorkspaceBytes(const prefill_params_t& p);
+
+/// One prefill chunk (attention, then eviction and the survivors' append) for one layer.
+/// \param p          see prefill_params_t; caches and lens[seq] are updated in place
+/// \param dtype      storage dtype of q, k, v, the K/V caches and out
+/// \param workspace  at least PrefillWorkspaceBytes(p) bytes of device memory, 256-byte aligned
+/// \return cudaSuccess, cudaErrorInvalidValue for unsupported shapes, or the launch error
+cudaError_t PrefillChunk(const prefill_params_t& p, DType dtype, void* workspace,
+                         cudaStream_t stream);
+
+namespace prefill_detail {
+
+constexpr int kMaxHeadDim = 256;
+// Tensor-core kernel: 4 warps x 16 MT query rows (mma_config), key tiles of BK.
+constexpr int kMmaThreads = 128;
+// SIMT kernel: 32 query rows x 4 lanes each, key tiles of 32.
+constexpr int kSimtThreads = 128;
+constexpr int kSimtBQ = 32;
+constexpr int kSimtBK = 32;
+// Eviction kernels.
+constexpr int kSelectThreads = 1024;
+constexpr int kWriteThreads = 256;
+constexpr int kWriteRows = 16;  ///< survivors per write block
+
+template <int DPAD, int MT, int BK>
+constexpr int mma_smem_bytes() {
+  // Q tile (64 MT rows), one K and one V tile; rows padded by 16 B: no ldmatrix conflicts.
+  return (64 * MT + 2 * BK) * (DPAD + 8) * 2;
+}
+
+/// Blocks per SM the tensor-core kernel is register-budgeted for.
+template <int DPAD, int MT>
+constexpr int mma_min_blocks() {
+  return DPAD > 128 ? 1 : (MT == 1 ? 3 : 2);
+}
+
+/// Tensor-core tile shape per head dim: MT 16-row blocks per warp (64 MT query rows per
+/// block) and BK keys per tile.
+template <int DPAD>
+struct mma_config {
+  static constexpr int MT = DPAD <= 128 ? 2 : 1;
+  static constexpr int BK = DPAD <= 128 ? 32 : 64;
+};
+
+template <int DPAD>
+constexpr int simt_smem_bytes() {
+  return 2 * kSimtBK * DPAD * 4;
+}
+
+/// Picks the padded tile width for a head dim: 64, 128 or 256 (zero-padded columns).
+#define TRIMKV_PREFILL_DISPATCH_HEAD_DIM(head_dim, DPAD, ...)       \
+  [&]() -> cudaError_t {                                            \
+    if ((head_dim) <= 0 || (head_dim) % 8 != 0 || (head_dim) > 256) \
+      return cudaErrorInvalidValue; /* Unsupported head_dim */      \
+    if ((head_dim) <= 64) {                                         \
+      constexpr int DPAD = 64;                                      \
+      return __VA_ARGS__();                                         \
+    }                                                               \
+    if ((head_dim) <= 128) {                                        \
+      constexpr int DPAD = 128;                                     \
+      return __VA_ARGS__();                                         \
+    }                                                               \
+    constexpr int DPAD = 256;                                       \
+    return __VA_ARGS__();                                           \
+  }()
+
+/// Chunk-key lognorms (knorm) and attention of one chunk for storage type T (defined below,
+/// instantiated once per dtype in prefill_{f32,f16,bf16}.cu so that the three build in
+/// parallel).
+/// \param lognorm [kv_heads, chunk] workspace, filled first when p.knorm.
+template <typename T>
+cudaError_t prefill_attention_typed(const prefill_params_t& p, float* lognorm, cudaStream_t stream);
+
+extern template cudaError_t prefill_attention_typed<float>(const prefill_params_t&, float*,
+                                                           cudaStream_t);
+extern template cudaError_t prefill_attention_typed<__half>(const prefill_params_t&, float*,
+                                                            cudaStream_t);
+extern template cudaError_t prefill_attention_typed<__nv_bfloat16>(const prefill_params_t&, float*,
+                                                                   cudaStream_t);
+
+/// Carves the workspace (layout of prefill_ws_t; sizes as PrefillWorkspaceBytes).
+prefill_ws_t carve_workspace(const prefill_params_t& p, void* workspace, size_t* bytes);
+
+}  // namespace prefill_detail
+
+namespace {
+
+/// Row r of the packed query space of KV head h: rows are (token i, group member g) pairs,
+/// r = i * G + g, so one tile carries all G query heads of its tokens and K/V tiles are read
+/// once per group. Returns the element offset of that row in q / out [chunk, q_heads, D].
+__device__ __forceinline__ size_t prefill_row_offset(int r, int G, int kv_heads, int h, int D) {
+  const int i = r / G, g = r - (r / G) * G;
+  return (static_cast<size_t>(i) * kv_heads + h) * G * D + static_cast<size_t>(g) * D;
+}
+
+/// Shape of one query tile: rows [row0, row0 + rows) of chunk * G packed rows, which see the
+/// logical keys [0, n_end): keys 0..len-1 are the cached slots, key len + j is chunk token j.
+/// Row r (token i) sees keys < len + i + 1; every row sees keys < n_full (no mask needed).
+struct prefill_tile_t {
+  int len, row0, rows, n_end, n_full;
+};
+
+__device__ __forceinline__ prefill_tile_t prefill_tile(const prefill_params_t& p, int G, int bq,
+                                                       int len) {
+  prefill_tile_t t;
+  t.len = len;
+  // Causal tiles differ in work: the last rows see the most keys. Start those first so that
+  // the short tiles fill the tail of the grid.
+  t.row0 = (gridDim.x - 1 - blockIdx.x) * bq;
+  const int nrows = p.chunk * G;
+  t.rows = min(bq, nrows - t.row0);
+  t.n_end = len + (t.row0 + t.rows - 1) / G + 1;
+  t.n_full = len + t.row0 / G + 1;
+  return t;
+}
+
+/// Global address of 16-byte column c of logical key n of head bh (cache slot or chunk token).
+template <typename T>
+__device__ __forceinline__ const T* prefill_key_row(const T* cache, const T* in,
+                                                    const prefill_params_t& p, int bh, int h,
+                                                    int len, int n, int col) {
+  return n < len ? cache + (static_cast<size_t>(bh) * p.cap + n) * p.head_dim + col
+                 : in + (static_cast<size_t>(n - len) * p.kv_heads + h) * p.head_dim + col;
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* smem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const void* smem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+/// c += a * b, m16n8k16, fp32 accumulators (fragment layouts of the PTX ISA).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float* c, const uint32_t* a, uint32_t b0,
+                                                  uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0,
+                                                         uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+/// Packs two floats into one register of two T (round to nearest even), x in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float x, float y);
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
+  const __half2 h = __floats2half2_rn(x, y);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+}  // namespace
+
+/// Causal GQA attention of one chunk on tensor cores (FlashAttention-2 style: each warp owns
+/// MT blocks of 16 packed query rows, online softmax in registers, P reused from the S
+/// accumulators as the A operand of P V; each K/V fragment read from shared memory feeds MT
+/// MMAs). K tile j+1 streams in (cp.async) during P V of tile j, V tile j during Q K^T of
+/// tile j.
+/// grid (ceil(chunk * G / (64 MT)), kv_heads), block 128, dynamic smem
+/// mma_smem_bytes<DPAD, MT, BK>().
+/// \param p  q [chunk, q_heads, D], k/v [chunk, kv_heads, D], caches [batch, kv_heads, cap, D],
+///           lens [batch, kv_heads]; writes out [chunk, q_heads, D]. D <= DPAD, zero-padded.
+template <typename T, int DPAD, int MT, int BK>
+__global__ void __launch_bounds__(prefill_detail::kMmaThreads,
+                                  prefill_detail::mma_min_blocks<DPAD, MT>())
+    PrefillAttnMmaKernel(const prefill_params_t p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace prefill_detail;
+  constexpr int WR = 16 * MT;  // packed rows per warp
+  constexpr int BQ = 4 * WR, LD = DPAD + 8, NCOL = DPAD / 8;
+  constexpr int NT = BK / 8;                     // n8 tiles of S per key tile
+  constexpr int ND = DPAD / 8;                   // n8 tiles of O
+  constexpr int KD = DPAD / 16;                  // k16 steps over the head dim
+  constexpr bool QREG = MT == 1 && DPAD <= 128;  // Q fragments in registers, else from smem
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + BQ * LD;
+  T* sV = sK + BK * LD;
+
+  const int h = blockIdx.y;
+  const int G = p.q_heads / p.kv_heads;
+  const int D = p.head_dim;
+  const int bh = p.seq * p.kv_heads + h;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const prefill_tile_t tile = prefill_tile(p, G, BQ, p.lens[bh]);
+  const int len = tile.len;
+  const T* qg = static_cast<const T*>(p.q);
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const T* kin = static_cast<const T*>(p.k);
+  const T* vin = static_cast<const T*>(p.v);
+
+  // Q tile; rows past the chunk and columns past D are zero-filled.
+  for (int e = tid; e < BQ * NCOL; e += kMmaThreads) {
+    const int r = e / NCOL, c = e - (e / NCOL) * NCOL;
+    const bool ok = r < tile.rows && c * 8 < D;
+    const T* src = ok ? qg + prefill_row_offset(tile.row0 + r, G, p.kv_heads, h, D) + c * 8 : qg;
+    cp_async16(sQ + r * LD + c * 8, src, ok);
+  }
+  // Keys/values past n_end are zero-filled (and masked): P = 0 never meets garbage V.
+  auto load_kv = [&](T* dst, const T* cache, const T* in, int n0) {
+    for (int e = tid; e < BK * NCOL; e += kMmaThreads) {
+      const int r = e / NCOL, c = e - (e / NCOL) * NCOL;
+      const int n = n0 + r;
+      const bool ok = n < tile.n_end && c * 8 < D;
+      const T* src = ok ? prefill_key_row(cache, in, p, bh, h, len, n, c * 8) : in;
+      cp_async16(dst + r * LD + c * 8, src, ok);
+    }
+  };
+  load_kv(sK, kc, kin, 0);
+  cp_async_commit();
+
+  // Fragment coordinates: in row block mt this thread holds rows
+  // warp * WR + mt * 16 + lane / 4 (index 0) and that + 8 (index 1).
+  const int tq = lane & 3;
+  int lim[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = warp * WR + mt * 16 + (lane >> 2) + hf * 8;
+      lim[mt][hf] = len + (tile.row0 + min(r, tile.rows - 1)) / G + 1;
+    }
+  const float sl2 = p.scale * kLog2e;
+
+  uint32_t qf[QREG ? KD : 1][4];
+  float o[MT][ND][4];
+  float m[MT][2], l[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int d = 0; d < ND; ++d) o[mt][d][0] = o[mt][d][1] = o[mt][d][2] = o[mt][d][3] = 0.f;
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
+  }
+
+  const int ntiles = (tile.n_end + BK - 1) / BK;
+  for (int j = 0; j < ntiles; ++j) {
+    const int n0 = j * BK;
+    cp_async_wait<0>();
+    __syncthreads();  // K tile j (and Q) landed; every warp is done with V tile j - 1
+    load_kv(sV, vc, vin, n0);
+    cp_async_commit();
+    if (QREG && j == 0) {
+#pragma unroll
+      for (int kk = 0; kk < (QREG ? KD : 0); ++kk)
+        ldsm_x4(qf[kk], sQ + (warp * WR + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+    }
+    float s[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int t = 0; t < NT; ++t) s[mt][t][0] = s[mt][t][1] = s[mt][t][2] = s[mt][t][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if (QREG) {
+          a[mt][0] = qf[QREG ? kk : 0][0];
+          a[mt][1] = qf[QREG ? kk : 0][1];
+          a[mt][2] = qf[QREG ? kk : 0][2];
+          a[mt][3] = qf[QREG ? kk : 0][3];
+        } else {
+          ldsm_x4(a[mt], sQ + (warp * WR + mt * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+        }
+      }
+#pragma unroll
+      for (int nn = 0; nn < NT / 2; ++nn) {
+        uint32_t b[4];
+        ldsm_x4(b, sK + (nn * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 +
+                       ((lane >> 3) & 1) * 8);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(s[mt][2 * nn], a[mt], b[0], b[1]);
+          mma_16816<T>(s[mt][2 * nn + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // V tile j landed; every warp is done with K tile j
+    if (j + 1 < ntiles) load_kv(sK, kc, kin, n0 + BK);
+    cp_async_commit();
+
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      // Causal mask (and keys past n_end), only on tiles that reach past n_full.
+      if (n0 + BK > tile.n_full) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          const int n = n0 + t * 8 + 2 * tq;
+          if (n >= lim[mt][0]) s[mt][t][0] = -INFINITY;
+          if (n + 1 >= lim[mt][0]) s[mt][t][1] = -INFINITY;
+          if (n >= lim[mt][1]) s[mt][t][2] = -INFINITY;
+          if (n + 1 >= lim[mt][1]) s[mt][t][3] = -INFINITY;
+        }
+      }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) mx = fmaxf(mx, fmaxf(s[mt][t][2 * hf], s[mt][t][2 * hf + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // Logits in the exp2 domain. Key 0 is visible to every row, so the state is
+        // non-empty after tile 0; the guard only keeps exp2(-inf - -inf) = NaN out of a fully
+        // masked row.
+        const float mnew = fmaxf(m[mt][hf], mx * sl2);
+        const float ref = mnew == -INFINITY ? 0.f : mnew;
+        const float alpha = exp2f(m[mt][hf] - ref);
+        m[mt][hf] = mnew;
+        float sum = 0.f;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          s[mt][t][2 * hf] = exp2f(fmaf(s[mt][t][2 * hf], sl2, -ref));
+          s[mt][t][2 * hf + 1] = exp2f(fmaf(s[mt][t][2 * hf + 1], sl2, -ref));
+          sum += s[mt][t][2 * hf] + s[mt][t][2 * hf + 1];
+        }
+        l[mt][hf] = l[mt][hf] * alpha + sum;  // per-thread partial; the quad reduces at the end
+#pragma unroll
+        for (int d = 0; d < ND; ++d) {
+          o[mt][d][2 * hf] *= alpha;
+          o[mt][d][2 * hf + 1] *= alpha;
+        }
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dd = 0; dd < ND / 2; ++dd) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dd * 16 +
+                             (lane >> 4) * 8);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(o[mt][2 * dd], a[mt], b[0], b[1]);
+          mma_16816<T>(o[mt][2 * dd + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Stage this warp's rows in its own rows of sQ, then store 16-byte vectors.
+  __syncwarp();
+  T* so = sQ + warp * WR * LD;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float lt = l[mt][hf];
+      lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+      lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+      const float inv = 1.f / lt;  // lt >= 1: the row max contributes exp2(0)
+      const int r = mt * 16 + (lane >> 2) + hf * 8;
+#pragma unroll
+      for (int d = 0; d < ND; ++d)
+        *reinterpret_cast<uint32_t*>(so + r * LD + d * 8 + 2 * tq) =
+            pack2<T>(o[mt][d][2 * hf] * inv, o[mt][d][2 * hf + 1] * inv);
+    }
+  }
+  __syncwarp();
+  T* og = static_cast<T*>(p.out);
+  for (int e = lane; e < WR * NCOL; e += 32) {
+    const int r = e / NCOL, c = e - (e / NCOL) * NCOL;
+    const int row = warp * WR + r;
+    if (row < tile.rows && c * 8 < D)
+      copy16(og + prefill_row_offset(tile.row0 + row, G, p.kv_heads, h, D) + c * 8,
+             so + r * LD + c * 8);
+  }
+#endif
+}
+
+/// Causal GQA attention of one chunk with fp32 FMA (fp32 storage; fp16/bf16 before sm_80).
+/// Each packed query row is owned by 4 lanes (a quarter of the head dim each); K and V tiles
+/// are widened to fp32 in shared memory.
+/// grid (ceil(chunk * G / 32), kv_heads), block 128, dynamic smem simt_smem_bytes<DPAD>().
+/// \param p  as PrefillAttnMmaKernel
+template <typename T, int DPAD>
+__global__ void __launch_bounds__(prefill_detail::kSimtThreads)
+    PrefillAttnSimtKernel(const prefill_params_t p) {
+  using namespace prefill_detail;
+  constexpr int BQ = kSimtBQ, BK = kSimtBK, VEC = vec_size<T>::value;
+  constexpr int NC = DPAD / 16;  // float4 column groups per lane
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* sK = reinterpret_cast<float*>(smem_raw);
+  float* sV = sK + BK * DPAD;
+
+  const int h = blockIdx.y;
+  const int G = p.q_heads / p.kv_heads;
+  const int D = p.head_dim;
+  const int bh = p.seq * p.kv_heads + h;
+  const int tid = threadIdx.x;
+  const int r = tid >> 2, quarter = tid & 3;
+  const prefill_tile_t tile = prefill_tile(p, G, BQ, p.lens[bh]);
+  const int len = tile.len;
+  const int lim = len + (tile.row0 + min(r, tile.rows - 1)) / G + 1;
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const T* kin = static_cast<const T*>(p.k);
+  const T* vin = static_cast<const T*>(p.v);
+  const float sl2 = p.scale * kLog2e;
+
+  // This lane's columns: 16 c + 4 quarter + 0..3, c < NC.
+  float q[NC][4], acc[NC][4];
+  {
+    const T* qrow = static_cast<const T*>(p.q) +
+                    prefill_row_offset(tile.row0 + min(r, tile.rows - 1), G, p.kv_heads, h, D);
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      const int col = c * 16 + quarter * 4;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        q[c][e] = col + e < D ? to_f32(qrow[col + e]) * sl2 : 0.f;
+        acc[c][e] = 0.f;
+      }
+    }
+  }
+  float m = -INFINITY, l = 0.f;
+
+  const int ntiles = (tile.n_end + BK - 1) / BK;
+  for (int j = 0; j < ntiles; ++j) {
+    const int n0 = j * BK;
+    __syncthreads();  // previous tile fully consumed
+    for (int e = tid; e < BK * (DPAD / VEC); e += kSimtThreads) {
+      const int rr = e / (DPAD / VEC), c = e - rr * (DPAD / VEC);
+      const int n = n0 + rr;
+      float kf[VEC], vf[VEC];
+      if (n < tile.n_end && c * VEC < D) {
+        load_vec_f32<T>(prefill_key_row(kc, kin, p, bh, h, len, n, c * VEC), kf);
+        load_vec_f32<T>(prefill_key_row(vc, vin, p, bh, h, len, n, c * VEC), vf);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) kf[i] = vf[i] = 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < VEC; i += 4) {
+        *reinterpret_cast<float4*>(sK + rr * DPAD + c * VEC + i) =
+            make_float4(kf[i], kf[i + 1], kf[i + 2], kf[i + 3]);
+        *reinterpret_cast<float4*>(sV + rr * DPAD + c * VEC + i) =
+            make_float4(vf[i], vf[i + 1], vf[i + 2], vf[i + 3]);
+      }
+    }
+    __syncthreads();
+    float s[BK];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < BK; ++n) {
+      float a = 0.f;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        const float4 kv = *reinterpret_cast<const float4*>(sK + n * DPAD + c * 16 + quarter * 4);
+        a = fmaf(q[c][0], kv.x, a);
+        a = fmaf(q[c][1], kv.y, a);
+        a = fmaf(q[c][2], kv.z, a);
+        a = fmaf(q[c][3], kv.w, a);
+      }
+      a += __shfl_xor_sync(0xffffffffu, a, 1);
+      a += __shfl_xor_sync(0xffffffffu, a, 2);
+      s[n] = n0 + n < lim ? a : -INFINITY;
+      mx = fmaxf(mx, s[n]);
+    }
+    const float mnew = fmaxf(m, mx);
+    const float ref = mnew == -INFINITY ? 0.f : mnew;  // see PrefillAttnMmaKernel
+    const float alpha = exp2f(m - ref);
+    m = mnew;
+    float sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < NC; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[c][e] *= alpha;
+#pragma unroll
+    for (int n = 0; n < BK; ++n) {
+      const float pr = exp2f(s[n] - ref);
+      sum += pr;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        const float4 vv = *reinterpret_cast<const float4*>(sV + n * DPAD + c * 16 + quarter * 4);
+        acc[c][0] = fmaf(pr, vv.x, acc[c][0]);
+        acc[c][1] = fmaf(pr, vv.y, acc[c][1]);
+        acc[c][2] = fmaf(pr, vv.z, acc[c][2]);
+        acc[c][3] = fmaf(pr, vv.w, acc[c][3]);
+      }
+    }
+    l = l * alpha + sum;
+  }
+  if (r >= tile.rows) return;
+  const float inv = 1.f / l;
+  T* orow = static_cast<T*>(p.out) + prefill_row_offset(tile.row0 + r, G, p.kv_heads, h, D);
+  // 4 consecutive columns per store (16 bytes for fp32); D % 8 == 0 keeps a group whole.
+#pragma unroll
+  for (int c = 0; c < NC; ++c) {
+    const int col = c * 16 + quarter * 4;
+    if (col < D) {
+      if constexpr (std::is_same<T, float>::value) {
+        *reinterpret_cast<float4*>(orow + col) =
+            make_float4(acc[c][0] * inv, acc[c][1] * inv, acc[c][2] * inv, acc[c][3] * inv);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) orow[col + e] = static_cast<T>(acc[c][e] * inv);
+      }
+    }
+  }
+}
+
+/// ln(max(||k||_2, 1e-12)) of every chunk key, in fp32 from the stored-dtype key (knorm).
+/// grid ceil(chunk * kv_heads / 8), block 256: one warp per (token, kv head).
+/// \param k        [chunk, kv_heads, D] dtype
+/// \param lognorm  [kv_heads, chunk]
+template <typename T>
+__global__ void PrefillLognormKernel(const T* __restrict__ k, int chunk, int kv_heads, int D,
+                                     float* __restrict__ lognorm) {
+  constexpr int VEC = vec_size<T>::value;
+  const int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (row >= chunk * kv_heads) return;
+  const T* kr = k + static_cast<size_t>(row) * D;
+  float ss = 0.f;
+  for (int c = lane; c < D / VEC; c += 32) {
+    float f[VEC];
+    load_vec_f32<T>(kr + c * VEC, f);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) ss = fmaf(f[e], f[e], ss);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (lane == 0) {
+    const int i = row / kv_heads, h = row - i * kv_heads;
+    lognorm[static_cast<size_t>(h) * chunk + i] = logf(fmaxf(sqrtf(ss), 1e-12f));
+  }
+}
+
+namespace prefill_detail {
+
+template <typename T, int DPAD>
+cudaError_t launch_attention_simt(const prefill_params_t& p, cudaStream_t stream) {
+  const long long rows = static_cast<long long>(p.chunk) * (p.q_heads / p.kv_heads);
+  constexpr int smem = simt_smem_bytes<DPAD>();
+  auto kern = PrefillAttnSimtKernel<T, DPAD>;
+  const cudaError_t e =
+      cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return e;
+  const dim3 grid(static_cast<unsigned>((rows + kSimtBQ - 1) / kSimtBQ), p.kv_heads);
+  kern<<<grid, kSimtThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int DPAD, int MT, int BK>
+cudaError_t launch_attention_mma(const prefill_params_t& p, cudaStream_t stream) {
+  const long long rows = static_cast<long long>(p.chunk) * (p.q_heads / p.kv_heads);
+  constexpr int smem = mma_smem_bytes<DPAD, MT, BK>();
+  constexpr int BQ = 64 * MT;
+  auto kern = PrefillAttnMmaKernel<T, DPAD, MT, BK>;
+  const cudaError_t e =
+      cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return e;
+  const dim3 grid(static_cast<unsigned>((rows + BQ - 1) / BQ), p.kv_heads);
+  kern<<<grid, kMmaThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int DPAD>
+cudaError_t launch_attention(const prefill_params_t& p, cudaStream_t stream) {
+  if constexpr (std::is_same<T, float>::value) {
+    return launch_attention_simt<T, DPAD>(p, stream);
+  } else {
+    int dev = 0, major = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess)
+      e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (e != cudaSuccess) return e;
+    if (major < 8) return launch_attention_simt<T, DPAD>(p, stream);  // no bf16/f16 m16n8k16
+    return launch_attention_mma<T, DPAD, mma_config<DPAD>::MT, mma_config<DPAD>::BK>(p, stream);
+  }
+}
+
+template <typename T>
+cudaError_t prefill_attention_typed(const prefill_params_t& p, float* lognorm,
+                                    cudaStream_t stream) {
+  if (p.knorm) {
+    const int nrow = p.chunk * p.kv_heads;
+    PrefillLognormKernel<T><<<(nrow + 7) / 8, 256, 0, stream>>>(static_cast<const T*>(p.k), p.chunk,
+                                                                p.kv_heads, p.head_dim, lognorm);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return TRIMKV_PREFILL_DISPATCH_HEAD_DIM(p.head_dim, DPAD,
+                                          [&] { return launch_attention<T, DPAD>(p, stream); });
+}
+
+}  // namespace prefill_detail
+
+}  // namespace trimkv

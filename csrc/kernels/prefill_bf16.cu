@@ -1,0 +1,10 @@
+// Instantiation of the prefill kernels for __nv_bfloat16 storage: one dtype per file so
+// that the three build in parallel.
+#include "prefill.cuh"
+
+namespace trimkv {
+namespace prefill_detail {
+template cudaError_t prefill_attention_typed<__nv_bfloat16>(const prefill_params_t&, float*,
+                                                            cudaStream_t);
+}  // namespace prefill_detail
+}  // namespace trimkv

@@ -1,0 +1,727 @@
+// Standalone test and benchmark of the TRIM-KV prefill chunk (csrc/kernels/prefill.cuh).
+//   prefill_harness [--quick] [--no-long] [--no-bench] [--seed N]
+// Correctness: a float64 CPU reference of SPEC.md sections 4-6 with chunked eviction, fresh
+// random inputs, NaN-poisoned outputs / unused cache slots / workspace; after every chunk it
+// checks the output (relative error per dtype), the retained position set of every head, and
+// the stored pos / lam / lognorm / K / V of every retained token. Exit code 1 on any failure.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/score.h"
+#include "kernels/prefill.cuh"
+#include "kernels/select_topk.cuh"
+
+using namespace trimkv;
+
+#define CK(x)                                                                                 \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+static std::mt19937_64 rng;
+static double urand() { return std::uniform_real_distribution<double>(0, 1)(rng); }
+
+struct Tok {
+  int pos;
+  float lam;
+  float lognorm;
+  std::vector<float> k, v;          // values as stored (dtype-rounded)
+  std::vector<uint8_t> kraw, vraw;  // stored bytes
+};
+
+struct Cfg {
+  int C, D, G, B, M, W, Hkv, steps;
+  DType dt;
+  bool knorm;
+  int lam_mode;       // 0 random, 1 with planted ties (lam = 0), 2 with NaN lam
+  int sample_tokens;  // tokens per chunk whose outputs are checked against the reference
+};
+
+static double tolerance(DType t) {
+  return t == DType::kF32 ? 1e-5 : (t == DType::kF16 ? 2e-3 : 1e-2);
+}
+
+struct Result {
+  bool ok = true;
+  double max_err = 0;
+  std::string msg;
+};
+
+static void parallel_for(int n, const std::function<void(int)>& f) {
+  int nt = std::max(1u, std::thread::hardware_concurrency());
+  nt = std::min(nt, std::max(n, 1));
+  std::vector<std::thread> th;
+  for (int t = 0; t < nt; ++t)
+    th.emplace_back([&, t] {
+      for (int i = t; i < n; i += nt) f(i);
+    });
+  for (auto& x : th) x.join();
+}
+
+// Runs cfg.steps chunks on sequence 1 of a batch of 2 and checks every step.
+static Result run_config(const Cfg& c, bool verbose) {
+  Result res;
+  const int batch = 2, seq = 1, Hkv = c.Hkv, Hq = c.Hkv * c.G, D = c.D, C = c.C;
+  const int cap = c.M + c.B;
+  const size_t es = dtype_size(c.dt);
+  const size_t cache_elems = static_cast<size_t>(batch) * Hkv * cap * D;
+  const size_t meta_elems = static_cast<size_t>(batch) * Hkv * cap;
+  void *dk, *dv, *dq, *dkin, *dvin, *dout, *dws;
+  int32_t *dpos, *dlens;
+  float *dlam, *dln, *dlamin;
+  CK(cudaMalloc(&dk, cache_elems * es));
+  CK(cudaMalloc(&dv, cache_elems * es));
+  CK(cudaMalloc(&dpos, meta_elems * 4));
+  CK(cudaMalloc(&dlam, meta_elems * 4));
+  CK(cudaMalloc(&dln, meta_elems * 4));
+  CK(cudaMalloc(&dlens, batch * Hkv * 4));
+  CK(cudaMalloc(&dq, static_cast<size_t>(C) * Hq * D * es));
+  CK(cudaMalloc(&dout, static_cast<size_t>(C) * Hq * D * es));
+  CK(cudaMalloc(&dkin, static_cast<size_t>(C) * Hkv * D * es));
+  CK(cudaMalloc(&dvin, static_cast<size_t>(C) * Hkv * D * es));
+  CK(cudaMalloc(&dlamin, static_cast<size_t>(C) * Hkv * 4));
+  // Poison: NaN in every unused slot (a read past len shows up in the output), sequence 0's
+  // lens = 5 (it must stay untouched).
+  CK(cudaMemset(dk, 0xff, cache_elems * es));
+  CK(cudaMemset(dv, 0xff, cache_elems * es));
+  CK(cudaMemset(dpos, 0xff, meta_elems * 4));
+  CK(cudaMemset(dlam, 0xff, meta_elems * 4));
+  CK(cudaMemset(dln, 0xff, meta_elems * 4));
+  {
+    std::vector<int32_t> l(batch * Hkv, 0);
+    for (int h = 0; h < Hkv; ++h) l[h] = 5;
+    CK(cudaMemcpy(dlens, l.data(), l.size() * 4, cudaMemcpyHostToDevice));
+  }
+  prefill_params_t p;
+  p.k_cache = dk;
+  p.v_cache = dv;
+  p.pos_cache = dpos;
+  p.lam_cache = dlam;
+  p.lognorm_cache = c.knorm ? dln : nullptr;
+  p.lens = dlens;
+  p.seq = seq;
+  p.chunk = C;
+  p.q = dq;
+  p.k = dkin;
+  p.v = dvin;
+  p.lam = dlamin;
+  p.out = dout;
+  p.batch = batch;
+  p.q_heads = Hq;
+  p.kv_heads = Hkv;
+  p.head_dim = D;
+  p.memory = c.M;
+  p.buffer = c.B;
+  p.cap = cap;
+  p.window = c.W;
+  p.knorm = c.knorm;
+  p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  const size_t wsb = PrefillWorkspaceBytes(p);
+  CK(cudaMalloc(&dws, wsb));
+
+  std::vector<std::vector<Tok>> ref(Hkv);
+  char buf[512];
+  for (int step = 0; step < c.steps && res.ok; ++step) {
+    const int start = step * C, T = start + C;
+    p.start = start;
+    // Fresh inputs, rounded to the storage dtype.
+    std::vector<uint8_t> qraw(static_cast<size_t>(C) * Hq * D * es),
+        kraw(static_cast<size_t>(C) * Hkv * D * es), vraw(kraw.size());
+    std::vector<float> qf(static_cast<size_t>(C) * Hq * D), kf(static_cast<size_t>(C) * Hkv * D),
+        vf(kf.size()), lam(static_cast<size_t>(C) * Hkv);
+    for (size_t i = 0; i < qf.size(); ++i) {
+      store_from_float(qraw.data(), c.dt, i, static_cast<float>(4 * urand() - 2));
+      qf[i] = load_as_float(qraw.data(), c.dt, i);
+    }
+    for (size_t i = 0; i < kf.size(); ++i) {
+      store_from_float(kraw.data(), c.dt, i, static_cast<float>(2 * urand() - 1));
+      kf[i] = load_as_float(kraw.data(), c.dt, i);
+      store_from_float(vraw.data(), c.dt, i, static_cast<float>(2 * urand() - 1));
+      vf[i] = load_as_float(vraw.data(), c.dt, i);
+    }
+    for (auto& x : lam) {
+      x = static_cast<float>(-std::exp(-8 + 7 * urand()));
+      const double u = urand();
+      if (c.lam_mode == 1 && u < 0.2) x = 0.f;
+      if (c.lam_mode == 2 && u < 0.1) x = NAN;
+    }
+    CK(cudaMemcpy(dq, qraw.data(), qraw.size(), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dkin, kraw.data(), kraw.size(), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dvin, vraw.data(), vraw.size(), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dlamin, lam.data(), lam.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemset(dout, 0xff, qraw.size()));
+    CK(cudaMemset(dws, 0xff, wsb));
+    CK(PrefillChunk(p, c.dt, dws, 0));
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+
+    std::vector<uint8_t> outraw(qraw.size());
+    CK(cudaMemcpy(outraw.data(), dout, outraw.size(), cudaMemcpyDeviceToHost));
+    // Every output element written (no NaN anywhere).
+    for (size_t i = 0; i < qf.size(); ++i) {
+      const float x = load_as_float(outraw.data(), c.dt, i);
+      if (!std::isfinite(x)) {
+        std::snprintf(buf, sizeof buf, "step %d: out[%zu] not finite (token %zu)", step, i,
+                      i / (static_cast<size_t>(Hq) * D));
+        res.ok = false;
+        res.msg = buf;
+        break;
+      }
+    }
+    // Reference attention over sampled tokens (all when few), every query head.
+    std::vector<int> toks;
+    if (C <= c.sample_tokens) {
+      for (int i = 0; i < C; ++i) toks.push_back(i);
+    } else {
+      toks.push_back(0);
+      toks.push_back(C - 1);
+      while (static_cast<int>(toks.size()) < c.sample_tokens)
+        toks.push_back(static_cast<int>(urand() * C) % C);
+    }
+    std::vector<double> num(toks.size(), 0), den(toks.size(), 0);
+    const double scale = p.scale;
+    parallel_for(static_cast<int>(toks.size()), [&](int ti) {
+      const int i = toks[ti];
+      std::vector<double> lg, o(D);
+      double sn = 0, sd = 0;
+      for (int j = 0; j < Hq; ++j) {
+        const int h = j / c.G;
+        const float* qv = &qf[(static_cast<size_t>(i) * Hq + j) * D];
+        lg.clear();
+        auto dot = [&](const float* kv) {
+          double a = 0;
+          for (int d = 0; d < D; ++d) a += static_cast<double>(qv[d]) * kv[d];
+          return a * scale;
+        };
+        for (const Tok& t : ref[h]) lg.push_back(dot(t.k.data()));
+        for (int t = 0; t <= i; ++t) lg.push_back(dot(&kf[(static_cast<size_t>(t) * Hkv + h) * D]));
+        double mx = -INFINITY;
+        for (double x : lg) mx = std::max(mx, x);
+        double sum = 0;
+        std::fill(o.begin(), o.end(), 0.0);
+        const int nc = static_cast<int>(ref[h].size());
+        for (size_t n = 0; n < lg.size(); ++n) {
+          const double e = std::exp(lg[n] - mx);
+          sum += e;
+          const float* vv = static_cast<int>(n) < nc
+                                ? ref[h][n].v.data()
+                                : &vf[(static_cast<size_t>(n - nc) * Hkv + h) * D];
+          for (int d = 0; d < D; ++d) o[d] += e * vv[d];
+        }
+        for (int d = 0; d < D; ++d) {
+          const double r = o[d] / sum;
+          const double g =
+              load_as_float(outraw.data(), c.dt, (static_cast<size_t>(i) * Hq + j) * D + d);
+          sn += (g - r) * (g - r);
+          sd += r * r;
+        }
+      }
+      num[ti] = sn;
+      den[ti] = sd;
+    });
+    double sn = 0, sd = 0;
+    for (size_t t = 0; t < toks.size(); ++t) {
+      sn += num[t];
+      sd += den[t];
+    }
+    const double err = std::sqrt(sn / std::max(sd, 1e-300));
+    res.max_err = std::max(res.max_err, err);
+    if (res.ok && !(err <= tolerance(c.dt))) {
+      std::snprintf(buf, sizeof buf, "step %d: output rel err %.3g > %.1g", step, err,
+                    tolerance(c.dt));
+      res.ok = false;
+      res.msg = buf;
+    }
+
+    // Reference eviction (SPEC 4-5): cached + chunk candidates, keep the M best when the
+    // cache would hold >= M + B.
+    for (int h = 0; h < Hkv; ++h) {
+      std::vector<Tok> cand = ref[h];
+      for (int i = 0; i < C; ++i) {
+        Tok t;
+        t.pos = start + i;
+        t.lam = lam[static_cast<size_t>(i) * Hkv + h];
+        const size_t off = (static_cast<size_t>(i) * Hkv + h) * D;
+        double ss = 0;
+        for (int d = 0; d < D; ++d) ss += static_cast<double>(kf[off + d]) * kf[off + d];
+        t.lognorm = static_cast<float>(std::log(std::max(std::sqrt(ss), 1e-12)));
+        t.k.assign(kf.begin() + off, kf.begin() + off + D);
+        t.v.assign(vf.begin() + off, vf.begin() + off + D);
+        t.kraw.assign(kraw.begin() + off * es, kraw.begin() + (off + D) * es);
+        t.vraw.assign(vraw.begin() + off * es, vraw.begin() + (off + D) * es);
+        cand.push_back(std::move(t));
+      }
+      if (static_cast<int>(cand.size()) >= c.M + c.B) {
+        std::vector<float> sc(cand.size());
+        for (size_t n = 0; n < cand.size(); ++n)
+          sc[n] = cand[n].pos >= T - c.W
+                      ? INFINITY
+                      : decayed_score(cand[n].lam, cand[n].pos, T, c.knorm ? cand[n].lognorm : 0.f);
+        std::vector<int> idx(cand.size());
+        for (size_t n = 0; n < idx.size(); ++n) idx[n] = static_cast<int>(n);
+        std::sort(idx.begin(), idx.end(), [&](int a, int b) {
+          return ranks_above(sc[a], cand[a].pos, sc[b], cand[b].pos);
+        });
+        std::vector<Tok> kept;
+        for (int n = 0; n < c.M; ++n) kept.push_back(std::move(cand[idx[n]]));
+        cand = std::move(kept);
+      }
+      ref[h] = std::move(cand);
+    }
+
+    // Cache contents of sequence `seq` vs the reference, by position.
+    std::vector<int32_t> lens(batch * Hkv), pos(meta_elems);
+    std::vector<float> lamc(meta_elems), lnc(meta_elems);
+    std::vector<uint8_t> kc(cache_elems * es), vc(cache_elems * es);
+    CK(cudaMemcpy(lens.data(), dlens, lens.size() * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(pos.data(), dpos, meta_elems * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(lamc.data(), dlam, meta_elems * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(lnc.data(), dln, meta_elems * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(kc.data(), dk, kc.size(), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(vc.data(), dv, vc.size(), cudaMemcpyDeviceToHost));
+    for (int h = 0; h < Hkv && res.ok; ++h) {
+      if (lens[h] != 5) {
+        res.ok = false;
+        res.msg = "sequence 0 lens modified";
+        break;
+      }
+      const int bh = seq * Hkv + h;
+      const int len = lens[bh];
+      if (len != static_cast<int>(ref[h].size())) {
+        std::snprintf(buf, sizeof buf, "step %d head %d: len %d, reference %zu", step, h, len,
+                      ref[h].size());
+        res.ok = false;
+        res.msg = buf;
+        break;
+      }
+      std::map<int, const Tok*> by_pos;
+      for (const Tok& t : ref[h]) by_pos[t.pos] = &t;
+      for (int s = 0; s < len; ++s) {
+        const size_t m = static_cast<size_t>(bh) * cap + s;
+        auto it = by_pos.find(pos[m]);
+        if (it == by_pos.end()) {
+          std::snprintf(buf, sizeof buf,
+                        "step %d head %d slot %d: position %d not retained by the reference", step,
+                        h, s, pos[m]);
+          res.ok = false;
+          res.msg = buf;
+          break;
+        }
+        const Tok& t = *it->second;
+        by_pos.erase(it);
+        const bool lam_ok = std::memcmp(&lamc[m], &t.lam, 4) == 0;
+        const bool ln_ok =
+            !c.knorm || std::fabs(lnc[m] - t.lognorm) <= 1e-5 * (1 + std::fabs(t.lognorm));
+        const bool k_ok = std::memcmp(&kc[m * D * es], t.kraw.data(), D * es) == 0;
+        const bool v_ok = std::memcmp(&vc[m * D * es], t.vraw.data(), D * es) == 0;
+        if (!lam_ok || !ln_ok || !k_ok || !v_ok) {
+          std::snprintf(buf, sizeof buf,
+                        "step %d head %d slot %d pos %d: lam %d lognorm %d k %d v %d", step, h, s,
+                        t.pos, lam_ok, ln_ok, k_ok, v_ok);
+          res.ok = false;
+          res.msg = buf;
+          break;
+        }
+      }
+    }
+    // Sequence 0's slots stay poisoned.
+    for (size_t i = 0; i < static_cast<size_t>(Hkv) * cap * D * es && res.ok; ++i)
+      if (kc[i] != 0xff || vc[i] != 0xff) {
+        res.ok = false;
+        res.msg = "sequence 0 K/V modified";
+      }
+    if (verbose)
+      std::printf("  step %2d start %6d len[0] %5d err %.2e %s\n", step, start, lens[seq * Hkv],
+                  err, res.ok ? "ok" : res.msg.c_str());
+  }
+  cudaFree(dk);
+  cudaFree(dv);
+  cudaFree(dpos);
+  cudaFree(dlam);
+  cudaFree(dln);
+  cudaFree(dlens);
+  cudaFree(dq);
+  cudaFree(dout);
+  cudaFree(dkin);
+  cudaFree(dvin);
+  cudaFree(dlamin);
+  cudaFree(dws);
+  return res;
+}
+
+/// Runs topk::block_topk_compact over keys [n] with one block: kept [n], count [1].
+__global__ void __launch_bounds__(1024)
+    TopkTestKernel(const unsigned long long* keys, int n, int k, int* kept, int* count) {
+  __shared__ topk::select_smem_t sm;
+  __shared__ int warp_sums[32];
+  const int c =
+      topk::block_topk_compact([keys](int i) { return keys[i]; }, n, k, kept, sm, warp_sums);
+  if (threadIdx.x == 0) *count = c;
+}
+
+/// select_topk.cuh: key order == ranks_above (host, all pairs of special values), and the
+/// block-wide top-k of up to 70K keys == a full sort by ranks_above. Returns failures.
+static int test_select_topk() {
+  int fails = 0;
+  const float specials[] = {0.f,      -0.f,      1.f, -1.f, 1e-30f, -1e-30f, 3.5f,
+                            INFINITY, -INFINITY, NAN, -NAN, 1e30f,  -1e30f};
+  for (float a : specials)
+    for (float b : specials)
+      for (int pa : {3, 7})
+        for (int pb : {3, 7}) {
+          if (pa == pb) continue;
+          const bool want = ranks_above(a, pa, b, pb);
+          const bool got = topk::keep_key(a, pa) > topk::keep_key(b, pb);
+          if (want != got) {
+            std::printf("FAIL keep_key order: (%g, %d) vs (%g, %d): ranks_above %d, key %d\n", a,
+                        pa, b, pb, want, got);
+            ++fails;
+          }
+        }
+  unsigned long long* dkeys;
+  int *dkept, *dcount;
+  const int nmax = 70000;
+  CK(cudaMalloc(&dkeys, nmax * 8));
+  CK(cudaMalloc(&dkept, nmax * 4));
+  CK(cudaMalloc(&dcount, 4));
+  int cases = 0;
+  for (int n : {1, 31, 1000, 4097, 70000})
+    for (int kk : {1, 2, 3, 4}) {
+      const int k =
+          kk == 1 ? 1 : (kk == 2 ? std::max(1, n / 3) : (kk == 3 ? std::max(1, n - 1) : n));
+      std::vector<float> sc(n);
+      std::vector<int> pos(n);
+      std::vector<unsigned long long> keys(n);
+      for (int i = 0; i < n; ++i) {
+        pos[i] = i * 3 + 1;  // distinct, not in index order after the shuffle
+        const double u = urand();
+        // Few distinct scores (ties decided by position), some NaN / +inf / -inf / zeros.
+        sc[i] = u < 0.05   ? NAN
+                : u < 0.1  ? INFINITY
+                : u < 0.12 ? -INFINITY
+                : u < 0.2  ? 0.f
+                : u < 0.5  ? static_cast<float>(static_cast<int>(urand() * 16) - 8)
+                           : static_cast<float>(-std::exp(10 * urand() - 5));
+      }
+      std::shuffle(pos.begin(), pos.end(), rng);
+      for (int i = 0; i < n; ++i) keys[i] = topk::keep_key(sc[i], pos[i]);
+      CK(cudaMemcpy(dkeys, keys.data(), n * 8, cudaMemcpyHostToDevice));
+      CK(cudaMemset(dkept, 0xff, n * 4));
+      TopkTestKernel<<<1, 1024>>>(dkeys, n, k, dkept, dcount);
+      CK(cudaGetLastError());
+      CK(cudaDeviceSynchronize());
+      int count;
+      std::vector<int> kept(n);
+      CK(cudaMemcpy(&count, dcount, 4, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(kept.data(), dkept, n * 4, cudaMemcpyDeviceToHost));
+      std::vector<int> idx(n);
+      for (int i = 0; i < n; ++i) idx[i] = i;
+      std::sort(idx.begin(), idx.end(),
+                [&](int a, int b) { return ranks_above(sc[a], pos[a], sc[b], pos[b]); });
+      std::vector<int> want(idx.begin(), idx.begin() + k);
+      std::sort(want.begin(), want.end());
+      kept.resize(std::min(std::max(count, 0), n));
+      ++cases;
+      if (count != k || kept != want) {
+        std::printf("FAIL block_topk_compact n=%d k=%d: count %d\n", n, k, count);
+        ++fails;
+      }
+    }
+  cudaFree(dkeys);
+  cudaFree(dkept);
+  cudaFree(dcount);
+  std::printf("select_topk: %d cases, %d fail\n", cases + 1, fails);
+  return fails;
+}
+
+static std::string cfg_name(const Cfg& c) {
+  char b[256];
+  std::snprintf(b, sizeof b,
+                "%-4s C=%-5d D=%-3d G=%d B=%-2d M=%-5d W=%-2d knorm=%d lam=%d steps=%d",
+                dtype_name(c.dt), c.C, c.D, c.G, c.B, c.M, c.W, c.knorm, c.lam_mode, c.steps);
+  return b;
+}
+
+static void benchmark() {
+  // 4096-token chunk, M = 2048 cached tokens, bf16, Hq 32, Hkv 8, D 128.
+  const int Hq = 32, Hkv = 8, D = 128, C = 4096, M = 2048, B = 0, cap = M + B;
+  const DType dt = DType::kBF16;
+  const size_t es = 2;
+  void *dk, *dv, *dq, *dkin, *dvin, *dout, *dws;
+  int32_t *dpos, *dlens;
+  float *dlam, *dlamin;
+  const size_t ce = static_cast<size_t>(Hkv) * cap * D;
+  CK(cudaMalloc(&dk, ce * es));
+  CK(cudaMalloc(&dv, ce * es));
+  CK(cudaMalloc(&dpos, Hkv * cap * 4));
+  CK(cudaMalloc(&dlam, Hkv * cap * 4));
+  CK(cudaMalloc(&dlens, Hkv * 4));
+  CK(cudaMemset(dlens, 0, Hkv * 4));
+  std::vector<uint8_t> qraw(static_cast<size_t>(C) * Hq * D * es),
+      kraw(static_cast<size_t>(C) * Hkv * D * es), vraw(kraw.size());
+  std::vector<float> lam(static_cast<size_t>(C) * Hkv);
+  for (size_t i = 0; i < qraw.size() / 2; ++i)
+    store_from_float(qraw.data(), dt, i, static_cast<float>(4 * urand() - 2));
+  for (size_t i = 0; i < kraw.size() / 2; ++i) {
+    store_from_float(kraw.data(), dt, i, static_cast<float>(2 * urand() - 1));
+    store_from_float(vraw.data(), dt, i, static_cast<float>(2 * urand() - 1));
+  }
+  for (auto& x : lam) x = static_cast<float>(-std::exp(-8 + 7 * urand()));
+  CK(cudaMalloc(&dq, qraw.size()));
+  CK(cudaMalloc(&dout, qraw.size()));
+  CK(cudaMalloc(&dkin, kraw.size()));
+  CK(cudaMalloc(&dvin, vraw.size()));
+  CK(cudaMalloc(&dlamin, lam.size() * 4));
+  CK(cudaMemcpy(dq, qraw.data(), qraw.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dkin, kraw.data(), kraw.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dvin, vraw.data(), vraw.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dlamin, lam.data(), lam.size() * 4, cudaMemcpyHostToDevice));
+  prefill_params_t p;
+  p.k_cache = dk;
+  p.v_cache = dv;
+  p.pos_cache = dpos;
+  p.lam_cache = dlam;
+  p.lens = dlens;
+  p.seq = 0;
+  p.chunk = C;
+  p.q = dq;
+  p.k = dkin;
+  p.v = dvin;
+  p.lam = dlamin;
+  p.out = dout;
+  p.batch = 1;
+  p.q_heads = Hq;
+  p.kv_heads = Hkv;
+  p.head_dim = D;
+  p.memory = M;
+  p.buffer = B;
+  p.cap = cap;
+  p.window = 0;
+  p.knorm = false;
+  p.scale = 1.f / std::sqrt(static_cast<float>(D));
+  CK(cudaMalloc(&dws, PrefillWorkspaceBytes(p)));
+  p.start = 0;
+  CK(PrefillChunk(p, dt, dws, 0));  // fills the cache: len = M afterwards
+  CK(cudaDeviceSynchronize());
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  // variant 0: PrefillChunk; 1: attention as dispatched; 2..4: tensor-core tile shapes
+  // (16-row blocks per warp MT, keys per tile BK) 1/64, 2/32, 2/64.
+  auto time_it = [&](int variant) {
+    std::vector<float> ms;
+    for (int it = 0; it < 25; ++it) {
+      p.start = C * (it + 1);
+      CK(cudaEventRecord(e0));
+      if (variant == 0)
+        CK(PrefillChunk(p, dt, dws, 0));
+      else if (variant == 1)
+        CK(prefill_detail::prefill_attention_typed<__nv_bfloat16>(p, nullptr, 0));
+      else if (variant == 2)
+        CK((prefill_detail::launch_attention_mma<__nv_bfloat16, 128, 1, 64>(p, 0)));
+      else if (variant == 3)
+        CK((prefill_detail::launch_attention_mma<__nv_bfloat16, 128, 2, 32>(p, 0)));
+      else
+        CK((prefill_detail::launch_attention_mma<__nv_bfloat16, 128, 2, 64>(p, 0)));
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      float t;
+      CK(cudaEventElapsedTime(&t, e0, e1));
+      if (it >= 5) ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+  };
+  // Attention FLOPs: 2 matmuls x 2 flops, every query over len cached + i + 1 chunk keys.
+  const double keys = static_cast<double>(C) * M + static_cast<double>(C) * (C + 1) / 2;
+  const double flops = 4.0 * D * Hq * keys;
+  const float t_attn = time_it(1);
+  // Tile-shape variants vs the dispatched kernel: same function, other rounding of P.
+  std::vector<uint8_t> o_ref(qraw.size()), o_var(qraw.size());
+  CK(cudaMemcpy(o_ref.data(), dout, o_ref.size(), cudaMemcpyDeviceToHost));
+  float t_var[3];
+  double d_var[3];
+  for (int v = 0; v < 3; ++v) {
+    CK(cudaMemset(dout, 0xff, o_var.size()));
+    t_var[v] = time_it(2 + v);
+    CK(cudaMemcpy(o_var.data(), dout, o_var.size(), cudaMemcpyDeviceToHost));
+    double sn = 0, sd = 0;
+    for (size_t i = 0; i < o_var.size() / 2; ++i) {
+      const double a = load_as_float(o_var.data(), dt, i), b = load_as_float(o_ref.data(), dt, i);
+      sn += (a - b) * (a - b);
+      sd += b * b;
+    }
+    d_var[v] = std::sqrt(sn / sd);  // NaN if anything unwritten
+  }
+  const float t_full = time_it(0);
+  int32_t lens[8];
+  CK(cudaMemcpy(lens, dlens, sizeof lens, cudaMemcpyDeviceToHost));
+  std::printf("bench bf16 chunk %d, cached %d (len after: %d), Hq %d Hkv %d D %d:\n", C, M, lens[0],
+              Hq, Hkv, D);
+  std::printf("  attention only      median %.3f ms  %.1f TFLOP/s\n", t_attn,
+              flops / (t_attn * 1e-3) / 1e12);
+  const char* names[3] = {"MT 1 BK 64", "MT 2 BK 32", "MT 2 BK 64"};
+  for (int v = 0; v < 3; ++v)
+    std::printf("  mma %s      median %.3f ms  %.1f TFLOP/s (rel diff vs dispatched %.1e)\n",
+                names[v], t_var[v], flops / (t_var[v] * 1e-3) / 1e12, d_var[v]);
+  std::printf("  PrefillChunk total  median %.3f ms  %.1f TFLOP/s (attention FLOPs)\n", t_full,
+              flops / (t_full * 1e-3) / 1e12);
+  cudaFree(dk);
+  cudaFree(dv);
+  cudaFree(dpos);
+  cudaFree(dlam);
+  cudaFree(dlens);
+  cudaFree(dq);
+  cudaFree(dout);
+  cudaFree(dkin);
+  cudaFree(dvin);
+  cudaFree(dlamin);
+  cudaFree(dws);
+}
+
+int main(int argc, char** argv) {
+  bool quick = false, long_test = true, bench = true;
+  unsigned long long seed = std::random_device{}();
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--quick")
+      quick = true;
+    else if (a == "--no-long")
+      long_test = false;
+    else if (a == "--no-bench")
+      bench = false;
+    else if (a == "--seed" && i + 1 < argc)
+      seed = std::strtoull(argv[++i], nullptr, 10);
+  }
+  rng.seed(seed);
+  std::printf("seed %llu\n", seed);
+  std::vector<Cfg> cfgs;
+  const DType dts[3] = {DType::kF32, DType::kF16, DType::kBF16};
+  const std::vector<int> chunks =
+      quick ? std::vector<int>{7, 64} : std::vector<int>{1, 7, 64, 512, 4096};
+  const std::vector<int> dims =
+      quick ? std::vector<int>{72, 128} : std::vector<int>{64, 128, 256, 72};
+  const std::vector<int> groups = quick ? std::vector<int>{4} : std::vector<int>{1, 4, 8};
+  const std::vector<int> bufs = quick ? std::vector<int>{16} : std::vector<int>{0, 16};
+  int idx = 0;
+  for (int C : chunks)
+    for (int D : dims)
+      for (DType dt : dts)
+        for (int B : bufs)
+          for (int G : groups) {
+            Cfg c;
+            c.C = C;
+            c.D = D;
+            c.G = G;
+            c.B = B;
+            c.dt = dt;
+            c.Hkv = 2;
+            c.M = C >= 512 ? C / 2 : std::max(8, 3 * C / 2);
+            c.steps = std::min(26, (c.M + B + C - 1) / C + 2);
+            if (quick) c.steps = std::min(c.steps, 4);
+            c.W = idx % 3 == 0 ? 0 : (idx % 3 == 1 ? 3 : 37);
+            c.knorm = idx % 2 == 1;
+            c.lam_mode = idx % 5 == 2 ? 1 : (idx % 7 == 3 ? 2 : 0);
+            c.sample_tokens = C >= 4096 ? 24 : 64;
+            cfgs.push_back(c);
+            ++idx;
+          }
+  int pass = 0, fail = 0;
+  if (test_select_topk() == 0)
+    ++pass;
+  else
+    ++fail;
+  double worst[3] = {0, 0, 0};
+  std::map<std::string, std::pair<int, int>> by_chunk;
+  for (const Cfg& c : cfgs) {
+    const Result r = run_config(c, false);
+    const int di = static_cast<int>(c.dt);
+    worst[di] = std::max(worst[di], r.max_err);
+    char key[64];
+    std::snprintf(key, sizeof key, "C=%-5d %s", c.C, dtype_name(c.dt));
+    auto& bc = by_chunk[key];
+    if (r.ok) {
+      ++pass;
+      ++bc.first;
+    } else {
+      ++fail;
+      ++bc.second;
+    }
+    if (!r.ok)
+      std::printf("FAIL %s: %s\n", cfg_name(c).c_str(), r.msg.c_str());
+    else
+      std::printf("ok   %s err %.2e\n", cfg_name(c).c_str(), r.max_err);
+    std::fflush(stdout);
+  }
+  for (auto& kv : by_chunk)
+    std::printf("  %s: %d pass, %d fail\n", kv.first.c_str(), kv.second.first, kv.second.second);
+  std::printf("grid: %d pass, %d fail; max rel err fp32 %.2e fp16 %.2e bf16 %.2e\n", pass, fail,
+              worst[0], worst[1], worst[2]);
+  if (long_test && !quick) {
+    // 64K-token prompt in chunks of 2048 with M = 1024 (chunks larger than the cache).
+    for (int variant = 0; variant < 2; ++variant) {
+      Cfg c;
+      c.C = 2048;
+      c.D = 128;
+      c.G = 4;
+      c.Hkv = 2;
+      c.M = 1024;
+      c.steps = 32;
+      c.B = variant == 0 ? 0 : 16;
+      c.W = variant == 0 ? 0 : 64;
+      c.knorm = variant == 1;
+      c.lam_mode = 0;
+      c.dt = DType::kBF16;
+      c.sample_tokens = 8;
+      const Result r = run_config(c, false);
+      std::printf("64K prompt %s: %s (max rel err %.2e)%s%s\n", cfg_name(c).c_str(),
+                  r.ok ? "PASS" : "FAIL", r.max_err, r.ok ? "" : ": ", r.msg.c_str());
+      if (r.ok)
+        ++pass;
+      else
+        ++fail;
+    }
+    // Chunks of 65536 tokens (far larger than the cache), cache empty then full.
+    {
+      Cfg c;
+      c.C = 65536;
+      c.D = 64;
+      c.G = 2;
+      c.Hkv = 2;
+      c.M = 1024;
+      c.B = 16;
+      c.W = 5;
+      c.steps = 2;
+      c.knorm = true;
+      c.lam_mode = 0;
+      c.dt = DType::kF16;
+      c.sample_tokens = 6;
+      const Result r = run_config(c, false);
+      std::printf("64K chunk  %s: %s (max rel err %.2e)%s%s\n", cfg_name(c).c_str(),
+                  r.ok ? "PASS" : "FAIL", r.max_err, r.ok ? "" : ": ", r.msg.c_str());
+      if (r.ok)
+        ++pass;
+      else
+        ++fail;
+    }
+  }
+  if (bench && !quick) benchmark();
+  std::printf("TOTAL %d pass, %d fail\n", pass, fail);
+  return fail == 0 ? 0 : 1;
+}

@@ -1,0 +1,51 @@
+// Retention-gate kernels (SPEC.md section 3): lam = logsigmoid(z) per token and KV head.
+//   rg / rg2: z = W2 act(W1 x + b1) + bias
+//   rg3:      z = W_down(act(W_gate y) * (W_up y)) + bias
+// Float32 accumulation; weights read once per call for the whole batch of n tokens (each block
+// owns a slice of the intermediate rows and processes every token).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "../common/dtype.h"
+
+namespace trimkv {
+
+/// Gate activation (the model's hidden_act).
+enum GateAct : int { kGateSilu = 0, kGateGelu = 1, kGateGeluTanh = 2, kGateRelu = 3 };
+
+/// Gate architecture.
+enum GateArch : int { kGateMlp = 0 /* rg, rg2 */, kGateGlu = 1 /* rg3 */ };
+
+/// Parameters of one gate evaluation over n tokens. All pointers are device pointers.
+struct gate_params_t {
+  int kind = kGateMlp;    ///< GateArch
+  int act = kGateSilu;    ///< GateAct
+  int n = 0;              ///< tokens
+  int in_dim = 0;         ///< input width (Dm, or kv_heads * 2 * head_dim for rg2/rg3); % 8 == 0
+  int inter = 0;          ///< intermediate size I
+  int kv_heads = 0;       ///< outputs per token
+  const void* x = nullptr;       ///< [n, in_dim] in x_dtype
+  DType x_dtype = DType::kF32;
+  DType w_dtype = DType::kF32;   ///< dtype of every weight and bias below
+  const void* w1 = nullptr;      ///< kMlp: [inter, in_dim]
+  const void* b1 = nullptr;      ///< kMlp: [inter] or null
+  const void* w2 = nullptr;      ///< kMlp: [kv_heads, inter]
+  const void* w_gate = nullptr;  ///< kGlu: [inter, in_dim]
+  const void* w_up = nullptr;    ///< kGlu: [inter, in_dim]
+  const void* w_down = nullptr;  ///< kGlu: [kv_heads, inter]
+  const void* bias = nullptr;    ///< [kv_heads] or null
+  float* lam = nullptr;          ///< [n, kv_heads] output, float32
+};
+
+/// Bytes of device workspace RetentionGate needs (the [n, inter] float activations).
+size_t RetentionGateWorkspaceBytes(const gate_params_t& p);
+
+/// Computes lam [n, kv_heads] = logsigmoid(z).
+/// \param workspace at least RetentionGateWorkspaceBytes(p) bytes, 16-byte aligned
+/// \return cudaSuccess, cudaErrorInvalidValue for unsupported shapes, or the launch error
+cudaError_t RetentionGate(const gate_params_t& p, void* workspace, cudaStream_t stream);
+
+}  // namespace trimkv
