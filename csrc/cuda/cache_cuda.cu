@@ -116,14 +116,8 @@ class CudaCache final : public Cache {
   }
 
   void do_prefill(int layer, const prefill_args_t& a) override {
-    LayerStore& s = layers_[layer];
     prefill_params_t p;
-    p.k_cache = s.k->data();
-    p.v_cache = s.v->data();
-    p.pos_cache = static_cast<int32_t*>(s.pos->data());
-    p.lam_cache = static_cast<float*>(s.lam->data());
-    p.lognorm_cache = s.lognorm ? static_cast<float*>(s.lognorm->data()) : nullptr;
-    p.lens = static_cast<int32_t*>(s.lens->data());
+    fill_layer(p, layer);
     p.seq = a.seq;
     p.start = static_cast<int>(a.start);
     p.chunk = a.chunk();
@@ -132,16 +126,6 @@ class CudaCache final : public Cache {
     p.v = a.v->data();
     p.lam = static_cast<const float*>(a.lam->data());
     p.out = a.out->data();
-    p.batch = cfg_.batch;
-    p.q_heads = cfg_.q_heads;
-    p.kv_heads = cfg_.kv_heads;
-    p.head_dim = cfg_.head_dim;
-    p.memory = cfg_.memory;
-    p.buffer = cfg_.buffer;
-    p.cap = cap_;
-    p.window = cfg_.window;
-    p.knorm = cfg_.strategy == Strategy::kKnormAlpha;
-    p.scale = cfg_.softmax_scale();
     const size_t ws = PrefillWorkspaceBytes(p);
     if (!prefill_ws_ || prefill_ws_->bytes() < ws) {
       prefill_ws_.reset();  // frees after the kernels using it (cudaFree synchronises)
@@ -178,25 +162,17 @@ class CudaCache final : public Cache {
   }
 
  private:
-  size_t head_index(int seq, int head) const { return static_cast<size_t>(seq) * cfg_.kv_heads + head; }
-
-  decode_params_t decode_params(int layer, const decode_args_t* a) {
+  // The fields decode_params_t and prefill_params_t share: one layer's slot arrays and the
+  // cache's shape and rules.
+  template <typename Params>
+  void fill_layer(Params& p, int layer) {
     LayerStore& s = layers_[layer];
-    decode_params_t p;
     p.k_cache = s.k->data();
     p.v_cache = s.v->data();
     p.pos_cache = static_cast<int32_t*>(s.pos->data());
     p.lam_cache = static_cast<float*>(s.lam->data());
     p.lognorm_cache = s.lognorm ? static_cast<float*>(s.lognorm->data()) : nullptr;
     p.lens = static_cast<int32_t*>(s.lens->data());
-    if (a) {
-      p.q = a->q->data();
-      p.k_new = a->k->data();
-      p.v_new = a->v->data();
-      p.lam_new = static_cast<const float*>(a->lam->data());
-      p.out = a->out->data();
-    }
-    p.positions = static_cast<const int32_t*>(positions_->data());
     p.batch = cfg_.batch;
     p.q_heads = cfg_.q_heads;
     p.kv_heads = cfg_.kv_heads;
@@ -207,6 +183,21 @@ class CudaCache final : public Cache {
     p.window = cfg_.window;
     p.knorm = cfg_.strategy == Strategy::kKnormAlpha;
     p.scale = cfg_.softmax_scale();
+  }
+
+  size_t head_index(int seq, int head) const { return static_cast<size_t>(seq) * cfg_.kv_heads + head; }
+
+  decode_params_t decode_params(int layer, const decode_args_t* a) {
+    decode_params_t p;
+    fill_layer(p, layer);
+    if (a) {
+      p.q = a->q->data();
+      p.k_new = a->k->data();
+      p.v_new = a->v->data();
+      p.lam_new = static_cast<const float*>(a->lam->data());
+      p.out = a->out->data();
+    }
+    p.positions = static_cast<const int32_t*>(positions_->data());
     return p;
   }
 
