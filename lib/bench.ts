@@ -1,41 +1,114 @@
 /**
  * Microbenchmarks of the kernels, timed inside the addon (CUDA events, or a steady clock on
  * the CPU backend), warm, as medians of many calls over inputs larger than the L2 cache
- * (several layers or gates are cycled). Used by `trimkv bench` and bench/.
+ * (several layers, sequences or gates are cycled). The suite that sweeps them, compares with
+ * PyTorch and writes JSON / Markdown / SVG lives in lib/bench/ (`trimkv bench`).
  */
 import { native } from './errors.js';
 import { BACKEND_INDEX, loadAddon } from './native.js';
 import type { Runtime } from './runtime.js';
-import type { DType } from './types.js';
+import type { DType, GateSpec } from './types.js';
 
 /** Bytes the inputs of one measured family should span so that L2 (50 MB on H100) cannot hold them. */
 export const ROTATE_BYTES = 256 * 2 ** 20;
+/** The same on the CPU backend: past the last-level cache of a typical server socket. */
+export const CPU_ROTATE_BYTES = 32 * 2 ** 20;
 
-export interface Stats { median: number; p10: number; p90: number; n: number }
-
-export function stats(samples: ArrayLike<number>): Stats {
-  const a = Array.from(samples).sort((x, y) => x - y);
-  const at = (q: number) => a[Math.min(a.length - 1, Math.floor(q * a.length))]!;
-  return { median: at(0.5), p10: at(0.1), p90: at(0.9), n: a.length };
+export function defaultRotateBytes(rt: Runtime): number {
+  return rt.backend === 'cuda' ? ROTATE_BYTES : CPU_ROTATE_BYTES;
 }
 
-const BYTES: Record<DType, number> = { fp32: 4, fp16: 2, bf16: 2 };
+/** Order statistics of timing samples (ms). Quantiles interpolate linearly between ranks. */
+export interface Stats {
+  median: number; p10: number; p90: number; n: number;
+  mean: number; min: number; max: number;
+  /** (p90 - p10) / median: the relative spread of the samples. */
+  spread: number;
+}
 
-function randomArray(n: number): Float32Array {
-  const a = new Float32Array(n);
-  for (let i = 0; i < n; i++) a[i] = Math.random() * 2 - 1;
-  return a;
+/**
+ * Median, p10, p90, mean, min, max of the samples.
+ * @throws {RangeError} when there are no samples or one is not finite
+ */
+export function stats(samples: ArrayLike<number>): Stats {
+  const a = Array.from(samples).sort((x, y) => x - y);
+  if (a.length === 0) throw new RangeError('Expected at least one sample for stats but received none');
+  if (!a.every(Number.isFinite)) throw new RangeError('Expected finite samples for stats but received a NaN or infinity');
+  const at = (q: number) => {
+    const r = q * (a.length - 1), lo = Math.floor(r), hi = Math.ceil(r);
+    return a[lo]! + (a[hi]! - a[lo]!) * (r - lo);
+  };
+  const median = at(0.5), p10 = at(0.1), p90 = at(0.9);
+  const mean = a.reduce((s, x) => s + x, 0) / a.length;
+  return { median, p10, p90, n: a.length, mean, min: a[0]!, max: a[a.length - 1]!, spread: median > 0 ? (p90 - p10) / median : 0 };
+}
+
+export const DTYPE_BYTES: Record<DType, number> = { fp32: 4, fp16: 2, bf16: 2 };
+
+/** Bytes one cached token takes per head: K and V rows plus position (int32) and lam (fp32). */
+export function slotBytes(headDim: number, dtype: DType): number {
+  return 2 * headDim * DTYPE_BYTES[dtype] + 8;
+}
+
+// One pool of random values, sliced: filling hundreds of MB with Math.random per case would
+// dominate the run time. Reuse is harmless: the kernels' cost does not depend on the values.
+let pool = new Float32Array(0);
+function randomArray(n: number, scale = 1): Float32Array {
+  if (pool.length < n) {
+    const next = new Float32Array(Math.max(n, 2 * pool.length));
+    next.set(pool);
+    for (let i = pool.length; i < next.length; i++) next[i] = Math.random() * 2 - 1;
+    pool = next;
+  }
+  const off = Math.floor(Math.random() * (pool.length - n + 1));
+  const a = pool.subarray(off, off + n);
+  return scale === 1 ? a : a.map((x) => x * scale);
+}
+
+function randomLam(n: number): Float32Array {
+  return Float32Array.from(randomArray(n), (x) => -Math.abs(x) * 0.05);
+}
+
+function toBf16(a: Float32Array): Uint16Array {
+  const u = new Uint16Array(a.length);
+  const f = new Float32Array(1), b = new Uint32Array(f.buffer);
+  for (let i = 0; i < a.length; i++) { f[0] = a[i]!; u[i] = (b[0]! + 0x7fff + ((b[0]! >>> 16) & 1)) >>> 16; }
+  return u;
 }
 
 /** Device copy bandwidth (GB/s, read + write) of a 1 GiB copy; NaN on the CPU backend. */
-export function copyBandwidth(rt: Runtime): number {
+export function copyBandwidth(rt: Runtime, bytes = 2 ** 30, iters = 20): number {
   if (rt.backend !== 'cuda') return Number.NaN;
-  return native(() => loadAddon().copyBandwidth(2 ** 30, 20));
+  return native(() => loadAddon().copyBandwidth(bytes, iters));
 }
 
 /** Times `n` calls of fn(i) on the runtime's backend; per-call milliseconds. */
 export function timeCalls(rt: Runtime, n: number, fn: (i: number) => void, spinMs = 20): Float64Array {
   return native(() => loadAddon().timeCalls(BACKEND_INDEX[rt.backend], n, spinMs, fn));
+}
+
+/**
+ * Times `n` calls like `timeCalls`, in chunks whose enqueue time stays below the spin that
+ * holds the GPU back, so no timed call waits for the host (the events then measure device
+ * time, not launch gaps). `hostMs` is the host cost of one call, measured during warm-up.
+ */
+export function timeMany(rt: Runtime, n: number, fn: (i: number) => void, hostMs: number): Float64Array {
+  if (rt.backend !== 'cuda') return timeCalls(rt, n, fn, 0);
+  const per = Math.max(hostMs, 0.002);
+  const chunk = Math.max(8, Math.min(n, Math.floor(60 / per)));
+  const out = new Float64Array(n);
+  for (let done = 0; done < n; done += chunk) {
+    const m = Math.min(chunk, n - done);
+    out.set(timeCalls(rt, m, (i) => fn(done + i), Math.min(250, 2 * m * per + 2)), done);
+  }
+  return out;
+}
+
+/** Runs `n` warm-up calls and returns the host wall time of one call (ms). */
+function warmUp(n: number, fn: (i: number) => void): number {
+  const t0 = performance.now();
+  for (let i = 0; i < n; i++) fn(i);
+  return (performance.now() - t0) / n;
 }
 
 export interface DecodeBenchCase {
@@ -55,72 +128,214 @@ export interface DecodeBenchResult extends DecodeBenchCase {
   hostUs: number;
 }
 
-/**
- * Decode step of one layer over a full cache (prefilled to M with one chunk per sequence),
- * steady state: every call appends one token per sequence and evicts (B = 0) or buffers.
- */
-export function benchDecode(rt: Runtime, c: DecodeBenchCase, calls = 200): DecodeBenchResult {
+export interface BenchOptions {
+  /** Bytes the rotated inputs span (default: ROTATE_BYTES on CUDA, CPU_ROTATE_BYTES on the CPU). */
+  rotateBytes?: number;
+  /** Upper bound on layers / sets cycled (default 64). */
+  maxSets?: number;
+}
+
+function setsFor(rt: Runtime, perSet: number, o: BenchOptions): number {
+  return Math.max(1, Math.min(o.maxSets ?? 64, Math.ceil((o.rotateBytes ?? defaultRotateBytes(rt)) / perSet)));
+}
+
+/** Bytes one decode call reads and writes at an average cache length `len` (per layer). */
+export function decodeBytes(c: DecodeBenchCase, len: number): number {
+  const es = DTYPE_BYTES[c.dtype];
+  return c.batch * c.kvHeads * (len + 1) * slotBytes(c.headDim, c.dtype) + 2 * c.batch * c.qHeads * c.headDim * es;
+}
+
+interface DecodeRig {
+  layers: number;
+  /** One layer of one step; calls cycle layers and advance the step at layer 0. */
+  call: (i: number) => void;
+  /** Decode steps run since the cache was filled (incremented at layer 0). */
+  steps: () => number;
+  dispose: () => void;
+}
+
+/** A cache of `layers` layers filled to M per head by one prefill chunk per sequence. */
+function decodeRig(rt: Runtime, c: DecodeBenchCase, layers: number): DecodeRig {
   const { batch: Bt, qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = c;
-  const es = BYTES[dtype];
-  const perLayer = Bt * Hkv * (c.memory + c.buffer) * (2 * D * es + 8);
-  const layers = Math.max(1, Math.min(64, Math.ceil(ROTATE_BYTES / perLayer)));
   const cache = rt.createCache({ layers, batch: Bt, qHeads: Hq, kvHeads: Hkv, headDim: D, memory: c.memory, buffer: c.buffer, dtype });
+  const owned: { dispose(): void }[] = [cache];
   try {
-    // Fill every head to M with one prefill chunk per sequence.
     const C = c.memory;
     const pq = rt.fromArray(randomArray(C * Hq * D), [C, Hq, D], dtype);
     const pk = rt.fromArray(randomArray(C * Hkv * D), [C, Hkv, D], dtype);
     const pv = rt.fromArray(randomArray(C * Hkv * D), [C, Hkv, D], dtype);
-    const plam = rt.fromArray(Float32Array.from({ length: C * Hkv }, () => -Math.random() * 0.05), [C, Hkv], 'fp32');
+    const plam = rt.fromArray(randomLam(C * Hkv), [C, Hkv], 'fp32');
     const pout = rt.tensor([C, Hq, D], dtype);
     for (let s = 0; s < Bt; s++) for (let l = 0; l < layers; l++) cache.prefill(l, { seq: s, start: 0, q: pq, k: pk, v: pv, lam: plam, out: pout });
     for (const t of [pq, pk, pv, plam, pout]) t.dispose();
     const q = rt.fromArray(randomArray(Bt * Hq * D), [Bt, Hq, D], dtype);
     const k = rt.fromArray(randomArray(Bt * Hkv * D), [Bt, Hkv, D], dtype);
     const v = rt.fromArray(randomArray(Bt * Hkv * D), [Bt, Hkv, D], dtype);
-    const lam = rt.fromArray(Float32Array.from({ length: Bt * Hkv }, () => -Math.random() * 0.05), [Bt, Hkv], 'fp32');
+    const lam = rt.fromArray(randomLam(Bt * Hkv), [Bt, Hkv], 'fp32');
     const out = rt.tensor([Bt, Hq, D], dtype);
+    owned.push(q, k, v, lam, out);
     const positions = new Int32Array(Bt);
-    let step = C;
-    const call = (i: number) => {
-      const l = i % layers;
-      if (l === 0) positions.fill(step++);
-      cache.decode(l, { q, k, v, lam, out, positions });
+    let pos = C, steps = 0, next = 0;
+    return {
+      layers,
+      call: () => {
+        const l = next;
+        next = (next + 1) % layers;
+        if (l === 0) { positions.fill(pos++); steps++; }
+        cache.decode(l, { q, k, v, lam, out, positions });
+      },
+      steps: () => steps,
+      dispose: () => { for (const t of owned) t.dispose(); },
     };
-    // Warm-up: whole steps, so the timed calls start at layer 0.
-    const warm = layers * Math.max(2, Math.ceil(20 / layers));
-    for (let i = 0; i < warm; i++) call(i);
-    const n = Math.max(calls, layers) - (Math.max(calls, layers) % layers);
-    const ms = timeCalls(rt, n, call, 50);
-    // Host cost: enqueue-only wall time per call (the GPU keeps up or queues).
-    const hostN = layers * Math.max(1, Math.ceil(100 / layers));
-    const t0 = performance.now();
-    for (let i = 0; i < hostN; i++) call(i);
-    const hostUs = ((performance.now() - t0) * 1000) / hostN;
-    for (const t of [q, k, v, lam, out]) t.dispose();
-    const avgLen = c.memory + c.buffer / 2;
-    const bytes = Bt * Hkv * ((avgLen + 1) * (2 * D * es + 8)) + 2 * Bt * Hq * D * es;
-    const time = stats(ms);
-    return { ...c, layers, time, bytes, bandwidth: bytes / (time.median * 1e-3) / 1e9, hostUs };
-  } finally {
-    cache.dispose();
+  } catch (e) {
+    for (const t of owned) t.dispose();
+    throw e;
   }
 }
 
-export interface GateBenchResult { batch: number; inputSize: number; intermediateSize: number; kvHeads: number; time: Stats; weightBytes: number; bandwidth: number }
+/**
+ * Decode step of one layer over a full cache (prefilled to M with one chunk per sequence),
+ * steady state: every call appends one token per sequence and evicts (B = 0) or buffers.
+ * @throws {TrimKVError} from the cache (shapes, out of memory, unsupported on the backend)
+ */
+export function benchDecode(rt: Runtime, c: DecodeBenchCase, calls = 200, o: BenchOptions = {}): DecodeBenchResult {
+  const layers = setsFor(rt, c.batch * c.kvHeads * (c.memory + c.buffer) * slotBytes(c.headDim, c.dtype), o);
+  const rig = decodeRig(rt, c, layers);
+  try {
+    // Warm-up: whole steps, so the timed calls start at layer 0.
+    const warm = layers * Math.max(2, Math.ceil(20 / layers));
+    const hostMs = warmUp(warm, rig.call);
+    const n = Math.max(calls, layers) - (Math.max(calls, layers) % layers);
+    const ms = timeMany(rt, n, rig.call, hostMs);
+    // Host cost: enqueue-only wall time per call (the GPU keeps up or queues).
+    const hostN = layers * Math.max(1, Math.ceil(100 / layers));
+    const hostUs = warmUp(hostN, rig.call) * 1000;
+    const bytes = decodeBytes(c, c.memory + c.buffer / 2);
+    const time = stats(ms);
+    return { ...c, layers, time, bytes, bandwidth: bytes / (time.median * 1e-3) / 1e9, hostUs };
+  } finally {
+    rig.dispose();
+  }
+}
 
-/** The "rg" gate at decode batch sizes; weights bf16, several gates cycled past L2. */
-export function benchGate(rt: Runtime, batch: number, inputSize = 2560, intermediateSize = 512, kvHeads = 8, calls = 200): GateBenchResult {
-  const toBf16 = (a: Float32Array) => {
-    const u = new Uint16Array(a.length);
-    const f = new Float32Array(1), b = new Uint32Array(f.buffer);
-    for (let i = 0; i < a.length; i++) { f[0] = a[i]!; u[i] = (b[0]! + 0x7fff + ((b[0]! >>> 16) & 1)) >>> 16; }
-    return u;
-  };
-  const w = (n: number, shape: number[]) => ({ dtype: 'bf16' as const, shape, data: toBf16(randomArray(n).map((x) => x * 0.05)) });
-  const weightBytes = 2 * (intermediateSize * inputSize + intermediateSize + kvHeads * intermediateSize + kvHeads);
-  const count = Math.max(1, Math.min(128, Math.ceil(ROTATE_BYTES / weightBytes)));
-  const gates = Array.from({ length: count }, () => rt.createGate({
+export interface SelectBenchResult extends DecodeBenchCase {
+  layers: number;
+  /** Decode calls that evicted B tokens (one step in B), ms. */
+  evicting: Stats;
+  /** Decode calls that only appended and attended, ms. */
+  appending: Stats;
+  /** evicting.median - appending.median: the cost of one selection (score, top-M, compaction), ms. */
+  selectMs: number;
+  /** selectMs / B: the selection cost per generated token, ms. */
+  amortizedMs: number;
+}
+
+/**
+ * Eviction (selection) cost: decode with buffer B > 0 evicts on one step in B; the difference
+ * between the medians of evicting and non-evicting calls is the cost of scoring, selecting the
+ * M survivors and compacting the cache, as fused into the decode kernel.
+ * @throws {TrimKVError} from the cache
+ */
+export function benchSelect(rt: Runtime, c: DecodeBenchCase, evictions = 6, o: BenchOptions = {}): SelectBenchResult {
+  if (c.buffer < 2) throw new RangeError(`Expected a buffer >= 2 for benchSelect but received ${c.buffer}`);
+  const layers = setsFor(rt, c.batch * c.kvHeads * (c.memory + c.buffer) * slotBytes(c.headDim, c.dtype), o);
+  const rig = decodeRig(rt, c, layers);
+  try {
+    const hostMs = warmUp(layers * c.buffer, rig.call);  // one eviction cycle, ends at a step boundary
+    const n = layers * c.buffer * evictions;
+    const first = rig.steps();
+    // After the prefill a head holds M; decode step k (counted from the prefill) evicts when
+    // M + k reaches M + B, i.e. on every step k that is a multiple of B.
+    const ms = timeMany(rt, n, rig.call, hostMs);
+    const ev: number[] = [], ap: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const step = first + 1 + Math.floor(i / layers);
+      (step % c.buffer === 0 ? ev : ap).push(ms[i]!);
+    }
+    const evicting = stats(ev), appending = stats(ap);
+    const selectMs = evicting.median - appending.median;
+    return { ...c, layers, evicting, appending, selectMs, amortizedMs: selectMs / c.buffer };
+  } finally {
+    rig.dispose();
+  }
+}
+
+export interface PrefillBenchCase {
+  chunk: number; memory: number; buffer: number;
+  qHeads: number; kvHeads: number; headDim: number; dtype: DType;
+}
+
+export interface PrefillBenchResult extends PrefillBenchCase {
+  /** Sequences x layers cycled. */
+  sets: number;
+  /** One prefill chunk of one sequence and one layer, ms. */
+  time: Stats;
+  bytes: number;
+  flops: number;
+  bandwidth: number;
+  /** FLOP/s at the median, in TFLOP/s. */
+  tflops: number;
+}
+
+/** Bytes and FLOPs of one prefill chunk of C tokens over a cache of M (+ B) tokens. */
+export function prefillCost(c: PrefillBenchCase): { bytes: number; flops: number } {
+  const { chunk: C, memory: M, qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = c;
+  const es = DTYPE_BYTES[dtype], slot = slotBytes(D, dtype);
+  // read q, k, v, lam of the chunk and the cached M tokens; write out and (at most) C survivors
+  const bytes = 2 * C * Hq * D * es + C * Hkv * (2 * D * es + 4) + Hkv * M * slot + Hkv * Math.min(C, M) * slot;
+  // QK^T and PV: 2 FLOPs per multiply-add, over the cache plus the causal half of the chunk
+  const flops = 4 * Hq * D * (C * M + (C * (C + 1)) / 2);
+  return { bytes, flops };
+}
+
+/**
+ * Prefill chunk of one sequence and one layer at steady state: the cache holds M, the chunk of C
+ * tokens attends to it and causally to itself, then the cache is evicted back to M.
+ * @throws {TrimKVError} from the cache
+ */
+export function benchPrefill(rt: Runtime, c: PrefillBenchCase, calls = 100, o: BenchOptions = {}): PrefillBenchResult {
+  const { chunk: C, qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = c;
+  const perSet = Hkv * (c.memory + c.buffer) * slotBytes(D, dtype);
+  const want = setsFor(rt, perSet, o);
+  const layers = Math.min(want, 8), batch = Math.max(1, Math.ceil(want / layers));
+  const cache = rt.createCache({ layers, batch, qHeads: Hq, kvHeads: Hkv, headDim: D, memory: c.memory, buffer: c.buffer, dtype });
+  const q = rt.fromArray(randomArray(C * Hq * D), [C, Hq, D], dtype);
+  const k = rt.fromArray(randomArray(C * Hkv * D), [C, Hkv, D], dtype);
+  const v = rt.fromArray(randomArray(C * Hkv * D), [C, Hkv, D], dtype);
+  const lam = rt.fromArray(randomLam(C * Hkv), [C, Hkv], 'fp32');
+  const out = rt.tensor([C, Hq, D], dtype);
+  try {
+    const start = new Array<number>(batch).fill(0);
+    let j = 0;
+    const call = () => {
+      const s = Math.floor(j / layers), l = j % layers;
+      cache.prefill(l, { seq: s, start: start[s]!, q, k, v, lam, out });
+      if (l === layers - 1) start[s]! += C;
+      j = (j + 1) % (layers * batch);
+    };
+    // Fill every head to M (and past it, so every timed chunk evicts).
+    const fill = Math.ceil(c.memory / C) * layers * batch;
+    const hostMs = warmUp(fill + layers * batch, call);
+    const n = Math.max(calls, layers * batch);
+    const time = stats(timeMany(rt, n, call, hostMs));
+    const { bytes, flops } = prefillCost(c);
+    return { ...c, sets: layers * batch, time, bytes, flops, bandwidth: bytes / (time.median * 1e-3) / 1e9, tflops: flops / (time.median * 1e-3) / 1e12 };
+  } finally {
+    for (const t of [cache, q, k, v, lam, out]) t.dispose();
+  }
+}
+
+export interface GateBenchResult {
+  batch: number; inputSize: number; intermediateSize: number; kvHeads: number;
+  time: Stats; weightBytes: number; bandwidth: number;
+  /** Weights + input + output bytes of one call. */
+  bytes?: number;
+  flops?: number;
+}
+
+function gateSpec(inputSize: number, intermediateSize: number, kvHeads: number): GateSpec {
+  const w = (n: number, shape: number[]) => ({ dtype: 'bf16' as const, shape, data: toBf16(randomArray(n, 0.05)) });
+  return {
     kind: 'rg', activation: 'silu', inputSize, intermediateSize, kvHeads,
     weights: {
       linear1Weight: w(intermediateSize * inputSize, [intermediateSize, inputSize]),
@@ -128,17 +343,175 @@ export function benchGate(rt: Runtime, batch: number, inputSize = 2560, intermed
       linear2Weight: w(kvHeads * intermediateSize, [kvHeads, intermediateSize]),
       bias: w(kvHeads, [kvHeads]),
     },
-  }));
+  };
+}
+
+/** The "rg" gate at decode batch sizes; weights bf16, several gates cycled past L2. */
+export function benchGate(rt: Runtime, batch: number, inputSize = 2560, intermediateSize = 512, kvHeads = 8, calls = 200,
+  o: BenchOptions = {}): GateBenchResult {
+  const weightBytes = 2 * (intermediateSize * inputSize + intermediateSize + kvHeads * intermediateSize + kvHeads);
+  const count = setsFor(rt, weightBytes, { maxSets: 128, ...o });
+  const gates = Array.from({ length: count }, () => rt.createGate(gateSpec(inputSize, intermediateSize, kvHeads)));
   const x = rt.fromArray(randomArray(batch * inputSize), [batch, inputSize], 'bf16');
   const lam = rt.tensor([batch, kvHeads], 'fp32');
   try {
-    for (let i = 0; i < count; i++) gates[i]!.run(x, lam);
-    const ms = timeCalls(rt, Math.max(calls, count), (i) => gates[i % count]!.run(x, lam), 20);
-    const time = stats(ms);
-    return { batch, inputSize, intermediateSize, kvHeads, time, weightBytes, bandwidth: weightBytes / (time.median * 1e-3) / 1e9 };
+    const call = (i: number) => gates[i % count]!.run(x, lam);
+    const hostMs = warmUp(count, call);
+    const time = stats(timeMany(rt, Math.max(calls, count), call, hostMs));
+    const bytes = weightBytes + 2 * batch * inputSize + 4 * batch * kvHeads;
+    const flops = 2 * batch * (intermediateSize * inputSize + kvHeads * intermediateSize);
+    return { batch, inputSize, intermediateSize, kvHeads, time, weightBytes, bandwidth: bytes / (time.median * 1e-3) / 1e9, bytes, flops };
   } finally {
     for (const g of gates) g.dispose();
     x.dispose();
     lam.dispose();
+  }
+}
+
+export interface ModelBenchCase {
+  layers: number; batch: number; memory: number; buffer: number;
+  qHeads: number; kvHeads: number; headDim: number; dtype: DType;
+  /** Hidden size and gate intermediate size ("rg" gate, bf16 weights, one per layer). */
+  hiddenSize: number; gateIntermediate: number;
+}
+
+export interface ModelBenchResult extends ModelBenchCase {
+  /** One decode step of the whole model: gate + decode for every layer, ms. */
+  time: Stats;
+  /** Host wall time to enqueue one step, ms. */
+  hostMs: number;
+  tokensPerSecond: number;
+  bytes: number;
+  bandwidth: number;
+  /** Bytes the bounded cache holds (K, V, position, lam of every retained token). */
+  cacheBytes: number;
+  /** K and V bytes a full cache of the same model and batch holds per token of context. */
+  fullBytesPerToken: number;
+}
+
+/**
+ * A whole-model decode step: for each of the layers, the retention gate on the layer's hidden
+ * state, then the fused decode (append, attend, evict), caches filled to M.
+ * @throws {TrimKVError} from the cache or the gates
+ */
+export function benchModel(rt: Runtime, c: ModelBenchCase, steps = 20): ModelBenchResult {
+  const { layers: L, batch: Bt, qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = c;
+  const gates = Array.from({ length: L }, () => rt.createGate(gateSpec(c.hiddenSize, c.gateIntermediate, Hkv)));
+  const owned: { dispose(): void }[] = [...gates];
+  try {
+    const cache = rt.createCache({ layers: L, batch: Bt, qHeads: Hq, kvHeads: Hkv, headDim: D, memory: c.memory, buffer: c.buffer, dtype });
+    owned.push(cache);
+    const C = c.memory;
+    const pq = rt.fromArray(randomArray(C * Hq * D), [C, Hq, D], dtype);
+    const pk = rt.fromArray(randomArray(C * Hkv * D), [C, Hkv, D], dtype);
+    const pv = rt.fromArray(randomArray(C * Hkv * D), [C, Hkv, D], dtype);
+    const plam = rt.fromArray(randomLam(C * Hkv), [C, Hkv], 'fp32');
+    const pout = rt.tensor([C, Hq, D], dtype);
+    for (let s = 0; s < Bt; s++) for (let l = 0; l < L; l++) cache.prefill(l, { seq: s, start: 0, q: pq, k: pk, v: pv, lam: plam, out: pout });
+    for (const t of [pq, pk, pv, plam, pout]) t.dispose();
+    const x = rt.fromArray(randomArray(Bt * c.hiddenSize), [Bt, c.hiddenSize], 'bf16');
+    const q = rt.fromArray(randomArray(Bt * Hq * D), [Bt, Hq, D], dtype);
+    const k = rt.fromArray(randomArray(Bt * Hkv * D), [Bt, Hkv, D], dtype);
+    const v = rt.fromArray(randomArray(Bt * Hkv * D), [Bt, Hkv, D], dtype);
+    const lam = rt.tensor([Bt, Hkv], 'fp32');
+    const out = rt.tensor([Bt, Hq, D], dtype);
+    owned.push(x, q, k, v, lam, out);
+    const positions = new Int32Array(Bt);
+    let pos = C;
+    const step = () => {
+      positions.fill(pos++);
+      for (let l = 0; l < L; l++) {
+        gates[l]!.run(x, lam);
+        cache.decode(l, { q, k, v, lam, out, positions });
+      }
+    };
+    const hostMs = warmUp(Math.max(2, Math.min(steps, 5)), step);
+    const time = stats(timeMany(rt, steps, step, hostMs));
+    const decode = decodeBytes(c, c.memory + c.buffer / 2);
+    const gateBytes = 2 * (c.gateIntermediate * c.hiddenSize + c.gateIntermediate + Hkv * c.gateIntermediate + Hkv) + 2 * Bt * c.hiddenSize;
+    const bytes = L * (decode + gateBytes);
+    return {
+      ...c, time, hostMs, tokensPerSecond: Bt / (time.median * 1e-3), bytes, bandwidth: bytes / (time.median * 1e-3) / 1e9,
+      cacheBytes: cache.memoryBytes().used, fullBytesPerToken: Bt * L * Hkv * 2 * D * DTYPE_BYTES[dtype],
+    };
+  } finally {
+    for (const t of owned) t.dispose();
+  }
+}
+
+export interface LadderCase {
+  batch: number; qHeads: number; kvHeads: number; headDim: number; dtype: DType;
+  /** M of the cache, or null for a full cache (this library's kernel with M >= the length: nothing is evicted). */
+  memory: number | null;
+  buffer: number;
+  /** Generated lengths (tokens per sequence) at which the step is timed, ascending. */
+  samples: number[];
+  /** Decode steps timed at each sample. */
+  stepsPerSample: number;
+}
+
+export interface LadderPoint {
+  /** Tokens generated so far (the context length T). */
+  length: number;
+  /** One decode call of one layer, ms. */
+  time: Stats;
+  /** Bytes the cache holds per layer (K, V, position, lam of every retained token, all sequences). */
+  cacheBytesPerLayer: number;
+}
+
+export interface LadderResult extends Omit<LadderCase, 'samples'> {
+  layers: number;
+  points: LadderPoint[];
+}
+
+/**
+ * A long generation from an empty cache: decodes every step up to the last sample, timing
+ * `stepsPerSample` steps at each sample. Layers are cycled past L2 for bounded caches; the full
+ * cache uses one layer (its size grows without bound).
+ * @throws {TrimKVError} from the cache
+ */
+export function benchLadder(rt: Runtime, c: LadderCase, onStep?: (done: number, total: number) => void, o: BenchOptions = {}): LadderResult {
+  const { batch: Bt, qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = c;
+  const last = c.samples[c.samples.length - 1] ?? 0;
+  const total = last + c.stepsPerSample;
+  const memory = c.memory ?? total + 1;
+  const layers = c.memory === null ? 1 : setsFor(rt, Bt * Hkv * (memory + c.buffer) * slotBytes(D, dtype), { maxSets: 16, rotateBytes: (o.rotateBytes ?? defaultRotateBytes(rt)) / 2, ...o });
+  const cache = rt.createCache({ layers, batch: Bt, qHeads: Hq, kvHeads: Hkv, headDim: D, memory, buffer: c.memory === null ? 0 : c.buffer, dtype });
+  const sets = Array.from({ length: 4 }, () => ({
+    q: rt.fromArray(randomArray(Bt * Hq * D), [Bt, Hq, D], dtype),
+    k: rt.fromArray(randomArray(Bt * Hkv * D), [Bt, Hkv, D], dtype),
+    v: rt.fromArray(randomArray(Bt * Hkv * D), [Bt, Hkv, D], dtype),
+    lam: rt.fromArray(randomLam(Bt * Hkv), [Bt, Hkv], 'fp32'),
+  }));
+  const out = rt.tensor([Bt, Hq, D], dtype);
+  try {
+    const positions = new Int32Array(Bt);
+    let pos = 0, l = 0;
+    const call = () => {
+      if (l === 0) positions.fill(pos++);
+      const s = sets[pos % sets.length]!;
+      cache.decode(l, { q: s.q, k: s.k, v: s.v, lam: s.lam, out, positions });
+      l = (l + 1) % layers;
+    };
+    const points: LadderPoint[] = [];
+    let hostMs = 0.01;
+    for (const at of c.samples) {
+      // generate up to the sample: `pos` tokens per sequence so far
+      const t0 = performance.now(), n0 = pos;
+      while (pos < at) {
+        for (let i = 0; i < layers; i++) call();
+        if (onStep && pos % 256 === 0) onStep(pos, total);
+      }
+      if (pos > n0) hostMs = Math.max(0.002, (performance.now() - t0) / ((pos - n0) * layers));
+      const length = pos, cacheBytesPerLayer = cache.memoryBytes().used / layers;
+      const time = stats(timeMany(rt, c.stepsPerSample * layers, call, hostMs));
+      points.push({ length, time, cacheBytesPerLayer });
+      onStep?.(pos, total);
+    }
+    return { ...c, layers, points };
+  } finally {
+    for (const s of sets) for (const t of Object.values(s)) t.dispose();
+    out.dispose();
+    cache.dispose();
   }
 }

@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see ../shared/gpu/README.md): build the addon there (16 cores),
 # run the whole test suite with CUDA required, compute-sanitizer on the CUDA suites, and the
-# decode benchmark with the PyTorch comparison. Logs and JSON go to $OUT.
-#   source .gpu-kit/enter && bash scripts/gpu-suite.sh [build|fixtures|test|sanitize|bench]...
+# benchmark suite with the PyTorch comparison. Logs and JSON go to $OUT.
+#   source .gpu-kit/enter && bash scripts/gpu-suite.sh [build|fixtures|test|sanitize|bench]... [--quick] [--results bench/RESULTS.md]
+# bench: bench/torch_compare.py, then `trimkv bench --backend cuda,cpu --torch ...`, writing
+# $OUT/bench.json, bench.md and the SVGs; --results FILE also writes FILE (plots in plots/ beside
+# it) and copies both to $OUT/results/ so they come back from the GPU machine.
 set -uo pipefail
 OUT=${OUT:-/tmp/trimkv-out}
 mkdir -p "$OUT"
-steps=("$@")
+steps=()
+RESULTS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) BENCH_QUICK=1 ;;
+    --results) RESULTS="$2"; shift ;;
+    --results=*) RESULTS="${1#--results=}" ;;
+    *) steps+=("$1") ;;
+  esac
+  shift
+done
 [ ${#steps[@]} -eq 0 ] && steps=(build test sanitize bench)
 status=0
 for s in "${steps[@]}"; do
@@ -23,15 +36,25 @@ for s in "${steps[@]}"; do
       TRIMKV_REQUIRE_CUDA=1 npx vitest run --reporter=default > "$OUT/test.log" 2>&1 || status=1
       grep -E "Test Files|Tests |FAIL|×" "$OUT/test.log" | head -40 ;;
     sanitize)
+      # Every CUDA kernel under memcheck and racecheck through the same vitest files, at sizes
+      # that keep the sanitizers' slowdown within the call: short long-runs, the smaller chunks.
       for tool in memcheck racecheck; do
-        TRIMKV_REQUIRE_CUDA=1 TRIMKV_LONG_STEPS=${SANITIZE_STEPS:-150} compute-sanitizer --tool $tool --error-exitcode 9 \
-          --target-processes all npx vitest run test/cuda_decode.test.ts -t "${SANITIZE_FILTER:-}" > "$OUT/sanitize-$tool.log" 2>&1 || status=1
-        grep -E "ERROR SUMMARY|Tests " "$OUT/sanitize-$tool.log" | tail -3
+        TRIMKV_REQUIRE_CUDA=1 TRIMKV_LONG_STEPS=${SANITIZE_STEPS:-60} compute-sanitizer --tool $tool --error-exitcode 9 \
+          --target-processes all npx vitest run test/cuda_decode.test.ts test/cuda_prefill.test.ts test/gate.test.ts \
+          -t "${SANITIZE_FILTER:-long runs|chunks of (1|7|64),|cuda}" > "$OUT/sanitize-$tool.log" 2>&1 || status=1
+        echo "$tool: $(grep -E "ERROR SUMMARY" "$OUT/sanitize-$tool.log" | sort | uniq -c | tr '\n' ' ')"
+        grep -E "Tests " "$OUT/sanitize-$tool.log" | tail -1
       done ;;
     bench)
-      PYTHONUNBUFFERED=1 python3 bench/torch_sdpa.py "$OUT/torch.json" ${BENCH_QUICK:+--quick} > "$OUT/torch.log" 2>&1 || status=1
-      node bench/decode.mjs ${BENCH_QUICK:+--quick} --torch "$OUT/torch.json" --out "$OUT/bench.json" > "$OUT/bench.md" 2> "$OUT/bench.log" || status=1
-      cat "$OUT/bench.md"; tail -3 "$OUT/bench.log" ;;
+      PYTHONUNBUFFERED=1 python3 bench/torch_compare.py "$OUT/torch.json" ${BENCH_QUICK:+--quick} > "$OUT/torch.log" 2>&1 || { status=1; tail -5 "$OUT/torch.log"; }
+      torch_arg=(); [ -s "$OUT/torch.json" ] && torch_arg=(--torch "$OUT/torch.json")
+      results_arg=(); [ -n "$RESULTS" ] && results_arg=(--results "$RESULTS")
+      node bin/trimkv.js bench --backend cuda,cpu ${BENCH_QUICK:+--quick} "${torch_arg[@]}" "${results_arg[@]}" --out "$OUT" \
+        > "$OUT/bench-stdout.md" 2> "$OUT/bench.log" || status=1
+      if [ -n "$RESULTS" ] && [ -f "$RESULTS" ]; then
+        mkdir -p "$OUT/results" && cp "$RESULTS" "$OUT/results/" && cp -r "$(dirname "$RESULTS")/plots" "$OUT/results/"
+      fi
+      cat "$OUT/bench.md"; tail -4 "$OUT/bench.log" ;;
     *) echo "unknown step $s"; status=1 ;;
   esac
 done

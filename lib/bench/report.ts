@@ -1,0 +1,193 @@
+/** The suite's outputs: Markdown tables, SVG plots, and the files they are written to. */
+import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
+import { basename, dirname, join, relative } from 'node:path';
+import type { LadderResult } from '../bench.js';
+import { linePlot, type Series } from './svg.js';
+import { isRow, type BackendRun, type BenchResult, type Row, type TorchResults } from './suite.js';
+
+const f = (x: number | null | undefined, d = 1): string => (x === null || x === undefined || !Number.isFinite(x) ? '-' : x.toFixed(d));
+const us = (ms: number | null | undefined, d = 1) => f(ms === null || ms === undefined ? null : ms * 1000, d);
+const mib = (b: number) => `${f(b / 2 ** 20, 1)}`;
+const rows = <T>(r: Row<T>[]) => r.filter(isRow) as T[];
+
+function table(head: string[], body: string[][]): string {
+  return [`| ${head.join(' | ')} |`, `|${head.map(() => '---:').join('|')}|`, ...body.map((r) => `| ${r.join(' | ')} |`)].join('\n');
+}
+
+function failures(r: BackendRun): string {
+  const all = [...r.decode, ...r.prefill, ...r.gate, ...r.select, ...r.model, ...r.ladder].filter((x) => !isRow(x)) as { error: string }[];
+  if (!all.length) return '';
+  return `\nCases that failed (${all.length}):\n\n${all.map((x) => `- \`${JSON.stringify({ ...x, error: undefined })}\`: ${x.error}`).join('\n')}\n`;
+}
+
+export interface PlotFile { name: string; title: string; svg: string; series: number }
+
+/** The plots of one backend's run (none for sections that did not run). */
+export function plots(run: BackendRun, torch: TorchResults | null): PlotFile[] {
+  const out: PlotFile[] = [];
+  const b = run.backend, sh = run.plan.shape;
+  const ladder = rows(run.ladder) as LadderResult[];
+  const name = (l: LadderResult) => (l.memory === null ? 'full cache (trimkv kernel, no eviction)' : `TRIM-KV M=${l.memory}`);
+  if (ladder.length) {
+    const batch = ladder[0]!.batch;
+    const series: Series[] = ladder.map((l) => ({ name: name(l), dashed: l.memory === null, points: l.points.map((p) => [p.length, p.time.median * 1000] as const) }));
+    const tf = run.backend === 'cuda' ? (torch?.full ?? []).filter((x) => x.batch === batch && x.ms) : [];
+    if (tf.length) series.push({ name: 'full cache (PyTorch flash SDPA)', dashed: true, points: tf.map((x) => [x.context, x.ms! * 1000] as const) });
+    out.push({ name: `${b}-latency.svg`, title: `Per-token decode latency, one layer (${b}, batch ${batch})`, series: series.length,
+      svg: linePlot({ title: `Decode latency per layer vs generated length (${b}, batch ${batch}, ${sh.qHeads}/${sh.kvHeads} heads, D ${sh.headDim}, ${sh.dtype})`,
+        xLabel: 'generated length T (tokens per sequence)', yLabel: 'time per token per layer (us)', xLog: true, yLog: true, series }) });
+    const L = run.plan.ladder.modelLayers;
+    const lengths = [...new Set([...ladder.flatMap((l) => l.points.map((p) => p.length)), ...tf.map((x) => x.context)])].sort((x, y) => x - y);
+    const perTok = batch * L * sh.kvHeads * 2 * sh.headDim * (sh.dtype === 'fp32' ? 4 : 2);
+    const mem: Series[] = ladder.filter((l) => l.memory !== null).map((l) => ({ name: name(l), points: l.points.map((p) => [p.length, (p.cacheBytesPerLayer * L) / 2 ** 20] as const) }));
+    mem.push({ name: 'full cache (K and V of every token)', dashed: true, points: lengths.map((t) => [t, (t * perTok) / 2 ** 20] as const) });
+    out.push({ name: `${b}-memory.svg`, title: 'Cache memory vs generated length', series: mem.length,
+      svg: linePlot({ title: `KV-cache memory of a ${L}-layer model vs generated length (batch ${batch})`, xLabel: 'generated length T (tokens per sequence)',
+        yLabel: 'cache memory (MiB)', xLog: true, yLog: true, series: mem }) });
+  }
+  const bw: Series[] = [];
+  const dec = rows(run.decode);
+  for (const B of [...new Set(dec.map((d) => d.buffer))]) {
+    bw.push({ name: `decode B=${B}`, points: dec.filter((d) => d.buffer === B).map((d) => [d.bytes, d.bandwidth] as const).sort((x, y) => x[0] - y[0]) });
+  }
+  const pre = rows(run.prefill);
+  if (pre.length) bw.push({ name: 'prefill chunk', points: pre.map((p) => [p.bytes, p.bandwidth] as const).sort((x, y) => x[0] - y[0]) });
+  const gate = rows(run.gate);
+  if (gate.length) bw.push({ name: 'gate', points: gate.map((g) => [g.bytes ?? g.weightBytes, g.bandwidth] as const).sort((x, y) => x[0] - y[0]) });
+  const model = rows(run.model);
+  if (model.length) bw.push({ name: 'whole-model step', points: model.map((m) => [m.bytes, m.bandwidth] as const).sort((x, y) => x[0] - y[0]) });
+  if (run.backend === 'cuda' && torch) {
+    const s = torch.sdpa.filter((x) => x.ms && x.bytes && x.bandwidth);
+    if (s.length) bw.push({ name: 'PyTorch SDPA (same tokens)', dashed: true, points: s.map((x) => [x.bytes!, x.bandwidth!] as const).sort((x, y) => x[0] - y[0]) });
+  }
+  if (bw.length) {
+    out.push({ name: `${b}-bandwidth.svg`, title: 'Achieved bandwidth vs the copy ceiling', series: bw.length,
+      svg: linePlot({ title: `Achieved bandwidth vs bytes moved per call (${b}${run.copyGBs ? `, copy ceiling ${f(run.copyGBs, 0)} GB/s` : ', no copy ceiling on the CPU'})`,
+        xLabel: 'bytes moved per call', yLabel: 'GB/s', xLog: true, yLog: true, series: bw,
+        lines: run.copyGBs ? [{ y: run.copyGBs, label: `device copy ${f(run.copyGBs, 0)} GB/s` }] : [] }) });
+  }
+  return out;
+}
+
+function runMarkdown(r: BackendRun, plotDir: string): string {
+  const sh = r.plan.shape;
+  const out: string[] = [];
+  const dev = `${r.device.name}${r.driver ? `, driver ${r.driver}` : ''}${r.cudaRuntime ? `, CUDA runtime ${r.cudaRuntime}` : ''}`;
+  out.push(`## ${r.backend.toUpperCase()} backend: ${dev}\n`);
+  out.push(r.copyGBs
+    ? `Copy ceiling (device-to-device copy, read + write, measured in this run): **${f(r.copyGBs, 0)} GB/s**. ` +
+      `Compute ceiling for prefill: ${r.peakTFLOPs ? `${f(r.peakTFLOPs, 0)} TFLOP/s (${r.peakSource})` : 'unknown'}. ` +
+      '"of copy" = achieved bytes/s over the copy ceiling; "of roofline" = max(bytes / copy, FLOPs / peak) over the time.'
+    : 'No copy ceiling on the CPU backend: the fraction columns are empty.');
+  out.push(` Shape ${sh.qHeads} query / ${sh.kvHeads} KV heads, head dim ${sh.headDim}, ${sh.dtype} unless a column says otherwise. ` +
+    `Times are medians of many calls timed inside the addon (${r.backend === 'cuda' ? 'CUDA events' : 'steady clock'}), warm, inputs rotated past the cache; ` +
+    `p10-p90 is the spread. Run took ${f(r.seconds, 0)} s.\n`);
+  const dec = rows(r.decode);
+  if (dec.length) {
+    out.push('### Decode step (one layer: append, attend over M + B, evict)\n');
+    out.push('Steady state after a prefill to M. B = 0 evicts one token per head every step; B > 0 evicts B tokens every B-th step (the time is the median over steps). ' +
+      'Bytes: K, V, position and lam of every cached token, plus q, the new k/v and out. ' +
+      '"x SDPA" = PyTorch flash SDPA over the same M + 1 tokens (no eviction) / ours; "x reference" = the authors\' pipeline in PyTorch per step / ours.\n');
+    out.push(table(['batch', 'M', 'B', 'D', 'dtype', 'median (us)', 'p10-p90 (us)', 'GB/s', 'of copy', 'SDPA (us)', 'x SDPA', 'reference (us/step)', 'x reference', 'host (us/call)'],
+      dec.map((d) => [String(d.batch), String(d.memory), String(d.buffer), String(d.headDim), d.dtype, us(d.time.median), `${us(d.time.p10)}-${us(d.time.p90)}`,
+        f(d.bandwidth, 0), f(d.fraction, 3), us(d.sdpaMs), f(d.sdpaRatio, 2), us(d.referenceMs), f(d.referenceRatio, 2), f(d.hostUs, 1)])));
+    out.push('');
+  }
+  const pre = rows(r.prefill);
+  if (pre.length) {
+    out.push('### Prefill chunk (one sequence, one layer: attend over the cache and causally within the chunk, then evict back to M)\n');
+    out.push(table(['chunk C', 'M', 'median (us)', 'p10-p90 (us)', 'GB/s', 'TFLOP/s', 'roofline (us)', 'of roofline'],
+      pre.map((p) => [String(p.chunk), String(p.memory), us(p.time.median), `${us(p.time.p10)}-${us(p.time.p90)}`, f(p.bandwidth, 0), f(p.tflops, 2), us(p.rooflineMs), f(p.fraction, 3)])));
+    out.push('');
+  }
+  const gate = rows(r.gate);
+  if (gate.length) {
+    const g0 = gate[0]!;
+    out.push(`### Retention gate "rg" (Dm ${g0.inputSize}, I ${g0.intermediateSize}, Hkv ${g0.kvHeads}, bf16 weights)\n`);
+    out.push(table(['tokens', 'median (us)', 'p10-p90 (us)', 'GB/s', 'of copy', 'TFLOP/s'],
+      gate.map((g) => [String(g.batch), us(g.time.median), `${us(g.time.p10)}-${us(g.time.p90)}`, f(g.bandwidth, 0), f(g.fraction, 3), f((g.flops ?? 0) / (g.time.median * 1e-3) / 1e12, 3)])));
+    out.push('');
+  }
+  const sel = rows(r.select);
+  if (sel.length) {
+    out.push('### Selection (eviction) cost\n');
+    out.push('The API has no separate selection op: scoring, top-M selection and compaction are fused into the decode step. Measured as the difference between ' +
+      'the decode calls that evict (every B-th step with buffer B) and those that only append and attend, same cache, same run. ' +
+      '"B=0 step" is the decode row with B = 0 (one eviction every step) for reference.\n');
+    out.push(table(['batch', 'M', 'B', 'evicting step (us)', 'other steps (us)', 'selection (us)', 'per token (us)', 'B=0 step (us)'],
+      sel.map((s) => [String(s.batch), String(s.memory), String(s.buffer), us(s.evicting.median), us(s.appending.median), us(s.selectMs), us(s.amortizedMs, 2), us(s.decodeB0Ms)])));
+    out.push('');
+  }
+  const model = rows(r.model);
+  if (model.length) {
+    const m0 = model[0]!;
+    out.push(`### Whole-model decode step (${m0.layers} layers of Qwen3-4B shape: gate + decode per layer)\n`);
+    out.push(table(['batch', 'M', 'step (ms)', 'p10-p90 (ms)', 'tokens/s', 'GB/s', 'of copy', 'host (ms/step)', 'cache (MiB)', `full cache at ${m0.context} (MiB)`, 'cache / full'],
+      model.map((m) => [String(m.batch), String(m.memory), f(m.time.median, 3), `${f(m.time.p10, 3)}-${f(m.time.p90, 3)}`, f(m.tokensPerSecond, 0), f(m.bandwidth, 0), f(m.fraction, 3),
+        f(m.hostMs, 3), mib(m.cacheBytes), mib(m.fullCacheBytes), f(m.cacheBytes / m.fullCacheBytes, 3)])));
+    out.push('');
+  }
+  const lad = rows(r.ladder) as LadderResult[];
+  if (lad.length) {
+    out.push(`### Long generation (batch ${lad[0]!.batch}, from an empty cache, one layer per call)\n`);
+    const lengths = [...new Set(lad.flatMap((l) => l.points.map((p) => p.length)))].sort((x, y) => x - y);
+    const head = ['T', ...lad.map((l) => (l.memory === null ? 'full cache (us)' : `M=${l.memory} (us)`)), ...lad.filter((l) => l.memory !== null).map((l) => `M=${l.memory} cache/layer (MiB)`), 'full cache/layer (MiB)'];
+    out.push(table(head, lengths.map((t) => {
+      const at = (l: LadderResult) => l.points.find((p) => p.length === t);
+      const full = lad.find((l) => l.memory === null);
+      const fullBytes = at(full ?? lad[0]!) && full ? at(full)!.cacheBytesPerLayer : null;
+      return [String(t), ...lad.map((l) => us(at(l)?.time.median)), ...lad.filter((l) => l.memory !== null).map((l) => (at(l) ? mib(at(l)!.cacheBytesPerLayer) : '-')),
+        fullBytes === null ? '-' : mib(fullBytes)];
+    })));
+    out.push('');
+  }
+  if (r.fullCache.length) {
+    const ms = [...new Set(r.fullCache.flatMap((x) => Object.keys(x.speedup)))].sort((a, b) => Number(a) - Number(b));
+    out.push('### Full cache (what users do today) vs TRIM-KV\n');
+    out.push('PyTorch: a preallocated cache, the new token written at T, flash SDPA over T + 1 tokens, one layer. TRIM-KV: the decode step at M (B = 0) from the table above. ' +
+      'Entries are full-cache time / TRIM-KV time.\n');
+    out.push(table(['batch', 'T', 'full cache (us)', 'full K/V per layer (MiB)', ...ms.map((m) => `x vs M=${m}`)],
+      r.fullCache.map((x) => [String(x.batch), String(x.context), us(x.torchMs), mib(x.fullBytesPerLayer), ...ms.map((m) => f(x.speedup[m], 1))])));
+    out.push('');
+  }
+  for (const p of plotsOf(r)) out.push(`![${p.title}](${join(plotDir, p.name).replace(/\\/g, '/')})\n`);
+  out.push(failures(r));
+  return out.join('\n');
+}
+
+const plotCache = new WeakMap<BackendRun, PlotFile[]>();
+function plotsOf(r: BackendRun): PlotFile[] {
+  return plotCache.get(r) ?? [];
+}
+
+/** The whole report as Markdown; image links point into `plotDir` (relative to the file). */
+export function markdown(res: BenchResult, plotDir = '.'): string {
+  const head = [`# trimkv benchmark results\n`,
+    `Generated by \`trimkv bench\`${res.quick ? ' --quick' : ''} on ${res.date}, commit \`${res.commit ?? 'unknown'}\`, node ${res.node}, ${res.platform}, ` +
+    `host CPU ${res.host.cpu} (${res.host.threads} threads).` +
+    (res.torch ? ` PyTorch ${res.torch.torch} on ${res.torch.gpu} (its copy ${f(res.torch.copyGBs, 0)} GB/s${res.torch.matmulTFLOPs ? `, bf16 matmul ${f(res.torch.matmulTFLOPs, 0)} TFLOP/s` : ''}), same machine, same run.` : ' No PyTorch comparison in this run.'),
+    ''];
+  return [...head, ...res.runs.map((r) => runMarkdown(r, plotDir))].join('\n');
+}
+
+/** Writes bench.json, bench.md and the SVGs into `outDir`; with `resultsFile`, also that Markdown file with its plots beside it in plots/. */
+export function writeReport(res: BenchResult, torch: TorchResults | null, outDir: string, resultsFile?: string): string[] {
+  mkdirSync(outDir, { recursive: true });
+  const written: string[] = [];
+  for (const r of res.runs) {
+    const ps = plots(r, torch);
+    plotCache.set(r, ps);
+    for (const p of ps) { writeFileSync(join(outDir, p.name), p.svg); written.push(join(outDir, p.name)); }
+  }
+  writeFileSync(join(outDir, 'bench.json'), `${JSON.stringify(res, (_k, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? null : v), 1)}\n`);
+  writeFileSync(join(outDir, 'bench.md'), markdown(res, '.'));
+  written.push(join(outDir, 'bench.json'), join(outDir, 'bench.md'));
+  if (resultsFile) {
+    const dir = dirname(resultsFile), plotDir = join(dir, 'plots');
+    mkdirSync(plotDir, { recursive: true });
+    for (const r of res.runs) for (const p of plotsOf(r)) copyFileSync(join(outDir, p.name), join(plotDir, basename(p.name)));
+    writeFileSync(resultsFile, markdown(res, relative(dir, plotDir) || '.'));
+    written.push(resultsFile);
+  }
+  return written;
+}
