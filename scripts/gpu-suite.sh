@@ -58,4 +58,6 @@ for s in "${steps[@]}"; do
     *) echo "unknown step $s"; status=1 ;;
   esac
 done
+# Only a few files come back from the GPU machine: keep everything in one archive.
+tar -czf /tmp/trimkv-out.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/trimkv-out.tgz "$OUT/out.tgz"
 exit $status

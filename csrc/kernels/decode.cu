@@ -9,8 +9,13 @@ int DecodeNumSplits(const decode_params_t& p) {
   using namespace decode_detail;
   const int bh = p.batch * p.kv_heads;
   if (bh <= 0) return 1;
-  const int max_splits =
+  int max_splits =
       std::max(1, std::min(kMaxSplits, (p.cap + 1 + kMinSplitTokens - 1) / kMinSplitTokens));
+  // The merge stages every partial of a head in shared memory at once: keep S within it.
+  if (p.q_heads > 0 && p.kv_heads > 0 && p.q_heads % p.kv_heads == 0 && p.head_dim > 0) {
+    const int G = p.q_heads / p.kv_heads, dpad = padded_head_dim(p.head_dim);
+    while (max_splits > 1 && merge_smem_bytes(max_splits, G, dpad) > kMergeSmemBytes) --max_splits;
+  }
   if (p.num_splits > 0) return std::min(p.num_splits, max_splits);
   int sms = p.num_sms;
   if (sms <= 0) {
@@ -27,7 +32,8 @@ int DecodeNumSplits(const decode_params_t& p) {
   if (bh >= sms) return 1;
   // Otherwise as many splits as keep all blocks resident in one wave (two blocks per SM).
   const int target = 2 * sms;
-  return std::max(1, std::min(max_splits, target / bh));
+  const int auto_max = std::max(1, (p.cap + 1 + kAutoSplitTokens - 1) / kAutoSplitTokens);
+  return std::max(1, std::min(std::min(max_splits, auto_max), target / bh));
 }
 
 size_t DecodeWorkspaceBytes(const decode_params_t& p) {
@@ -40,9 +46,8 @@ size_t DecodeWorkspaceBytes(const decode_params_t& p) {
   bytes += align(bhs * 2 * static_cast<size_t>(p.buffer > 0 ? p.buffer : 1) * sizeof(int));
   if (splits > 1) {
     bytes += align(bhs * splits * G * kMaxHeadDim * sizeof(float));
-    bytes += align(bhs * splits * G * 2 * sizeof(float));
-    bytes += align(bhs * splits * sizeof(unsigned long long));
-    bytes += align(bhs * splits * sizeof(int));
+    bytes += align(bhs * splits * G * 4 * sizeof(float));
+    bytes += align(bhs * splits * 2 * sizeof(unsigned long long));
   }
   return bytes;
 }

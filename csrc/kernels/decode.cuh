@@ -51,9 +51,8 @@ struct decode_params_t {
 /// Workspace pointers carved out of the caller's workspace buffer.
 struct decode_ws_t {
   float* acc = nullptr;                  ///< [batch, kv_heads, splits, G, 256]
-  float* md = nullptr;                   ///< [batch, kv_heads, splits, G, 2] (max, sum)
-  unsigned long long* vkey = nullptr;    ///< [batch, kv_heads, splits] min keep-key
-  int* vslot = nullptr;                  ///< [batch, kv_heads, splits] its slot
+  float* md = nullptr;                   ///< [batch, kv_heads, splits, G, 4] (max, sum, -, -)
+  unsigned long long* vkey = nullptr;    ///< [batch, kv_heads, splits, 2] (min keep-key, slot)
   int* list = nullptr;                   ///< [batch, kv_heads, 2 * max(B, 1)] holes / movers
   int* counter = nullptr;                ///< [batch, kv_heads] arrival counters (split > 1)
 };
@@ -81,8 +80,20 @@ namespace decode_detail {
 
 constexpr int kThreads = 256;
 constexpr int kMaxHeadDim = 256;
-constexpr int kMinSplitTokens = 32;  ///< a split covers at least this many tokens
+constexpr int kMinSplitTokens = 16;  ///< a split covers at least this many tokens
+constexpr int kAutoSplitTokens = 64;  ///< auto choice: at least this many tokens per split
 constexpr int kMaxSplits = 64;
+/// Shared memory the split merge may use (every kernel variant has at least this much).
+constexpr int kMergeSmemBytes = 96 * 1024;
+
+/// Padded head dim of the kernel variant that serves head_dim (host and device).
+__host__ __device__ constexpr int padded_head_dim(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
+
+/// Shared bytes of the single-pass split merge for S splits of G heads (see
+/// merge_splits_and_finalize): (max, sum) records, victim records, weights, partial accs.
+__host__ __device__ constexpr int merge_smem_bytes(int S, int G, int dpad) {
+  return S * G * 16 + S * 16 + ((S * G + 3) / 4) * 16 + S * G * dpad * 4;
+}
 
 /// Compile-time shape of the attention kernel for storage type T and padded head dim DPAD.
 template <typename T, int DPAD>
@@ -100,7 +111,7 @@ struct traits {
 };
 
 template <typename T, int DPAD, int HPT>
-constexpr int smem_bytes() {
+__host__ __device__ constexpr int smem_bytes() {
   using Tr = traits<T, DPAD>;
   constexpr int merge = Tr::WORKERS * HPT * (DPAD + 2) * 4;
   return Tr::PIPE_BYTES > merge ? Tr::PIPE_BYTES : merge;
@@ -158,19 +169,18 @@ __device__ __forceinline__ void new_token_lognorm(const decode_params_t& p, int 
   if (threadIdx.x == 0) fin.lognorm = logf(fmaxf(sqrtf(ss), 1e-12f));
 }
 
-/// Writes the new token of head bh (k, v from the inputs, pos, lam, lognorm) into slot.
+/// Writes the new token of head bh (k, v, pos, lam, lognorm) into slot. snew: shared copy of
+/// k_new (snew[0, D)) and v_new (snew[D, 2D)) of this head, prefetched at the kernel start.
 /// lognorm must already be in fin.lognorm when p.knorm.
 template <typename T>
 __device__ __forceinline__ void write_new_token(const decode_params_t& p, int b, int bh, int D,
-                                                int slot, int pos_new, float lognorm) {
+                                                int slot, int pos_new, float lognorm,
+                                                const T* snew) {
   constexpr int VEC = vec_size<T>::value;
   const size_t dst = (static_cast<size_t>(bh) * p.cap + slot) * D;
-  const size_t src = static_cast<size_t>(bh) * D;
   for (int c = threadIdx.x; c < D / VEC; c += blockDim.x) {
-    copy16(static_cast<T*>(p.k_cache) + dst + c * VEC,
-           static_cast<const T*>(p.k_new) + src + c * VEC);
-    copy16(static_cast<T*>(p.v_cache) + dst + c * VEC,
-           static_cast<const T*>(p.v_new) + src + c * VEC);
+    copy16(static_cast<T*>(p.k_cache) + dst + c * VEC, snew + c * VEC);
+    copy16(static_cast<T*>(p.v_cache) + dst + c * VEC, snew + D + c * VEC);
   }
   if (threadIdx.x == 0) {
     const size_t m = static_cast<size_t>(bh) * p.cap + slot;
@@ -212,7 +222,8 @@ __device__ __forceinline__ void block_min_key(unsigned long long key, int slot,
 template <typename T>
 __device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int len,
                               int pos_new, int vslot, int* list,
-                              decode_detail::fin_smem_t& fin) {
+                              decode_detail::fin_smem_t& fin, const T* snew, void* smem,
+                              int smem_cap) {
   constexpr int VEC = vec_size<T>::value;
   const int bh = b * p.kv_heads + h;
   const int tid = threadIdx.x;
@@ -224,7 +235,7 @@ __device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int
       return;
     }
     if (vslot >= len || vslot < 0) return;  // the new token is the victim: dropped
-    write_new_token<T>(p, b, bh, D, vslot, pos_new, fin.lognorm);
+    write_new_token<T>(p, b, bh, D, vslot, pos_new, fin.lognorm, snew);
     return;
   }
   const int n = len < p.cap ? len + 1 : len;
@@ -241,6 +252,36 @@ __device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int
     return make_keep_key(
         token_score(__ldcg(p.lam_cache + base + s), pos, tcount, p.window, p.knorm, ln), pos);
   };
+  // Stage the n keep-keys in shared memory when they fit: the loads go out in batches, and the
+  // radix passes and the compaction below read shared memory instead of L2 / DRAM.
+  unsigned long long* skeys = static_cast<unsigned long long*>(smem);
+  const bool staged = static_cast<size_t>(n) * sizeof(unsigned long long) <=
+                      static_cast<size_t>(smem_cap);
+  if (staged) {
+    constexpr int kBatch = 8;
+    for (int s0 = 0; s0 < n; s0 += kBatch * nthr) {
+      int pos[kBatch];
+      float lam[kBatch], ln[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int s = s0 + u * nthr + tid;
+        if (s < n) {
+          pos[u] = __ldcg(p.pos_cache + base + s);
+          lam[u] = __ldcg(p.lam_cache + base + s);
+          ln[u] = p.knorm ? __ldcg(p.lognorm_cache + base + s) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int s = s0 + u * nthr + tid;
+        if (s < n)
+          skeys[s] = make_keep_key(
+              token_score(lam[u], pos[u], tcount, p.window, p.knorm, ln[u]), pos[u]);
+      }
+    }
+    __syncthreads();
+  }
+  auto key_of = [&](int s) -> unsigned long long { return staged ? skeys[s] : key_at(s); };
   // Radix select, 8 bits a pass from the top, of the M-th largest key among n.
   unsigned long long prefix = 0, mask = 0;
   int kr = M;
@@ -249,7 +290,7 @@ __device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int
     for (int i = tid; i < 256; i += nthr) fin.hist[i] = 0;
     __syncthreads();
     for (int s = tid; s < n; s += nthr) {
-      const unsigned long long k = key_at(s);
+      const unsigned long long k = key_of(s);
       if ((k & mask) == prefix) atomicAdd(&fin.hist[(k >> shift) & 255], 1);
     }
     __syncthreads();
@@ -290,7 +331,7 @@ __device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int
       __syncthreads();
       unsigned long long mn = ~0ull;
       for (int s = tid; s < n; s += nthr) {
-        const unsigned long long k = key_at(s);
+        const unsigned long long k = key_of(s);
         if ((k & mask) == prefix && k < mn) mn = k;
       }
       atomicMin(&fin.thr, mn);
@@ -307,9 +348,9 @@ __device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int
   if (tid == 0) { fin.nh = 0; fin.nm = 0; }
   __syncthreads();
   for (int s = tid; s < M; s += nthr)
-    if (key_at(s) < thr) holes[atomicAdd(&fin.nh, 1)] = s;
+    if (key_of(s) < thr) holes[atomicAdd(&fin.nh, 1)] = s;
   for (int s = M + tid; s < n; s += nthr)
-    if (key_at(s) >= thr) movers[atomicAdd(&fin.nm, 1)] = s;
+    if (key_of(s) >= thr) movers[atomicAdd(&fin.nm, 1)] = s;
   __syncthreads();
   const int npairs = min(fin.nh, fin.nm);
   for (int i = tid; i < npairs; i += nthr) {
@@ -344,73 +385,120 @@ __device__ __forceinline__ void zero_out_rows(const decode_params_t& p, int b, i
 
 /// Merges the per-split states of head (b, h) (written by the other blocks of this launch;
 /// read through L2), writes out [batch, q_heads, D] and finishes the eviction. Whole block.
+/// Every partial ((max, sum) records, victim records, accumulators) is copied to shared memory
+/// in one batch of cp.async (one L2 round trip), then combined there. The host keeps S small
+/// enough that merge_smem_bytes(S, G, DPAD) <= kMergeSmemBytes.
 template <typename T, int DPAD, int DCONST>
 __device__ void merge_splits_and_finalize(const decode_params_t& p, int b, int h, int len,
                                           int pos_new, int S, const decode_ws_t& ws,
-                                          decode_detail::fin_smem_t& fin, void* smem) {
+                                          decode_detail::fin_smem_t& fin, void* smem,
+                                          int smem_cap, const T* snew) {
   constexpr int VEC = vec_size<T>::value;
   constexpr int NCOL = DPAD / VEC;
   const int bh = b * p.kv_heads + h;
   const int D = DCONST ? DCONST : p.head_dim;
   const int G = p.q_heads / p.kv_heads;
   const int tid = threadIdx.x;
-  // Per-split weights exp2(m_s - max) / sum, for all (split, head) pairs at once: the loads
-  // are independent, so they overlap instead of forming a chain of L2 round trips.
-  float* sw = reinterpret_cast<float*>(smem);  // [S][G] weights, then [G] max
-  for (int i = tid; i < S * G; i += blockDim.x) sw[i] = __ldcg(ws.md + (static_cast<size_t>(bh) * S * G + i) * 2);
-  __syncthreads();
-  if (tid < G) {
-    float mx = -INFINITY;
-    for (int s = 0; s < S; ++s) mx = fmaxf(mx, sw[s * G + tid]);
-    float dsum = 0.f;
-    for (int s = 0; s < S; ++s) {
-      const float ms = sw[s * G + tid];
-      // An empty split (m = -inf, sum 0) gets weight 0, not exp2(-inf + inf) = NaN.
-      const float f = ms == -INFINITY ? 0.f : exp2f(ms - mx);
-      sw[s * G + tid] = f;
-      dsum += f * __ldcg(ws.md + ((static_cast<size_t>(bh) * S + s) * G + tid) * 2 + 1);
+  const int nthr = blockDim.x;
+  const int SG = S * G;
+  const bool need_victim = p.buffer == 0 && len >= p.memory;
+  float4* smd = static_cast<float4*>(smem);                            // [S*G] (max, sum)
+  ulonglong2* svk = reinterpret_cast<ulonglong2*>(smd + SG);            // [S] (key, slot)
+  float* sw = reinterpret_cast<float*>(svk + S);                        // [S*G] weights
+  float* sacc = sw + ((SG + 3) / 4) * 4;                                // [S*G][DPAD]
+  {
+    const float* gmd = ws.md + static_cast<size_t>(bh) * SG * 4;
+    for (int i = tid; i < SG; i += nthr) cp_async16(smd + i, gmd + i * 4, true);
+    if (need_victim) {
+      const unsigned long long* gvk = ws.vkey + static_cast<size_t>(bh) * S * 2;
+      for (int i = tid; i < S; i += nthr) cp_async16(svk + i, gvk + i * 2, true);
     }
-    const float inv = 1.f / dsum;  // >= 1 term: the split holding the new token
-    for (int s = 0; s < S; ++s) sw[s * G + tid] *= inv;
+    const int nc4 = D / 4;  // float4 columns written by the splits
+    const float* gacc = ws.acc + static_cast<size_t>(bh) * SG * decode_detail::kMaxHeadDim;
+    for (int i = tid; i < SG * nc4; i += nthr) {
+      const int row = i / nc4, c = i - row * nc4;
+      cp_async16(sacc + row * DPAD + c * 4, gacc + static_cast<size_t>(row) *
+                                                       decode_detail::kMaxHeadDim + c * 4, true);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
   }
   __syncthreads();
-  for (int item = tid; item < G * NCOL; item += blockDim.x) {
+  (void)smem_cap;
+  // Split weights exp2(m_s - max) / sum: one warp per head, lanes over the splits.
+  {
+    const int lane = tid & 31, warp = tid >> 5, nwarps = nthr >> 5;
+    for (int g = warp; g < G; g += nwarps) {
+      float mx = -INFINITY;
+      for (int s = lane; s < S; s += 32) mx = fmaxf(mx, smd[s * G + g].x);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      float dsum = 0.f;
+      for (int s = lane; s < S; s += 32) {
+        const float4 r = smd[s * G + g];
+        // An empty split (m = -inf, sum 0) gets weight 0, not exp2(-inf + inf) = NaN.
+        const float f = r.x == -INFINITY ? 0.f : exp2f(r.x - mx);
+        sw[s * G + g] = f;
+        dsum += f * r.y;
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) dsum += __shfl_xor_sync(0xffffffffu, dsum, o);
+      const float inv = 1.f / dsum;  // >= 1 term: the split holding the new token
+      __syncwarp();
+      for (int s = lane; s < S; s += 32) sw[s * G + g] *= inv;
+    }
+  }
+  __syncthreads();
+  // Weighted sum over the splits: R lanes (adjacent, a power of two) share one (head, column
+  // vector) item, each summing every R-th split, then combine by shuffles.
+  const int nitems = G * NCOL;
+  int R = 1;
+  while (R < 32 && nitems * R * 2 <= nthr) R *= 2;
+  for (int t0 = 0; t0 < nitems * R; t0 += nthr) {  // uniform trip count: shuffles below
+    const int t = t0 + tid;
+    const int item = t / R, r = t % R;
     const int g = item / NCOL, col = item % NCOL;
-    if (DCONST == 0 && col * VEC >= D) continue;
+    const bool valid = item < nitems && (DCONST != 0 || col * VEC < D);
     float o[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) o[e] = 0.f;
-#pragma unroll 4
-    for (int s = 0; s < S; ++s) {
-      const float f = sw[s * G + g];
-      const float* wa = ws.acc + ((static_cast<size_t>(bh) * S + s) * G + g) *
-                                     decode_detail::kMaxHeadDim + col * VEC;
+    if (valid) {
+      for (int s = r; s < S; s += R) {
+        const float f = sw[s * G + g];
+        const float* wa = sacc + (s * G + g) * DPAD + col * VEC;
 #pragma unroll
-      for (int e = 0; e < VEC; e += 4) {
-        // Empty splits stored zeros, so f = 0 adds nothing.
-        const float4 a = __ldcg(reinterpret_cast<const float4*>(wa + e));
-        o[e] += a.x * f; o[e + 1] += a.y * f; o[e + 2] += a.z * f; o[e + 3] += a.w * f;
+        for (int e = 0; e < VEC; e += 4) {
+          // Empty splits stored zeros, so f = 0 adds nothing.
+          const float4 a = *reinterpret_cast<const float4*>(wa + e);
+          o[e] += a.x * f; o[e + 1] += a.y * f; o[e + 2] += a.z * f; o[e + 3] += a.w * f;
+        }
       }
     }
-    store_vec_f32<T>(static_cast<T*>(p.out) +
-                         (static_cast<size_t>(b) * p.q_heads + h * G + g) * D + col * VEC,
-                     o);
+    for (int m = 1; m < R; m <<= 1)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) o[e] += __shfl_xor_sync(0xffffffffu, o[e], m);
+    if (valid && r == 0)
+      store_vec_f32<T>(static_cast<T*>(p.out) +
+                           (static_cast<size_t>(b) * p.q_heads + h * G + g) * D + col * VEC,
+                       o);
   }
-  const bool need_victim = p.buffer == 0 && len >= p.memory;
   int vslot = -1;
   if (need_victim) {
     unsigned long long k = ~0ull;
     int sl = -1;
     if (tid < S) {
-      k = __ldcg(ws.vkey + static_cast<size_t>(bh) * S + tid);
-      sl = __ldcg(ws.vslot + static_cast<size_t>(bh) * S + tid);
+      k = svk[tid].x;
+      sl = static_cast<int>(svk[tid].y);
     }
     if (p.knorm) new_token_lognorm<T>(p, bh, D, fin);
     block_min_key(k, sl, fin);  // synchronises
     vslot = fin.vslot;
+  } else {
+    __syncthreads();  // finalize_head may reuse the shared memory read above
   }
   finalize_head<T>(p, b, h, D, len, pos_new, vslot,
-                   ws.list + static_cast<size_t>(bh) * 2 * max(p.buffer, 1), fin);
+                   ws.list + static_cast<size_t>(bh) * 2 * max(p.buffer, 1), fin, snew, smem,
+                   smem_cap);
 }
 
 /// Attention over one split of the (len + 1) logical tokens of head (b, h), for all G query
@@ -438,6 +526,40 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
   const int HG = G / HPT;
   const int TW = Tr::WORKERS / HG;
   const int tid = threadIdx.x;
+  constexpr int kSmemCap = decode_detail::smem_bytes<T, DPAD, HPT>();
+  __shared__ __align__(16) T snew[2 * decode_detail::kMaxHeadDim];  // k_new, v_new of bh
+
+  // Lane-group (worker) layout. q is loaded first, in the same round trip as positions and
+  // lens (its address depends on neither).
+  const int worker = tid / BDX, lane = tid % BDX;
+  const int hg = worker % HG, tw = worker / HG;
+  float q[HPT][E];
+  float acc[HPT][E];
+  float m[HPT], d[HPT];
+  constexpr float kLog2e = 1.4426950408889634f;
+#pragma unroll
+  for (int hh = 0; hh < HPT; ++hh) {
+    const T* qr = static_cast<const T*>(p.q) +
+                  (static_cast<size_t>(b) * p.q_heads + h * G + hg * HPT + hh) * D;
+#pragma unroll
+    for (int v = 0; v < NVEC; ++v) {
+      const int col = v * BDX + lane;
+      if (DCONST != 0 || col * VEC < D) {
+        load_vec_f32<T>(qr + col * VEC, &q[hh][v * VEC]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) q[hh][v * VEC + e] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      q[hh][e] *= p.scale * kLog2e;  // exp2 domain
+      acc[hh][e] = 0.f;
+    }
+    m[hh] = -INFINITY;
+    d[hh] = 0.f;
+  }
+
 
   const int pos_new = p.positions[b];
   const int len = p.lens[bh];  // loaded with positions: one round trip, not two
@@ -492,40 +614,17 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
     }
   };
 
-  // Lane-group (worker) layout.
-  const int worker = tid / BDX, lane = tid % BDX;
-  const int hg = worker % HG, tw = worker / HG;
-  float q[HPT][E];
-  float acc[HPT][E];
-  float m[HPT], d[HPT];
-  constexpr float kLog2e = 1.4426950408889634f;
-#pragma unroll
-  for (int hh = 0; hh < HPT; ++hh) {
-    const T* qr = static_cast<const T*>(p.q) +
-                  (static_cast<size_t>(b) * p.q_heads + h * G + hg * HPT + hh) * D;
-#pragma unroll
-    for (int v = 0; v < NVEC; ++v) {
-      const int col = v * BDX + lane;
-      if (DCONST != 0 || col * VEC < D) {
-        load_vec_f32<T>(qr + col * VEC, &q[hh][v * VEC]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) q[hh][v * VEC + e] = 0.f;
-      }
-    }
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      q[hh][e] *= p.scale * kLog2e;  // exp2 domain
-      acc[hh][e] = 0.f;
-    }
-    m[hh] = -INFINITY;
-    d[hh] = 0.f;
-  }
-
   unsigned long long vkey = ~0ull;
   int vslot = -1;
   const size_t mbase = static_cast<size_t>(bh) * p.cap;
 
+  // Prefetch k_new / v_new of this head into shared memory (first cp.async group): the append
+  // or victim write at the end then needs no global round trip.
+  for (int c = tid; c < 2 * (D / VEC); c += decode_detail::kThreads) {
+    const int kv = c >= D / VEC ? 1 : 0;
+    const int cc = c - kv * (D / VEC);
+    cp_async16(snew + kv * D + cc * VEC, (kv ? vn : kn) + cc * VEC, true);
+  }
   constexpr int STAGES = Tr::STAGES;
   const int ntiles = (end - start + TK - 1) / TK;
 #pragma unroll
@@ -676,22 +775,20 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
 #pragma unroll
       for (int e = 0; e < VEC; e += 4)
         *reinterpret_cast<float4*>(wa + e) = make_float4(o[e], o[e + 1], o[e + 2], o[e + 3]);
-      if (col == 0) {
-        ws.md[row * 2] = mx;
-        ws.md[row * 2 + 1] = dsum;
-      }
+      if (col == 0) *reinterpret_cast<float4*>(ws.md + row * 4) = make_float4(mx, dsum, 0.f, 0.f);
     }
   }
   if (S > 1 && need_victim && tid == 0) {
-    ws.vkey[static_cast<size_t>(bh) * S + split] = fin.vkey;
-    ws.vslot[static_cast<size_t>(bh) * S + split] = fin.vslot;
+    *reinterpret_cast<ulonglong2*>(ws.vkey + (static_cast<size_t>(bh) * S + split) * 2) =
+        make_ulonglong2(fin.vkey, static_cast<unsigned long long>(fin.vslot));
   }
   // Append: slot len is read by no block this step (the new token is read from k_new).
-  if (has_new && need_append) write_new_token<T>(p, b, bh, D, len, pos_new, fin.lognorm);
+  if (has_new && need_append) write_new_token<T>(p, b, bh, D, len, pos_new, fin.lognorm, snew);
   if (S == 1) {
     __syncthreads();
     finalize_head<T>(p, b, h, D, len, pos_new, need_victim ? fin.vslot : -1,
-                     ws.list + static_cast<size_t>(bh) * 2 * max(p.buffer, 1), fin);
+                     ws.list + static_cast<size_t>(bh) * 2 * max(p.buffer, 1), fin, snew,
+                     smem_raw, kSmemCap);
     return;
   }
   // Split-K: the last block of this head to arrive merges the states and evicts, so that the
@@ -706,7 +803,8 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
   __syncthreads();
   if (!fin.last) return;
   __threadfence();  // acquire side: order the reads below after the count
-  merge_splits_and_finalize<T, DPAD, DCONST>(p, b, h, len, pos_new, S, ws, fin, smem_raw);
+  merge_splits_and_finalize<T, DPAD, DCONST>(p, b, h, len, pos_new, S, ws, fin, smem_raw,
+                                             kSmemCap, snew);
 }
 
 namespace decode_detail {
@@ -727,11 +825,9 @@ inline decode_ws_t carve_workspace(const decode_params_t& p, int splits, void* w
     ws.acc = reinterpret_cast<float*>(base + off);
     off += align(bhs * splits * G * kMaxHeadDim * sizeof(float));
     ws.md = reinterpret_cast<float*>(base + off);
-    off += align(bhs * splits * G * 2 * sizeof(float));
+    off += align(bhs * splits * G * 4 * sizeof(float));
     ws.vkey = reinterpret_cast<unsigned long long*>(base + off);
-    off += align(bhs * splits * sizeof(unsigned long long));
-    ws.vslot = reinterpret_cast<int*>(base + off);
-    off += align(bhs * splits * sizeof(int));
+    off += align(bhs * splits * 2 * sizeof(unsigned long long));
   }
   if (workspace == nullptr) ws = decode_ws_t{};
   (void)off;

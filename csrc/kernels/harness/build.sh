@@ -3,11 +3,15 @@
 set -e
 cd "$(dirname "$0")/../../.."
 mkdir -p .kbuild .kobj
+rm -f .kbuild/harness
 F="-gencode arch=compute_90,code=sm_90 -O3 -std=c++17 -Xcompiler -fopenmp -lineinfo"
+pids=""
 for s in decode decode_f32 decode_f16 decode_bf16 retention_gate; do
   nvcc $F -c csrc/kernels/$s.cu -o .kobj/$s.o &
+  pids="$pids $!"
 done
 nvcc $F -c csrc/kernels/harness/harness.cu -o .kobj/harness.o &
-wait
+pids="$pids $!"
+for p in $pids; do wait $p; done  # set -e: a failed compile stops the build
 nvcc $F .kobj/*.o -o .kbuild/harness -lgomp
 echo built .kbuild/harness

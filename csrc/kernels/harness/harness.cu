@@ -71,13 +71,14 @@ struct DecodeCase {
   int G;
   int batch;
   int splits;  // 0 auto
+  int M = 0;   // 0: 100 (B=0) / 60 (B=64)
 };
 
 static int g_fail = 0, g_pass = 0;
 
 static bool run_decode_case(const DecodeCase& c, int case_id) {
   const int D = c.D, kvh = 2, Hq = c.G * kvh, batch = c.batch;
-  const int M = c.B == 0 ? 100 : 60, B = c.B, cap = M + B;
+  const int M = c.M > 0 ? c.M : c.B == 0 ? 100 : 60, B = c.B, cap = M + B;
   const int W = (case_id % 3 == 1) ? 3 : 0;
   const bool knorm = (case_id % 2) == 1;
   const int steps = B == 0 ? 40 : 110;
@@ -302,8 +303,8 @@ static bool run_decode_case(const DecodeCase& c, int case_id) {
       if (a != r) { ok = false; why = "step " + std::to_string(step) + ": retained set differs"; }
     }
   }
-  std::printf("%s decode D=%3d %-4s B=%2d G=%d batch=%2d splits=%d(%2d) W=%d knorm=%d worst=%.2e%s%s\n",
-              ok ? "PASS" : "FAIL", D, dtype_name(dt), B, c.G, batch, c.splits, S, W, knorm,
+  std::printf("%s decode D=%3d %-4s M=%4d B=%2d G=%d batch=%2d splits=%d(%2d) W=%d knorm=%d worst=%.2e%s%s\n",
+              ok ? "PASS" : "FAIL", D, dtype_name(dt), M, B, c.G, batch, c.splits, S, W, knorm,
               worst, ok ? "" : " : ", why.c_str());
   cudaFree(dk); cudaFree(dv); cudaFree(dpos); cudaFree(dlam); cudaFree(dln); cudaFree(dlens);
   cudaFree(dq); cudaFree(dkn); cudaFree(dvn); cudaFree(dout); cudaFree(dlamnew);
@@ -407,6 +408,19 @@ static int run_tests(bool quick) {
               if (quick && (id % 48) != 1 && (id % 48) != 30) continue;
               run_decode_case({D, dt, B, G, batch, splits}, id);
             }
+  // Longer caches: many splits, so the split merge (partials staged in shared memory, S
+  // clamped to fit) and the staged-key eviction run with realistic split counts.
+  struct DT { int D; DType dt; };
+  const DT longs[] = {{128, DType::kBF16}, {256, DType::kF32}, {72, DType::kF16}};
+  for (const DT& l : longs)
+    for (int B : {0, 64})
+      for (int G : {4, 8})
+        for (int v = 0; v < 2; ++v) {
+          ++id;
+          if (quick && (id % 12) != 1 && (id % 12) != 6) continue;
+          const int batch = v == 0 ? 1 : 3, splits = v == 0 ? 64 : 0;
+          run_decode_case({l.D, l.dt, B, G, batch, splits, B == 0 ? 700 : 600}, id);
+        }
   for (int kind : {0, 1})
     for (int act = 0; act < 4; ++act)
       for (DType xt : dts)
@@ -431,7 +445,7 @@ __global__ void FillRandomBf16Kernel(uint16_t* p, size_t n, uint64_t seed) {
   }
 }
 
-static int run_bench() {
+static int run_bench(const int* only) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   cudaEvent_t e0, e1;
@@ -466,9 +480,8 @@ static int run_bench() {
               "us/step", "GB/s", "frac", "graph_us", "graph_GB/s", "frac");
   const int Hq = 32, Hkv = 8, D = 128;
   const DType dt = DType::kBF16;
-  for (int B : {0, 64})
-    for (int M : {512, 2048, 8192})
-      for (int batch : {1, 8, 32, 128}) {
+  // One table row; fs > 0 forces the split count (extra rows after the table).
+  auto row = [&](int batch, int M, int B, int fs) {
         const int cap = M + B, bh = batch * Hkv;
         const size_t kv_bytes = static_cast<size_t>(bh) * cap * D * 2;
         const size_t set_bytes = 2 * kv_bytes + static_cast<size_t>(bh) * cap * 8;
@@ -521,6 +534,7 @@ static int run_bench() {
         p.out = out; p.batch = batch; p.q_heads = Hq; p.kv_heads = Hkv; p.head_dim = D;
         p.memory = M; p.buffer = B; p.cap = cap; p.window = 0; p.knorm = false;
         p.scale = 1.f / std::sqrt(128.f);
+        p.num_splits = fs;
         CK(cudaMalloc(&ws, DecodeWorkspaceBytes(p)));
         CK(cudaMemset(ws, 0, DecodeWorkspaceBytes(p)));
         int cur = 0;
@@ -592,13 +606,31 @@ static int run_bench() {
         }
         cudaFree(q); cudaFree(out); cudaFree(kn); cudaFree(vn); cudaFree(lamn);
         cudaFree(positions); cudaFree(ws);
-      }
+  };
+  if (only != nullptr) {  // bench only batch M B splits: one row (for ncu)
+    row(only[0], only[1], only[2], only[3]);
+    return 0;
+  }
+  for (int B : {0, 64})
+    for (int M : {512, 2048, 8192})
+      for (int batch : {1, 8, 32, 128}) row(batch, M, B, 0);
+  std::printf("forced split counts:\n");
+  for (int fs : {5, 17}) row(1, 512, 0, fs);
+  for (int fs : {17}) row(1, 2048, 0, fs);
+  for (int fs : {16}) row(1, 8192, 0, fs);
   return 0;
 }
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "test";
-  if (mode == "bench") return run_bench();
+  if (mode == "bench") {
+    int only[4];
+    if (argc > 5) {
+      for (int i = 0; i < 4; ++i) only[i] = std::atoi(argv[2 + i]);
+      return run_bench(only);
+    }
+    return run_bench(nullptr);
+  }
   const bool quick = argc > 2 && std::string(argv[2]) == "quick";
   return run_tests(quick);
 }
