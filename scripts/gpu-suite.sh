@@ -39,7 +39,7 @@ for s in "${steps[@]}"; do
       # Every CUDA kernel under memcheck and racecheck through the same vitest files, at sizes
       # that keep the sanitizers' slowdown within the call: short long-runs, the smaller chunks.
       for tool in memcheck racecheck; do
-        TRIMKV_REQUIRE_CUDA=1 TRIMKV_LONG_STEPS=${SANITIZE_STEPS:-60} compute-sanitizer --tool $tool --error-exitcode 9 \
+        TRIMKV_REQUIRE_CUDA=1 TRIMKV_LONG_STEPS=${SANITIZE_STEPS:-60} "${COMPUTE_SANITIZER:-compute-sanitizer}" --tool $tool --error-exitcode 9 \
           --target-processes all npx vitest run test/cuda_decode.test.ts test/cuda_prefill.test.ts test/gate.test.ts \
           -t "${SANITIZE_FILTER:-long runs|chunks of (1|7|64),|cuda}" > "$OUT/sanitize-$tool.log" 2>&1 || status=1
         echo "$tool: $(grep -E "ERROR SUMMARY" "$OUT/sanitize-$tool.log" | sort | uniq -c | tr '\n' ' ')"
