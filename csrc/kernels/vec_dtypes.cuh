@@ -89,18 +89,30 @@ __device__ __forceinline__ void copy16(void* dst, const void* src) {
 }
 
 /// Asynchronous 16-byte global -> shared copy; when !pred the 16 bytes are zero-filled and
-/// nothing is read (src must still be a valid address).
+/// nothing is read (src must still be a valid address). cp.async exists from sm_80 on; on
+/// Turing (sm_75) the copy is a plain load and store, and commit / wait are no-ops: callers
+/// already put a __syncthreads() between the wait and the first read of the tile.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int n = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+#else
+  *reinterpret_cast<uint4*>(smem) = pred ? *reinterpret_cast<const uint4*>(gmem) : make_uint4(0, 0, 0, 0);
+#endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 }  // namespace
