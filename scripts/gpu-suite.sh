@@ -46,10 +46,10 @@ for s in "${steps[@]}"; do
         grep -E "Tests " "$OUT/sanitize-$tool.log" | tail -1
       done ;;
     bench)
-      PYTHONUNBUFFERED=1 python3 bench/torch_compare.py "$OUT/torch.json" ${BENCH_QUICK:+--quick} > "$OUT/torch.log" 2>&1 || { status=1; tail -5 "$OUT/torch.log"; }
+      PYTHONUNBUFFERED=1 timeout ${TORCH_TIMEOUT:-200} python3 bench/torch_compare.py "$OUT/torch.json" ${BENCH_QUICK:+--quick} > "$OUT/torch.log" 2>&1 || { status=1; tail -5 "$OUT/torch.log"; }
       torch_arg=(); [ -s "$OUT/torch.json" ] && torch_arg=(--torch "$OUT/torch.json")
       results_arg=(); [ -n "$RESULTS" ] && results_arg=(--results "$RESULTS")
-      node bin/trimkv.js bench --backend cuda,cpu ${BENCH_QUICK:+--quick} "${torch_arg[@]}" "${results_arg[@]}" --out "$OUT" \
+      timeout ${BENCH_TIMEOUT:-330} node bin/trimkv.js bench --backend cuda,cpu ${BENCH_QUICK:+--quick} "${torch_arg[@]}" "${results_arg[@]}" --out "$OUT" \
         > "$OUT/bench-stdout.md" 2> "$OUT/bench.log" || status=1
       if [ -n "$RESULTS" ] && [ -f "$RESULTS" ]; then
         mkdir -p "$OUT/results" && cp "$RESULTS" "$OUT/results/" && cp -r "$(dirname "$RESULTS")/plots" "$OUT/results/"
