@@ -33,13 +33,13 @@ for s in "${steps[@]}"; do
       tail -5 "$OUT/fixtures.log"
       tar -czf "$OUT/fixtures.tgz" test/fixtures/checkpoints ;;
     test)
-      TRIMKV_REQUIRE_CUDA=1 npx vitest run --reporter=default > "$OUT/test.log" 2>&1 || status=1
+      TRIMKV_REQUIRE_CUDA=1 timeout ${TEST_TIMEOUT:-360} npx vitest run --reporter=default > "$OUT/test.log" 2>&1 || status=1
       grep -E "Test Files|Tests |FAIL|×" "$OUT/test.log" | head -40 ;;
     sanitize)
       # Every CUDA kernel under memcheck and racecheck through the same vitest files, at sizes
       # that keep the sanitizers' slowdown within the call: short long-runs, the smaller chunks.
       for tool in memcheck racecheck; do
-        TRIMKV_REQUIRE_CUDA=1 TRIMKV_LONG_STEPS=${SANITIZE_STEPS:-60} "${COMPUTE_SANITIZER:-compute-sanitizer}" --tool $tool --error-exitcode 9 \
+        TRIMKV_REQUIRE_CUDA=1 TRIMKV_LONG_STEPS=${SANITIZE_STEPS:-60} timeout ${SANITIZE_TIMEOUT:-100} "${COMPUTE_SANITIZER:-compute-sanitizer}" --tool $tool --error-exitcode 9 \
           --target-processes all npx vitest run test/cuda_decode.test.ts test/cuda_prefill.test.ts test/gate.test.ts \
           -t "${SANITIZE_FILTER:-long runs|chunks of (1|7|64),|cuda}" > "$OUT/sanitize-$tool.log" 2>&1 || status=1
         echo "$tool: $(grep -E "ERROR SUMMARY" "$OUT/sanitize-$tool.log" | sort | uniq -c | tr '\n' ' ')"
