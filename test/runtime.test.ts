@@ -92,3 +92,33 @@ describe.each(backendsUnderTest())('Runtime on %s', (backend) => {
     expect((err as TrimKVError).code).toBe('ERR_DISPOSED');
   });
 });
+
+describe('ERR_ADDON_LOAD', () => {
+  test('a package with no binary for this platform fails with the reason and the fix, not a crash', async () => {
+    const { cpSync, mkdtempSync, rmSync, symlinkSync } = await import('node:fs');
+    const { tmpdir } = await import('node:os');
+    const { join, dirname } = await import('node:path');
+    const { spawnSync } = await import('node:child_process');
+    const { fileURLToPath } = await import('node:url');
+    const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+    const dir = mkdtempSync(join(tmpdir(), 'trimkv-noaddon-'));
+    try {
+      // The published layout without build/ or prebuilds/.
+      cpSync(join(root, 'dist'), join(dir, 'dist'), { recursive: true });
+      cpSync(join(root, 'package.json'), join(dir, 'package.json'));
+      symlinkSync(join(root, 'node_modules'), join(dir, 'node_modules'));
+      const r = spawnSync(process.execPath, ['--input-type=module', '-e', `
+        const { backends } = await import(${JSON.stringify(join(dir, 'dist', 'index.js'))});
+        try { backends(); console.log('loaded'); } catch (e) { console.log(JSON.stringify({ name: e.name, code: e.code, message: e.message })); }
+      `], { encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(0);
+      const e = JSON.parse(r.stdout);
+      expect(e.name).toBe('TrimKVError');
+      expect(e.code).toBe('ERR_ADDON_LOAD');
+      expect(e.message).toMatch(/could not load the trimkv native addon: .*No native build was found/);
+      expect(e.message).toMatch(/run `npm rebuild trimkv`/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
