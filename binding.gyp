@@ -6,6 +6,7 @@
         "csrc/cpu/attention_cpu.cc",
         "csrc/cpu/cache_cpu.cc",
         "csrc/cpu/gate_cpu.cc",
+        "csrc/cpu/parallel.cc",
         "csrc/ops/cache.cc",
         "csrc/ops/cuda_unavailable.cc",
         "csrc/ops/device_none.cc",

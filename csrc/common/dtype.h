@@ -70,17 +70,17 @@ inline uint16_t float_to_fp16(float f) {
   return static_cast<uint16_t>(sign | h);
 }
 
+/// Branch-free half -> float: the exponent is rebased by a multiply (which also handles inf
+/// and NaN), subnormal halves go through a magic-number subtraction. Exact for every input.
 inline float fp16_to_float(uint16_t h) {
-  uint32_t sign = (static_cast<uint32_t>(h) & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t mant = h & 0x3ffu;
-  if (exp == 0x1f) return bits_float(sign | 0x7f800000u | (mant << 13));
-  if (exp == 0) {
-    if (mant == 0) return bits_float(sign);
-    float v = static_cast<float>(mant) * (1.0f / 16777216.0f);  // 2^-24
-    return sign ? -v : v;
-  }
-  return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;  // drops the sign
+  const float normalized = bits_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t sub = 0u - static_cast<uint32_t>(two_w < (1u << 27));  // all ones for subnormals
+  const uint32_t mag = (float_bits(denormalized) & sub) | (float_bits(normalized) & ~sub);
+  return bits_float(sign | mag);
 }
 
 /// Reads element i of a buffer of dtype t as float.
@@ -99,6 +99,24 @@ inline void store_from_float(void* p, DType t, size_t i, float v) {
     case DType::kF32: static_cast<float*>(p)[i] = v; break;
     case DType::kF16: static_cast<uint16_t*>(p)[i] = float_to_fp16(v); break;
     case DType::kBF16: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
+  }
+}
+
+/// Converts n elements starting at element `first` of a dtype-t buffer to float: the switch
+/// sits outside the loop so each loop is a plain, vectorisable conversion.
+inline void to_float_n(const void* p, DType t, size_t first, size_t n, float* dst) {
+  switch (t) {
+    case DType::kF32: std::memcpy(dst, static_cast<const float*>(p) + first, n * 4); break;
+    case DType::kF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(p) + first;
+      for (size_t i = 0; i < n; ++i) dst[i] = fp16_to_float(s[i]);
+      break;
+    }
+    case DType::kBF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(p) + first;
+      for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+      break;
+    }
   }
 }
 

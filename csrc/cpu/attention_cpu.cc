@@ -14,16 +14,13 @@ void attend_row(const float* q, const float* keys, const float* values, int n, i
   float m = -std::numeric_limits<float>::infinity();
   for (int t = 0; t < n; ++t) {
     const float* k = keys + static_cast<size_t>(t) * D;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    // Eight independent partial sums: the compiler keeps them in vector registers.
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     int d = 0;
-    for (; d + 4 <= D; d += 4) {
-      acc[0] += q[d] * k[d];
-      acc[1] += q[d + 1] * k[d + 1];
-      acc[2] += q[d + 2] * k[d + 2];
-      acc[3] += q[d + 3] * k[d + 3];
-    }
+    for (; d + 8 <= D; d += 8)
+      for (int j = 0; j < 8; ++j) acc[j] += q[d + j] * k[d + j];
     for (; d < D; ++d) acc[0] += q[d] * k[d];
-    logits[t] = (acc[0] + acc[1] + acc[2] + acc[3]) * scale;
+    logits[t] = (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) * scale;
     m = std::max(m, logits[t]);
   }
   float denom = 0.f;

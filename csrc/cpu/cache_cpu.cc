@@ -9,6 +9,7 @@
 #include "common/errors.h"
 #include "common/score.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/parallel.h"
 #include "ops/cache.h"
 #include "ops/device.h"
 
@@ -68,27 +69,36 @@ class CpuCache final : public Cache {
     const float scale = cfg_.softmax_scale();
     const DType dt = cfg_.dtype;
     const float* lam_in = static_cast<const float*>(a.lam->data());
-    std::vector<float> keys, values, qrow(D), orow(D), logits;
+    std::vector<int> tasks;  // b * Hkv + h of every active (sequence, KV head)
     for (int b = 0; b < cfg_.batch; ++b) {
-      const int32_t p = a.positions[b];
-      if (p < 0) {  // inactive slot: no token, zero output rows
+      if (a.positions[b] < 0) {  // inactive slot: no token, zero output rows
         for (size_t i = 0; i < static_cast<size_t>(Hq) * D; ++i)
           store_from_float(a.out->data(), dt, static_cast<size_t>(b) * Hq * D + i, 0.f);
         continue;
       }
-      for (int h = 0; h < Hkv; ++h) {
-        HeadStore& hs = at(layer, b, h);
-        const size_t new_row = static_cast<size_t>(b * Hkv + h) * D;
-        gather_rows(hs, a.k->data(), a.v->data(), new_row, 1, keys, values);
-        for (int g = 0; g < G; ++g) {
-          const size_t qoff = static_cast<size_t>(b * Hq + h * G + g) * D;
-          for (int d = 0; d < D; ++d) qrow[d] = load_as_float(a.q->data(), dt, qoff + d);
-          cpu::attend_row(qrow.data(), keys.data(), values.data(), hs.len + 1, D, scale, orow.data(), logits);
-          for (int d = 0; d < D; ++d) store_from_float(a.out->data(), dt, qoff + d, orow[d]);
-        }
-        append(hs, a.k->data(), a.v->data(), new_row, p, lam_in[b * Hkv + h]);
+      for (int h = 0; h < Hkv; ++h) tasks.push_back(b * Hkv + h);
+    }
+    // Each task owns one head's storage and its G output rows: no two tasks share memory.
+    cpu::parallel_for(static_cast<int>(tasks.size()), [&](int t) {
+      thread_local std::vector<float> keys, values, qrow, orow, logits;
+      const int b = tasks[t] / Hkv, h = tasks[t] % Hkv;
+      qrow.resize(D);
+      orow.resize(D);
+      HeadStore& hs = at(layer, b, h);
+      const size_t new_row = static_cast<size_t>(tasks[t]) * D;
+      gather_rows(hs, a.k->data(), a.v->data(), new_row, 1, keys, values);
+      for (int g = 0; g < G; ++g) {
+        const size_t qoff = static_cast<size_t>(b * Hq + h * G + g) * D;
+        to_float_n(a.q->data(), dt, qoff, D, qrow.data());
+        cpu::attend_row(qrow.data(), keys.data(), values.data(), hs.len + 1, D, scale, orow.data(), logits);
+        for (int d = 0; d < D; ++d) store_from_float(a.out->data(), dt, qoff + d, orow[d]);
       }
-      evict_after_pass(layer, b);
+      append(hs, a.k->data(), a.v->data(), new_row, a.positions[b], lam_in[tasks[t]]);
+      if (cfg_.scope == Scope::kHead) evict_head(layer, b, h);
+    });
+    if (cfg_.scope != Scope::kHead) {
+      for (int b = 0; b < cfg_.batch; ++b)
+        if (a.positions[b] >= 0) evict_after_pass(layer, b);
     }
   }
 
@@ -98,15 +108,17 @@ class CpuCache final : public Cache {
     const float scale = cfg_.softmax_scale();
     const DType dt = cfg_.dtype;
     const float* lam_in = static_cast<const float*>(a.lam->data());
-    std::vector<float> keys, values, qrow(D), orow(D), logits;
-    for (int h = 0; h < Hkv; ++h) {
+    cpu::parallel_for(Hkv, [&](int h) {
+      thread_local std::vector<float> keys, values, qrow, orow, logits;
+      qrow.resize(D);
+      orow.resize(D);
       HeadStore& hs = at(layer, a.seq, h);
       gather_rows(hs, a.k->data(), a.v->data(), static_cast<size_t>(h) * D, C, keys, values);
       const int cached = hs.len;
       for (int i = 0; i < C; ++i) {
         for (int g = 0; g < G; ++g) {
           const size_t qoff = (static_cast<size_t>(i) * Hq + h * G + g) * D;
-          for (int d = 0; d < D; ++d) qrow[d] = load_as_float(a.q->data(), dt, qoff + d);
+          to_float_n(a.q->data(), dt, qoff, D, qrow.data());
           // Causal within the chunk: query i sees every cached token and chunk tokens 0..i.
           cpu::attend_row(qrow.data(), keys.data(), values.data(), cached + i + 1, D, scale, orow.data(), logits);
           for (int d = 0; d < D; ++d) store_from_float(a.out->data(), dt, qoff + d, orow[d]);
@@ -116,8 +128,9 @@ class CpuCache final : public Cache {
         append(hs, a.k->data(), a.v->data(), (static_cast<size_t>(i) * Hkv + h) * D,
                static_cast<int32_t>(a.start + i), lam_in[static_cast<size_t>(i) * Hkv + h]);
       }
-    }
-    evict_after_pass(layer, a.seq);
+      if (cfg_.scope == Scope::kHead) evict_head(layer, a.seq, h);
+    });
+    if (cfg_.scope != Scope::kHead) evict_after_pass(layer, a.seq);
   }
 
   void do_reset(int seq) override {
@@ -160,16 +173,12 @@ class CpuCache final : public Cache {
     const size_t total = static_cast<size_t>(hs.len + n_new) * D;
     keys.resize(total);
     values.resize(total);
-    for (size_t i = 0; i < static_cast<size_t>(hs.len) * D; ++i) {
-      keys[i] = load_as_float(hs.k.data(), cfg_.dtype, i);
-      values[i] = load_as_float(hs.v.data(), cfg_.dtype, i);
-    }
+    const size_t cached = static_cast<size_t>(hs.len) * D;
+    to_float_n(hs.k.data(), cfg_.dtype, 0, cached, keys.data());
+    to_float_n(hs.v.data(), cfg_.dtype, 0, cached, values.data());
     for (int t = 0; t < n_new; ++t) {
-      for (int d = 0; d < D; ++d) {
-        const size_t src = first_row + t * stride + d, dst = static_cast<size_t>(hs.len + t) * D + d;
-        keys[dst] = load_as_float(k_in, cfg_.dtype, src);
-        values[dst] = load_as_float(v_in, cfg_.dtype, src);
-      }
+      to_float_n(k_in, cfg_.dtype, first_row + t * stride, D, keys.data() + cached + static_cast<size_t>(t) * D);
+      to_float_n(v_in, cfg_.dtype, first_row + t * stride, D, values.data() + cached + static_cast<size_t>(t) * D);
     }
   }
 
@@ -200,15 +209,17 @@ class CpuCache final : public Cache {
     hs.len += 1;
   }
 
+  // Scope "head": the head is its own pool.
+  void evict_head(int layer, int seq, int head) {
+    evict_pool({{&at(layer, seq, head), layer * cfg_.kv_heads + head}}, seq);
+  }
+
   // Runs the eviction that follows a pass of `layer` for sequence `seq`, per scope.
   void evict_after_pass(int layer, int seq) {
     std::vector<std::pair<HeadStore*, int>> pool;
     switch (cfg_.scope) {
       case Scope::kHead:
-        for (int h = 0; h < cfg_.kv_heads; ++h) {
-          pool.assign(1, {&at(layer, seq, h), layer * cfg_.kv_heads + h});
-          evict_pool(pool, seq);
-        }
+        for (int h = 0; h < cfg_.kv_heads; ++h) evict_head(layer, seq, h);
         break;
       case Scope::kLayer:
         for (int h = 0; h < cfg_.kv_heads; ++h) pool.push_back({&at(layer, seq, h), layer * cfg_.kv_heads + h});

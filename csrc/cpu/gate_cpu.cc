@@ -1,7 +1,9 @@
 // CPU retention gate: float32 weights (exact upcast of the stored dtype), float32 math.
+#include <algorithm>
 #include <cmath>
 
 #include "common/errors.h"
+#include "cpu/parallel.h"
 #include "ops/gate.h"
 
 namespace trimkv {
@@ -51,21 +53,28 @@ class CpuGate final : public Gate {
   void do_run(const Tensor& x, Tensor& lam) override {
     const int n = static_cast<int>(x.shape()[0]);
     const int In = spec_.input_size, I = spec_.intermediate_size, H = spec_.kv_heads;
-    std::vector<float> xrow(In), hidden(I);
-    float* lam_out = static_cast<float*>(lam.data());
-    for (int t = 0; t < n; ++t) {
-      for (int i = 0; i < In; ++i) xrow[i] = load_as_float(x.data(), x.dtype(), static_cast<size_t>(t) * In + i);
-      for (int i = 0; i < I; ++i) {
+    std::vector<float> xs(static_cast<size_t>(n) * In), hidden(static_cast<size_t>(n) * I);
+    to_float_n(x.data(), x.dtype(), 0, xs.size(), xs.data());
+    // The first layer dominates (I x In weights): blocks of its rows run in parallel, each
+    // reading its rows once for every token.
+    constexpr int kRowsPerTask = 32;
+    cpu::parallel_for((I + kRowsPerTask - 1) / kRowsPerTask, [&](int task) {
+      const int r1 = std::min(I, (task + 1) * kRowsPerTask);
+      for (int i = task * kRowsPerTask; i < r1; ++i) {
         const float* row = a_.data() + static_cast<size_t>(i) * In;
-        if (spec_.kind == GateKind::kRg3) {
-          const float up = dot(b_.data() + static_cast<size_t>(i) * In, xrow.data(), In);
-          hidden[i] = activate(spec_.activation, dot(row, xrow.data(), In)) * up;
-        } else {
-          hidden[i] = activate(spec_.activation, dot(row, xrow.data(), In) + b_[i]);
+        const float* up_row = spec_.kind == GateKind::kRg3 ? b_.data() + static_cast<size_t>(i) * In : nullptr;
+        for (int t = 0; t < n; ++t) {
+          const float* xrow = xs.data() + static_cast<size_t>(t) * In;
+          const float u = dot(row, xrow, In);
+          hidden[static_cast<size_t>(t) * I + i] = up_row ? activate(spec_.activation, u) * dot(up_row, xrow, In)
+                                                           : activate(spec_.activation, u + b_[i]);
         }
       }
+    });
+    float* lam_out = static_cast<float*>(lam.data());
+    for (int t = 0; t < n; ++t) {
       for (int h = 0; h < H; ++h) {
-        const float z = dot(out_.data() + static_cast<size_t>(h) * I, hidden.data(), I) + bias_[h];
+        const float z = dot(out_.data() + static_cast<size_t>(h) * I, hidden.data() + static_cast<size_t>(t) * I, I) + bias_[h];
         lam_out[static_cast<size_t>(t) * H + h] = log_sigmoid(z);
       }
     }
