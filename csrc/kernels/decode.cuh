@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "../common/dtype.h"
+#include "select_topk.cuh"
 #include "vec_dtypes.cuh"
 
 namespace trimkv {
@@ -294,31 +295,7 @@ __device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int
       if ((k & mask) == prefix) atomicAdd(&fin.hist[(k >> shift) & 255], 1);
     }
     __syncthreads();
-    if (tid < 32) {
-      // lane l holds digits 255-8l .. 255-8l-7 (descending).
-      int c[8], sum = 0;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) { c[i] = fin.hist[255 - (tid * 8 + i)]; sum += c[i]; }
-      int incl = sum;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int t = __shfl_up_sync(0xffffffffu, incl, o);
-        if (tid >= o) incl += t;
-      }
-      int run = incl - sum;
-      if (run < kr && kr <= incl) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          if (run + c[i] >= kr) {
-            fin.digit = 255 - (tid * 8 + i);
-            fin.kr = kr - run;
-            fin.cnt = c[i];
-            break;
-          }
-          run += c[i];
-        }
-      }
-    }
+    if (tid < 32) topk::warp_find_kth_bucket(fin.hist, kr, tid, &fin.digit, &fin.kr, &fin.cnt);
     __syncthreads();
     const int digit = fin.digit;
     kr = fin.kr;

@@ -44,6 +44,40 @@ struct select_smem_t {
   int digit, kr, cnt;
 };
 
+/// Radix-select step, run by the 32 lanes of warp 0: given a 256-bin histogram of the current
+/// 8-bit digit, finds the bucket holding the kr-th largest remaining key (digits are scanned in
+/// descending order; lane l owns digits 255-8l .. 255-8l-7). The lane that finds it writes the
+/// digit, the rank left inside that bucket and the bucket's count.
+template <typename Count>
+__device__ __forceinline__ void warp_find_kth_bucket(const Count* hist, int kr, int lane, int* digit,
+                                                     int* kr_in_bucket, int* count) {
+  int c[8], sum = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    c[i] = static_cast<int>(hist[255 - (lane * 8 + i)]);
+    sum += c[i];
+  }
+  int incl = sum;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int t = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += t;
+  }
+  int run = incl - sum;
+  if (run < kr && kr <= incl) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (run + c[i] >= kr) {
+        *digit = 255 - (lane * 8 + i);
+        *kr_in_bucket = kr - run;
+        *count = c[i];
+        break;
+      }
+      run += c[i];
+    }
+  }
+}
+
 namespace {
 
 /// Block-wide K-th largest of the n keys key_at(0 .. n-1), 1 <= k <= n. Every thread of the
@@ -78,35 +112,7 @@ __device__ unsigned long long block_select_kth_largest(KeyFn key_at, int n, int 
       if (in && lane == __ffs(peers) - 1) atomicAdd(&sm.hist[digit], __popc(peers));
     }
     __syncthreads();
-    if (tid < 32) {
-      // Lane l owns digits 255-8l .. 255-8l-7 (descending): find the bucket holding the
-      // kr-th largest remaining key.
-      int c[8], sum = 0;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        c[i] = static_cast<int>(sm.hist[255 - (tid * 8 + i)]);
-        sum += c[i];
-      }
-      int incl = sum;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int t = __shfl_up_sync(0xffffffffu, incl, o);
-        if (tid >= o) incl += t;
-      }
-      int run = incl - sum;
-      if (run < kr && kr <= incl) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          if (run + c[i] >= kr) {
-            sm.digit = 255 - (tid * 8 + i);
-            sm.kr = kr - run;
-            sm.cnt = c[i];
-            break;
-          }
-          run += c[i];
-        }
-      }
-    }
+    if (tid < 32) warp_find_kth_bucket(sm.hist, kr, tid, &sm.digit, &sm.kr, &sm.cnt);
     __syncthreads();
     const int digit = sm.digit, cnt = sm.cnt;
     kr = sm.kr;
