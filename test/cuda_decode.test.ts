@@ -29,7 +29,7 @@ describe.skipIf(!cudaAvailable)('CUDA decode vs CPU backend, long runs', () => {
   test.each([
     { buffer: 0, dtype: 'bf16' as DType, headDim: 64, strategy: 'alpha' as const, window: 0 },
     { buffer: 16, dtype: 'fp16' as DType, headDim: 128, strategy: 'knorm_alpha' as const, window: 4 },
-  ])('batch 16, 4 layers, B=$buffer $dtype D=$headDim $strategy W=$window', ({ buffer, dtype, headDim, strategy, window }) => {
+  ])('batch 16, 4 layers, B=$buffer $dtype D=$headDim $strategy W=$window', async ({ buffer, dtype, headDim, strategy, window }) => {
     const cpu = openRuntime('cpu');
     const gpu = openRuntime('cuda');
     const cfg = { layers: 4, batch: 16, qHeads: 8, kvHeads: 2, headDim, memory: 48, buffer, dtype, strategy, window };
@@ -45,6 +45,8 @@ describe.skipIf(!cudaAvailable)('CUDA decode vs CPU backend, long runs', () => {
     const next = new Int32Array(Bt);
     let worst = 0;
     for (let step = 0; step < STEPS; step++) {
+      // A minute-long synchronous loop would starve the test runner's own messages: yield.
+      if (step % 50 === 0) await new Promise((resolve) => setImmediate(resolve));
       const positions = new Int32Array(Bt);
       for (let b = 0; b < Bt; b++) {
         if (step === 2000 + 37 * b && b % 3 === 1) {
