@@ -2,7 +2,7 @@
 # One call on the GPU machine (see ../shared/gpu/README.md): build the addon there (16 cores),
 # run the whole test suite with CUDA required, compute-sanitizer on the CUDA suites, and the
 # benchmark suite with the PyTorch comparison. Logs and JSON go to $OUT.
-#   source .gpu-kit/enter && bash scripts/gpu-suite.sh [build|fixtures|test|sanitize|bench]... [--quick] [--results bench/RESULTS.md]
+#   (after entering the GPU kit, ../shared/gpu/README.md) bash scripts/gpu-suite.sh [build|fixtures|test|sanitize|bench]... [--quick] [--results bench/RESULTS.md]
 # bench: bench/torch_compare.py, then `trimkv bench --backend cuda,cpu --torch ...`, writing
 # $OUT/bench.json, bench.md and the SVGs; --results FILE also writes FILE (plots in plots/ beside
 # it) and copies both to $OUT/results/ so they come back from the GPU machine.
