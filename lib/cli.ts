@@ -66,6 +66,10 @@ function int(v: string | undefined, name: string): number | undefined {
 }
 
 async function demo(args: string[]): Promise<number> {
+  if (args.includes('--help') || args.includes('-h')) {
+    console.log(USAGE);
+    return 0;
+  }
   const { values } = parseArgs({
     args,
     options: {
@@ -120,6 +124,10 @@ async function demo(args: string[]): Promise<number> {
 }
 
 async function bench(args: string[]): Promise<number> {
+  if (args.includes('--help') || args.includes('-h')) {
+    console.log(USAGE);
+    return 0;
+  }
   const { values } = parseArgs({
     args,
     options: {

@@ -60,6 +60,13 @@ describe('trimkv demo', () => {
     expect(r.err).toMatch(/ERR_INVALID_ARGUMENT: Expected an integer for --memory but received lots/);
   });
 
+  test.each(['demo', 'bench'])('`%s --help` prints the usage and exits 0', async (cmd) => {
+    const r = await cli([cmd, '--help']);
+    expect(r.code).toBe(0);
+    expect(r.out).toMatch(/Usage: trimkv <command>/);
+    expect(r.out).toMatch(/--memory <n>/);
+  });
+
   test('an unknown command prints the usage and exits 2', async () => {
     const r = await cli(['frobnicate']);
     expect(r.code).toBe(2);
