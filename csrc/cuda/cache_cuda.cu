@@ -110,7 +110,7 @@ class CudaCache final : public Cache {
 
  protected:
   void do_decode(int layer, const decode_args_t& a) override {
-    if (layer == 0) ring_->upload(positions_->data(), a.positions.data(), stream_);
+    if (layer == 0) ring_->upload(positions_->data(), a.positions.data, stream_);
     decode_params_t p = decode_params(layer, &a);
     check_cuda(DecodeStep(p, cfg_.dtype, decode_ws_->data(), stream_), "decode kernel");
   }

@@ -65,7 +65,7 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
       Napi::TypedArray pa = info[6].As<Napi::TypedArray>();
       TRIMKV_CHECK(pa.TypedArrayType() == napi_int32_array, code::kInvalidArgument, "positions must be an Int32Array");
       Napi::Int32Array p = pa.As<Napi::Int32Array>();
-      a.positions.assign(p.Data(), p.Data() + p.ElementLength());
+      a.positions = {p.Data(), p.ElementLength()};
       c->decode(layer, a);
       return info.Env().Undefined();
     });

@@ -41,7 +41,7 @@ void check_tensor(const Tensor* t, const char* name, Backend backend, DType dtyp
 
 }  // namespace
 
-void Cache::check_step(int layer, bool is_decode, const std::vector<int32_t>* positions, int seq, int64_t start,
+void Cache::check_step(int layer, bool is_decode, const positions_view_t* positions, int seq, int64_t start,
                        int chunk) const {
   TRIMKV_CHECK(layer >= 0 && layer < cfg_.layers, code::kRange, "layer ", layer, " out of range [0, ", cfg_.layers,
                ")");
@@ -56,7 +56,9 @@ void Cache::check_step(int layer, bool is_decode, const std::vector<int32_t>* po
                step_ == Step::kDecode ? "decode" : "prefill", " step was called with ",
                is_decode ? "decode" : "prefill");
   if (is_decode) {
-    TRIMKV_CHECK(*positions == step_positions_, code::kState,
+    const bool same = positions->size == step_positions_.size() &&
+                      std::equal(step_positions_.begin(), step_positions_.end(), positions->data);
+    TRIMKV_CHECK(same, code::kState,
                  "positions differ from those of layer 0 of this step");
   } else {
     TRIMKV_CHECK(seq == step_seq_ && start == step_start_ && chunk == step_chunk_, code::kState,
@@ -64,12 +66,12 @@ void Cache::check_step(int layer, bool is_decode, const std::vector<int32_t>* po
   }
 }
 
-void Cache::advance_step(int layer, bool is_decode, const std::vector<int32_t>* positions, int seq, int64_t start,
+void Cache::advance_step(int layer, bool is_decode, const positions_view_t* positions, int seq, int64_t start,
                          int chunk) {
   if (layer == 0) {
     step_ = is_decode ? Step::kDecode : Step::kPrefill;
     if (is_decode) {
-      step_positions_ = *positions;
+      step_positions_.assign(positions->data, positions->data + positions->size);  // reuses capacity
       for (int b = 0; b < cfg_.batch; ++b) {
         if ((*positions)[b] >= 0) seen_[b] = int64_t{(*positions)[b]} + 1;
       }
@@ -89,14 +91,14 @@ void Cache::advance_step(int layer, bool is_decode, const std::vector<int32_t>* 
 
 void Cache::decode(int layer, const decode_args_t& a) {
   const int B = cfg_.batch, Hq = cfg_.q_heads, Hkv = cfg_.kv_heads, D = cfg_.head_dim;
+  TRIMKV_CHECK(static_cast<int>(a.positions.size) == B, code::kShape, "Expected ", B,
+               " positions but received ", a.positions.size);
   check_step(layer, true, &a.positions, -1, 0, 0);
   check_tensor(a.q, "q", backend_, cfg_.dtype, {B, Hq, D});
   check_tensor(a.k, "k", backend_, cfg_.dtype, {B, Hkv, D});
   check_tensor(a.v, "v", backend_, cfg_.dtype, {B, Hkv, D});
   check_tensor(a.lam, "lam", backend_, DType::kF32, {B, Hkv});
   check_tensor(a.out, "out", backend_, cfg_.dtype, {B, Hq, D});
-  TRIMKV_CHECK(static_cast<int>(a.positions.size()) == B, code::kShape, "Expected ", B,
-               " positions but received ", a.positions.size());
   if (layer == 0) {
     for (int b = 0; b < B; ++b) {
       int32_t p = a.positions[b];

@@ -12,6 +12,13 @@
 
 namespace trimkv {
 
+/// A borrowed run of positions (the caller's array, valid for the duration of the call).
+struct positions_view_t {
+  const int32_t* data = nullptr;
+  size_t size = 0;
+  int32_t operator[](size_t i) const { return data[i]; }
+};
+
 /// One decode step of one layer: a new token for every sequence slot (position -1: inactive).
 struct decode_args_t {
   const Tensor* q = nullptr;    // [batch, q_heads, head_dim]
@@ -19,7 +26,7 @@ struct decode_args_t {
   const Tensor* v = nullptr;    // [batch, kv_heads, head_dim]
   const Tensor* lam = nullptr;  // [batch, kv_heads] fp32
   Tensor* out = nullptr;        // [batch, q_heads, head_dim]
-  std::vector<int32_t> positions;
+  positions_view_t positions;   // [batch], borrowed: no copy on the hot path
 };
 
 /// One prefill chunk of C tokens of one sequence for one layer.
@@ -73,9 +80,9 @@ class Cache {
   std::vector<int64_t> seen_;  // T per sequence
 
  private:
-  void check_step(int layer, bool is_decode, const std::vector<int32_t>* positions, int seq, int64_t start,
+  void check_step(int layer, bool is_decode, const positions_view_t* positions, int seq, int64_t start,
                   int chunk) const;
-  void advance_step(int layer, bool is_decode, const std::vector<int32_t>* positions, int seq, int64_t start,
+  void advance_step(int layer, bool is_decode, const positions_view_t* positions, int seq, int64_t start,
                     int chunk);
 
   enum class Step { kNone, kDecode, kPrefill };
