@@ -66,10 +66,6 @@ function int(v: string | undefined, name: string): number | undefined {
 }
 
 async function demo(args: string[]): Promise<number> {
-  if (args.includes('--help') || args.includes('-h')) {
-    console.log(USAGE);
-    return 0;
-  }
   const { values } = parseArgs({
     args,
     options: {
@@ -124,10 +120,6 @@ async function demo(args: string[]): Promise<number> {
 }
 
 async function bench(args: string[]): Promise<number> {
-  if (args.includes('--help') || args.includes('-h')) {
-    console.log(USAGE);
-    return 0;
-  }
   const { values } = parseArgs({
     args,
     options: {
@@ -181,6 +173,10 @@ function mib(bytes: number): string {
 /** Runs the CLI; resolves to the exit code. */
 export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
+  if (cmd !== undefined && (rest.includes('--help') || rest.includes('-h'))) {
+    console.log(USAGE);
+    return 0;
+  }
   try {
     switch (cmd) {
       case 'info': return info();
