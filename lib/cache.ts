@@ -1,7 +1,7 @@
 /** The memory-bounded KV cache of TRIM-KV for a batch of sequences (SPEC sections 4-7). */
 import { native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeCacheHandle } from './native.js';
-import { CUDA_HEAD_DIM_MULTIPLE, CUDA_MAX_HEAD_DIM, DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
+import { CUDA_HEAD_DIM_MULTIPLE, CUDA_MAX_HEAD_DIM, CUDA_MAX_POOL_HEADS, DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
 import { expectTensor } from './tensor.js';
 import type { BackendName, CacheConfig, DecodeInputs, HeadSnapshot, PrefillInputs } from './types.js';
 import { integerIn, invalid, numberIn, oneOf } from './validate.js';
@@ -43,8 +43,9 @@ export function resolveCacheConfig(config: CacheConfig): ResolvedCacheConfig {
 export function cacheSupport(backend: BackendName, config: CacheConfig | ResolvedCacheConfig): string | null {
   const c = resolveCacheConfig(config as CacheConfig);
   if (backend === 'cpu') return null;
-  if (c.scope !== 'head') return `scope '${c.scope}' is not supported by the CUDA backend yet; use scope 'head' or the CPU backend`;
-  if (c.threshold !== null) return 'threshold is not supported by the CUDA backend yet; use the CPU backend';
+  if (c.scope === 'global' && c.layers * c.kvHeads > CUDA_MAX_POOL_HEADS) {
+    return `scope 'global' on the CUDA backend pools at most ${CUDA_MAX_POOL_HEADS} heads per sequence (layers x kvHeads), got ${c.layers * c.kvHeads}; use scope 'layer' or the CPU backend`;
+  }
   if (c.headDim % CUDA_HEAD_DIM_MULTIPLE !== 0 || c.headDim > CUDA_MAX_HEAD_DIM) {
     return `headDim ${c.headDim} is not supported by the CUDA backend (multiples of ${CUDA_HEAD_DIM_MULTIPLE} up to ${CUDA_MAX_HEAD_DIM})`;
   }

@@ -14,3 +14,5 @@ export const CUDA_MAX_HEAD_DIM = 256;
 export const CUDA_HEAD_DIM_MULTIPLE = 8;
 /** The CUDA gate reads its input in 16-byte vectors: inputSize must be a multiple of 8. */
 export const CUDA_GATE_INPUT_MULTIPLE = 8;
+/** Scope "global" on CUDA: at most this many heads (layers x kvHeads) share one pool (kernels/pool.cuh). */
+export const CUDA_MAX_POOL_HEADS = 1024;

@@ -1,12 +1,13 @@
 /**
  * CUDA chunked prefill against the CPU backend (issue 5): every chunk size of the issue, the
  * dtypes and head dims, several chunks in a row (filling, then evicting), decode after it,
- * and a 64K-token prompt in chunks of 2,048 with M = 1,024. Outputs are compared after every
- * call, retained position sets after every chunk. Runs where CUDA is available.
+ * the "layer" and "global" scopes with floor ratio and threshold (pooled layout), and 64K-token
+ * prompts in chunks of 2,048 with M = 1,024. Outputs are compared after every call, retained
+ * position sets after every chunk. Runs where CUDA is available.
  */
 import { describe, expect, test } from 'vitest';
 import { openRuntime, type KVCache, type Runtime, type Tensor } from '../lib/index.js';
-import type { CacheConfig, DType } from '../lib/types.js';
+import type { CacheConfig, DType, Scope } from '../lib/types.js';
 import { cudaAvailable, cudaSkipReason } from './backends.js';
 import { ctx, randnArray, randomLam, relError, TOL } from './helpers.js';
 
@@ -88,6 +89,18 @@ const sizes = [
   { chunk: 4096, dtype: 'fp32' as DType, headDim: 72 },
 ];
 
+// Pools of heads: every chunk size, both pooled scopes, floor ratios and thresholds, the dtypes
+// and head dims in rotation. Three chunks fill and then overflow the pools.
+const pooled = [1, 7, 64, 512, 4096].flatMap((chunk, i) =>
+  (['layer', 'global'] as Scope[]).map((scope, j) => ({
+    chunk,
+    scope,
+    dtype: (['fp32', 'fp16', 'bf16'] as DType[])[(i + j) % 3]!,
+    headDim: [64, 128, 256, 72][(i + 2 * j) % 4]!,
+    floor: [0, 0.25, 0.5][(i + j) % 3]!,
+    threshold: (i + j) % 4 === 1 ? 0.05 : undefined,
+  })));
+
 describe.skipIf(!cudaAvailable)('CUDA prefill vs CPU backend', () => {
   test.each(sizes)('chunks of $chunk, $dtype, D=$headDim: three chunks, then decode', ({ chunk, dtype, headDim }) => {
     const buffer = chunk % 2 === 0 ? 8 : 0;
@@ -105,16 +118,39 @@ describe.skipIf(!cudaAvailable)('CUDA prefill vs CPU backend', () => {
     }
   }, 300_000);
 
-  test('a 64K-token prompt in chunks of 2,048 with M = 1,024: identical retained sets', async () => {
-    const tw = new Twin({ layers: 1, batch: 1, qHeads: 2, kvHeads: 1, headDim: 64, memory: 1024, buffer: 0, dtype: 'bf16' });
+  test.each(pooled)('scope $scope, chunks of $chunk, floor $floor, threshold $threshold, $dtype, D=$headDim', (c) => {
+    const memory = Math.max(4, Math.min(96, Math.floor(c.chunk * 1.5)));
+    const tw = new Twin({
+      layers: 3, batch: 2, qHeads: 8, kvHeads: 4, headDim: c.headDim, memory, buffer: c.chunk % 2 === 0 ? 8 : 0,
+      dtype: c.dtype, scope: c.scope, floor: c.floor, window: c.chunk > 8 ? 3 : 0,
+      ...(c.threshold !== undefined ? { threshold: c.threshold } : {}),
+    });
+    try {
+      for (let i = 0; i < 3; i++) {
+        tw.prefill(0, i * c.chunk, c.chunk);
+        tw.expectSameSets(`after chunk ${i}`);
+      }
+      for (let s = 0; s < 5; s++) tw.decode([3 * c.chunk + s, s]);
+      tw.expectSameSets('after decode');
+    } finally {
+      tw.dispose();
+    }
+  }, 300_000);
+
+  test.each([
+    { scope: 'head' as Scope, kvHeads: 1, floor: 0 },
+    { scope: 'layer' as Scope, kvHeads: 2, floor: 0.25 },
+  ])('a 64K-token prompt in chunks of 2,048 with M = 1,024, scope $scope: identical retained sets', async ({ scope, kvHeads, floor }) => {
+    const tw = new Twin({ layers: 1, batch: 1, qHeads: 2 * kvHeads, kvHeads, headDim: 64, memory: 1024, buffer: 0, dtype: 'bf16', scope, floor });
     try {
       for (let start = 0; start < 65536; start += 2048) {
         await new Promise((resolve) => setImmediate(resolve));  // let the runner's messages through
         tw.prefill(0, start, 2048);
         tw.expectSameSets(`after the chunk at ${start}`);
       }
-      expect(tw.gc.length(0, 0, 0)).toBe(1024);
-      console.log(`64K prompt: worst relative error ${tw.worst.toExponential(2)}`);
+      const kept = Array.from({ length: kvHeads }, (_, h) => tw.gc.length(0, 0, h));
+      expect(kept.reduce((a, b) => a + b, 0)).toBe(1024 * kvHeads);
+      console.log(`64K prompt, scope ${scope}: worst relative error ${tw.worst.toExponential(2)}, head lengths ${kept.join(' ')}`);
     } finally {
       tw.dispose();
     }

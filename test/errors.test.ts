@@ -476,8 +476,11 @@ describe('ERR_UNSUPPORTED: valid configurations a backend cannot run', () => {
   test('cacheSupport names what the CUDA backend lacks and accepts everything on the CPU', () => {
     expect(cacheSupport('cpu', { ...CONFIG, scope: 'global', threshold: 0.5, headDim: 3 })).toBeNull();
     expect(cacheSupport('cuda', CONFIG)).toBeNull();
-    expect(cacheSupport('cuda', { ...CONFIG, scope: 'layer' })).toMatch(/scope 'layer' is not supported by the CUDA backend/);
-    expect(cacheSupport('cuda', { ...CONFIG, threshold: 0.5 })).toMatch(/threshold is not supported by the CUDA backend/);
+    expect(cacheSupport('cuda', { ...CONFIG, scope: 'layer', floor: 0.25, threshold: 0.5 })).toBeNull();
+    expect(cacheSupport('cuda', { ...CONFIG, scope: 'global', layers: 128, kvHeads: 8, qHeads: 8 })).toBeNull();
+    expect(cacheSupport('cuda', { ...CONFIG, scope: 'global', layers: 129, kvHeads: 8, qHeads: 8 })).toMatch(
+      /scope 'global' on the CUDA backend pools at most 1024 heads per sequence \(layers x kvHeads\), got 1032/,
+    );
     expect(cacheSupport('cuda', { ...CONFIG, headDim: 1024 })).toMatch(/headDim 1024 is not supported by the CUDA backend/);
     expect(gateSupport('cuda', 12)).toMatch(/inputSize 12 is not supported by the CUDA gate/);
     expect(gateSupport('cpu', 12)).toBeNull();
@@ -485,7 +488,8 @@ describe('ERR_UNSUPPORTED: valid configurations a backend cannot run', () => {
 
   test.skipIf(!cudaAvailable)('the CUDA backend refuses them with the reason', () => {
     const rt = runtimeFor('cuda');
-    expectError(() => rt.createCache({ ...CONFIG, scope: 'global' }), 'ERR_UNSUPPORTED', "scope 'global' is not supported by the CUDA backend");
+    expectError(() => rt.createCache({ ...CONFIG, scope: 'global', layers: 129, kvHeads: 8, qHeads: 8 }), 'ERR_UNSUPPORTED',
+      "scope 'global' on the CUDA backend pools at most 1024 heads");
     expectError(() => rt.createCache({ ...CONFIG, headDim: 12 }), 'ERR_UNSUPPORTED', 'headDim 12 is not supported by the CUDA backend');
     expectError(
       () => rt.createGate({ kind: 'rg', activation: 'silu', inputSize: 4, intermediateSize: 2, kvHeads: 1,

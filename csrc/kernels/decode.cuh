@@ -16,35 +16,22 @@
 #include <cstdint>
 
 #include "../common/dtype.h"
+#include "cache_layer.cuh"
 #include "select_topk.cuh"
 #include "vec_dtypes.cuh"
 
 namespace trimkv {
 
-/// Parameters of one decode step over one layer. All pointers are device pointers.
-struct decode_params_t {
-  void* k_cache = nullptr;          ///< [batch, kv_heads, cap, head_dim] dtype
-  void* v_cache = nullptr;          ///< [batch, kv_heads, cap, head_dim] dtype
-  int32_t* pos_cache = nullptr;     ///< [batch, kv_heads, cap] absolute positions
-  float* lam_cache = nullptr;       ///< [batch, kv_heads, cap] log-retention
-  float* lognorm_cache = nullptr;   ///< [batch, kv_heads, cap] ln(max(|k|,1e-12)); knorm only
-  int32_t* lens = nullptr;          ///< [batch, kv_heads] valid slots 0..len-1
+/// Parameters of one decode step over one layer (cache_layer.cuh: the slot arrays, layout and
+/// rules). All pointers are device pointers. Pooled layout: the step only appends (every active
+/// head needs a free slot, see pool.cuh) and leaves eviction to PoolEvict.
+struct decode_params_t : cache_layer_t {
   const void* q = nullptr;          ///< [batch, q_heads, head_dim] dtype
   const void* k_new = nullptr;      ///< [batch, kv_heads, head_dim] dtype
   const void* v_new = nullptr;      ///< [batch, kv_heads, head_dim] dtype
   const float* lam_new = nullptr;   ///< [batch, kv_heads]
   const int32_t* positions = nullptr;  ///< [batch] position of the new token, -1 = inactive
   void* out = nullptr;              ///< [batch, q_heads, head_dim] dtype
-  int batch = 0;
-  int q_heads = 0;
-  int kv_heads = 0;
-  int head_dim = 0;                 ///< multiple of 8, <= 256 (64/128/256 fast paths)
-  int memory = 0;                   ///< M >= 1
-  int buffer = 0;                   ///< B >= 0
-  int cap = 0;                      ///< slots per head, >= M + B
-  int window = 0;                   ///< W >= 0: pos >= T - W is never evicted
-  bool knorm = false;               ///< strategy knorm_alpha
-  float scale = 0.f;                ///< softmax scale (1/sqrt(head_dim) usually)
   int num_splits = 0;               ///< 0 = auto; > 0 forces the split count (clamped)
   int num_sms = 0;                  ///< 0 = read from the current device
 };
@@ -120,13 +107,12 @@ __host__ __device__ constexpr int smem_bytes() {
 
 /// Shared scratch of the eviction epilogue.
 struct fin_smem_t {
-  int hist[256];
-  unsigned long long thr;
+  topk::select_smem_t sel;
   unsigned long long vkey_w[kThreads / 32];
   int vslot_w[kThreads / 32];
   unsigned long long vkey;
   int vslot;
-  int digit, kr, cnt, nh, nm;
+  int nh, nm;
   int last;
   float lognorm;
 };
@@ -134,24 +120,6 @@ struct fin_smem_t {
 }  // namespace decode_detail
 
 namespace {
-
-/// Keep-key of a token: larger keeps. High word: the score mapped to an order-preserving
-/// unsigned; low word: the position, so that equal scores keep the larger position (SPEC 4).
-__device__ __forceinline__ unsigned long long make_keep_key(float score, int pos) {
-  uint32_t u = __float_as_uint(score);
-  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return (static_cast<unsigned long long>(u) << 32) | static_cast<uint32_t>(pos);
-}
-
-/// Decayed score (SPEC 4). Age is measured against T + 1, so the newest token has age 2.
-/// Window-protected tokens get +inf so that they always sort above every evictable token.
-__device__ __forceinline__ float token_score(float lam, int pos, int tcount, int window,
-                                             bool knorm, float lognorm) {
-  if (pos >= tcount - window) return __int_as_float(0x7f800000);
-  float s = lam * static_cast<float>(tcount + 1 - pos);
-  if (knorm) s += lognorm;
-  return s;
-}
 
 /// ln(max(||k_new||_2, 1e-12)) of the new key of head bh, by warp 0, into fin.lognorm.
 /// Caller synchronises afterwards.
@@ -178,13 +146,13 @@ __device__ __forceinline__ void write_new_token(const decode_params_t& p, int b,
                                                 int slot, int pos_new, float lognorm,
                                                 const T* snew) {
   constexpr int VEC = vec_size<T>::value;
-  const size_t dst = (static_cast<size_t>(bh) * p.cap + slot) * D;
+  const size_t m = p.head_base(bh) + slot;
+  const size_t dst = m * D;
   for (int c = threadIdx.x; c < D / VEC; c += blockDim.x) {
     copy16(static_cast<T*>(p.k_cache) + dst + c * VEC, snew + c * VEC);
     copy16(static_cast<T*>(p.v_cache) + dst + c * VEC, snew + D + c * VEC);
   }
   if (threadIdx.x == 0) {
-    const size_t m = static_cast<size_t>(bh) * p.cap + slot;
     p.pos_cache[m] = pos_new;
     p.lam_cache[m] = p.lam_new[bh];
     if (p.knorm) p.lognorm_cache[m] = lognorm;
@@ -230,6 +198,10 @@ __device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int
   const int tid = threadIdx.x;
   const int nthr = blockDim.x;
   const int M = p.memory;
+  if (p.pooled()) {  // appended; the pool kernel evicts
+    if (tid == 0) p.lens[bh] = len + 1;
+    return;
+  }
   if (p.buffer == 0) {
     if (len < M) {
       if (tid == 0) p.lens[bh] = len + 1;
@@ -245,13 +217,13 @@ __device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int
     return;
   }
   const int tcount = pos_new + 1;
-  const size_t base = static_cast<size_t>(bh) * p.cap;
+  const size_t base = p.head_base(bh);
   auto key_at = [&](int s) -> unsigned long long {
     // L2 reads (__ldcg): another block of this step may have written the slot.
     const int pos = __ldcg(p.pos_cache + base + s);
     const float ln = p.knorm ? __ldcg(p.lognorm_cache + base + s) : 0.f;
-    return make_keep_key(
-        token_score(__ldcg(p.lam_cache + base + s), pos, tcount, p.window, p.knorm, ln), pos);
+    return topk::keep_key(
+        cache_score(__ldcg(p.lam_cache + base + s), pos, tcount, p.window, p.knorm, ln), pos);
   };
   // Stage the n keep-keys in shared memory when they fit: the loads go out in batches, and the
   // radix passes and the compaction below read shared memory instead of L2 / DRAM.
@@ -276,49 +248,15 @@ __device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int
       for (int u = 0; u < kBatch; ++u) {
         const int s = s0 + u * nthr + tid;
         if (s < n)
-          skeys[s] = make_keep_key(
-              token_score(lam[u], pos[u], tcount, p.window, p.knorm, ln[u]), pos[u]);
+          skeys[s] = topk::keep_key(
+              cache_score(lam[u], pos[u], tcount, p.window, p.knorm, ln[u]), pos[u]);
       }
     }
     __syncthreads();
   }
   auto key_of = [&](int s) -> unsigned long long { return staged ? skeys[s] : key_at(s); };
-  // Radix select, 8 bits a pass from the top, of the M-th largest key among n.
-  unsigned long long prefix = 0, mask = 0;
-  int kr = M;
-  unsigned long long thr = 0;
-  for (int shift = 56; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += nthr) fin.hist[i] = 0;
-    __syncthreads();
-    for (int s = tid; s < n; s += nthr) {
-      const unsigned long long k = key_of(s);
-      if ((k & mask) == prefix) atomicAdd(&fin.hist[(k >> shift) & 255], 1);
-    }
-    __syncthreads();
-    if (tid < 32) topk::warp_find_kth_bucket(fin.hist, kr, tid, &fin.digit, &fin.kr, &fin.cnt);
-    __syncthreads();
-    const int digit = fin.digit;
-    kr = fin.kr;
-    const int cnt = fin.cnt;
-    prefix |= static_cast<unsigned long long>(digit) << shift;
-    mask |= 0xffull << shift;
-    if (cnt == kr) {
-      // Every remaining candidate is kept: the threshold is the smallest of them.
-      if (tid == 0) fin.thr = ~0ull;
-      __syncthreads();
-      unsigned long long mn = ~0ull;
-      for (int s = tid; s < n; s += nthr) {
-        const unsigned long long k = key_of(s);
-        if ((k & mask) == prefix && k < mn) mn = k;
-      }
-      atomicMin(&fin.thr, mn);
-      __syncthreads();
-      thr = fin.thr;
-      break;
-    }
-    if (shift == 0) thr = prefix;  // only with duplicate keys (duplicate positions)
-    __syncthreads();
-  }
+  // The M-th largest key among n (radix select, select_topk.cuh): exactly M keys are >= it.
+  const unsigned long long thr = topk::block_select_kth_largest(key_of, n, M, fin.sel);
   // Compaction: survivors in slots >= M move into evicted slots < M.
   int* holes = list;
   int* movers = list + p.buffer;
@@ -378,7 +316,7 @@ __device__ void merge_splits_and_finalize(const decode_params_t& p, int b, int h
   const int tid = threadIdx.x;
   const int nthr = blockDim.x;
   const int SG = S * G;
-  const bool need_victim = p.buffer == 0 && len >= p.memory;
+  const bool need_victim = !p.pooled() && p.buffer == 0 && len >= p.memory;
   float4* smd = static_cast<float4*>(smem);                            // [S*G] (max, sum)
   ulonglong2* svk = reinterpret_cast<ulonglong2*>(smd + SG);            // [S] (key, slot)
   float* sw = reinterpret_cast<float*>(svk + S);                        // [S*G] weights
@@ -550,16 +488,17 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
   const int start = min(n_total, split * chunk);
   const int end = min(n_total, start + chunk);
   const bool has_new = start <= len && len < end;
-  const bool need_victim = p.buffer == 0 && len >= p.memory;
-  const bool need_append = (p.buffer > 0 || len < p.memory) && len < p.cap;
+  const bool need_victim = !p.pooled() && p.buffer == 0 && len >= p.memory;
+  const bool need_append = p.pooled() || ((p.buffer > 0 || len < p.memory) && len < p.cap);
 
   if (has_new && p.knorm) {
     new_token_lognorm<T>(p, bh, D, fin);
     __syncthreads();
   }
 
-  const T* kc = static_cast<const T*>(p.k_cache) + static_cast<size_t>(bh) * p.cap * D;
-  const T* vc = static_cast<const T*>(p.v_cache) + static_cast<size_t>(bh) * p.cap * D;
+  const size_t mbase = p.head_base(bh);
+  const T* kc = static_cast<const T*>(p.k_cache) + mbase * D;
+  const T* vc = static_cast<const T*>(p.v_cache) + mbase * D;
   const T* kn = static_cast<const T*>(p.k_new) + static_cast<size_t>(bh) * D;
   const T* vn = static_cast<const T*>(p.v_new) + static_cast<size_t>(bh) * D;
   T* sk = reinterpret_cast<T*>(smem_raw);
@@ -593,7 +532,6 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
 
   unsigned long long vkey = ~0ull;
   int vslot = -1;
-  const size_t mbase = static_cast<size_t>(bh) * p.cap;
 
   // Prefetch k_new / v_new of this head into shared memory (first cp.async group): the append
   // or victim write at the end then needs no global round trip.
@@ -627,7 +565,7 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
           if (p.knorm) ln = fin.lognorm;
         }
         const unsigned long long k =
-            make_keep_key(token_score(lam, pos, tcount, p.window, p.knorm, ln), pos);
+            topk::keep_key(cache_score(lam, pos, tcount, p.window, p.knorm, ln), pos);
         if (k < vkey) { vkey = k; vslot = j; }
       }
     }

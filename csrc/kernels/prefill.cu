@@ -4,21 +4,17 @@
 
 #include <algorithm>
 
+#include "cache_layer.cuh"
 #include "select_topk.cuh"
 
 namespace trimkv {
 
 namespace {
 
-/// Decayed score of SPEC section 4 with the sliding-window rule (+inf: always kept).
-/// __fmul_rn / __fadd_rn stop the compiler from contracting lam * age + lognorm into one FMA,
-/// so the bits equal decayed_score() on the host: ties and the retained set depend on them.
-/// Adding +0 also folds a -0 score onto +0.
-__device__ __forceinline__ float prefill_score(float lam, int pos, int tcount, int window,
-                                               bool knorm, float lognorm) {
-  if (pos >= tcount - window) return __int_as_float(0x7f800000);
-  const float s = __fmul_rn(lam, static_cast<float>(tcount + 1 - pos));  // age from T + 1
-  return __fadd_rn(s, knorm ? lognorm : 0.f);
+/// Rows of the per-head move lists: every survivor may move (fixed layout), or only the
+/// appended chunk (pooled).
+__host__ __device__ inline int move_rows(const prefill_params_t& p) {
+  return p.pooled() ? p.chunk : p.cap;
 }
 
 /// Slot plan of one chunk for KV head blockIdx.x of sequence p.seq. Candidates are the len
@@ -28,8 +24,8 @@ __device__ __forceinline__ float prefill_score(float lam, int pos, int tcount, i
 /// the head shrinks, cached survivors above the new length move down into the remaining
 /// freed slots. pos / lam / lognorm are written here, K/V rows by PrefillWriteKernel.
 /// Updates lens. grid (kv_heads), block 1024.
-/// \param ws  keys [kv_heads, cap + chunk], holes [kv_heads, cap], move_src / move_dst
-///            [kv_heads, cap], move_count [kv_heads], lognorm [kv_heads, chunk]
+/// \param ws  keys [kv_heads, cap + chunk], holes [kv_heads, cap] (fixed layout), move_src /
+///            move_dst [kv_heads, move_rows], move_count [kv_heads], lognorm [kv_heads, chunk]
 __global__ void __launch_bounds__(prefill_detail::kSelectThreads)
     PrefillSelectKernel(const prefill_params_t p, prefill_ws_t ws) {
   __shared__ topk::select_smem_t sm;
@@ -38,16 +34,17 @@ __global__ void __launch_bounds__(prefill_detail::kSelectThreads)
   const int bh = p.seq * p.kv_heads + h;
   const int len = p.lens[bh], C = p.chunk, n = len + C;
   const int tcount = p.start + C;  // T: tokens processed, this chunk included
-  const size_t base = static_cast<size_t>(bh) * p.cap;
-  int* src = ws.move_src + static_cast<size_t>(h) * p.cap;
-  int* dst = ws.move_dst + static_cast<size_t>(h) * p.cap;
+  const size_t base = p.head_base(bh);
+  int* src = ws.move_src + static_cast<size_t>(h) * move_rows(p);
+  int* dst = ws.move_dst + static_cast<size_t>(h) * move_rows(p);
   auto write_meta = [&](int slot, int i) {
     p.pos_cache[base + slot] = p.start + i;
     p.lam_cache[base + slot] = p.lam[static_cast<size_t>(i) * p.kv_heads + h];
     if (p.knorm) p.lognorm_cache[base + slot] = ws.lognorm[static_cast<size_t>(h) * C + i];
   };
 
-  if (n < p.memory + p.buffer) {  // under budget: append the whole chunk (n < cap)
+  // Under budget, or pooled (PoolEvict runs next): append the whole chunk (n <= cap).
+  if (p.pooled() || n < p.memory + p.buffer) {
     for (int i = tid; i < C; i += nthr) {
       src[i] = i;
       dst[i] = len + i;
@@ -74,7 +71,7 @@ __global__ void __launch_bounds__(prefill_detail::kSelectThreads)
       lam = p.lam[static_cast<size_t>(i) * p.kv_heads + h];
       if (p.knorm) ln = ws.lognorm[static_cast<size_t>(h) * C + i];
     }
-    keys[s] = topk::keep_key(prefill_score(lam, pos, tcount, p.window, p.knorm, ln), pos);
+    keys[s] = topk::keep_key(cache_score(lam, pos, tcount, p.window, p.knorm, ln), pos);
   }
   __syncthreads();
   const unsigned long long thr =
@@ -161,9 +158,9 @@ __global__ void __launch_bounds__(prefill_detail::kSelectThreads)
 /// chunk index) and cached survivors moved down into freed slots (src < 0, slot -1 - src).
 /// Sources and destinations never overlap (moved-from slots are >= the new length, every
 /// destination is below it), so the copies run in parallel.
-/// grid (ceil(cap / kWriteRows), kv_heads), block 256. Rows are moved as raw 16-byte vectors
+/// grid (ceil(move_rows / kWriteRows), kv_heads), block 256. Rows are moved as raw 16-byte vectors
 /// (row_bytes = head_dim * dtype size, a multiple of 16).
-/// \param ws  move_src / move_dst [kv_heads, cap], move_count [kv_heads]
+/// \param ws  move_src / move_dst [kv_heads, move_rows], move_count [kv_heads]
 __global__ void __launch_bounds__(prefill_detail::kWriteThreads)
     PrefillWriteKernel(const prefill_params_t p, prefill_ws_t ws, int row_bytes) {
   using prefill_detail::kWriteRows;
@@ -171,9 +168,9 @@ __global__ void __launch_bounds__(prefill_detail::kWriteThreads)
   const int count = ws.move_count[h];
   const int r0 = blockIdx.x * kWriteRows;
   if (r0 >= count) return;
-  const int* src = ws.move_src + static_cast<size_t>(h) * p.cap;
-  const int* dst = ws.move_dst + static_cast<size_t>(h) * p.cap;
-  const size_t bh = static_cast<size_t>(p.seq) * p.kv_heads + h;
+  const int* src = ws.move_src + static_cast<size_t>(h) * move_rows(p);
+  const int* dst = ws.move_dst + static_cast<size_t>(h) * move_rows(p);
+  const size_t base = p.head_base(p.seq * p.kv_heads + h);
   const int nv = row_bytes / 16;
   char* kc = static_cast<char*>(p.k_cache);
   char* vc = static_cast<char*>(p.v_cache);
@@ -184,13 +181,13 @@ __global__ void __launch_bounds__(prefill_detail::kWriteThreads)
     const int rank = r0 + r;
     if (rank >= count) continue;
     const int from_idx = src[rank];
-    const size_t to = (bh * p.cap + dst[rank]) * row_bytes + c * 16;
+    const size_t to = (base + dst[rank]) * row_bytes + c * 16;
     if (from_idx >= 0) {
       const size_t from = (static_cast<size_t>(from_idx) * p.kv_heads + h) * row_bytes + c * 16;
       copy16(kc + to, kin + from);
       copy16(vc + to, vin + from);
     } else {
-      const size_t from = (bh * p.cap + (-1 - from_idx)) * row_bytes + c * 16;
+      const size_t from = (base + (-1 - from_idx)) * row_bytes + c * 16;
       copy16(kc + to, kc + from);
       copy16(vc + to, vc + from);
     }
@@ -207,6 +204,7 @@ prefill_ws_t carve_workspace(const prefill_params_t& p, void* workspace, size_t*
   const size_t H = static_cast<size_t>(std::max(p.kv_heads, 0));
   const size_t C = static_cast<size_t>(std::max(p.chunk, 0));
   const size_t cap = static_cast<size_t>(std::max(p.cap, 0));
+  const size_t rows = static_cast<size_t>(std::max(move_rows(p), 0));
   char* base = static_cast<char*>(workspace);
   size_t off = 0;
   prefill_ws_t ws;
@@ -215,10 +213,12 @@ prefill_ws_t carve_workspace(const prefill_params_t& p, void* workspace, size_t*
     off += align256(n);
     return ptr;
   };
-  ws.keys = reinterpret_cast<unsigned long long*>(take(H * (cap + C) * 8));
-  ws.holes = reinterpret_cast<int*>(take(H * cap * 4));
-  ws.move_src = reinterpret_cast<int*>(take(H * cap * 4));
-  ws.move_dst = reinterpret_cast<int*>(take(H * cap * 4));
+  if (!p.pooled()) {  // the selection's keys and holes; pooled chunks only append
+    ws.keys = reinterpret_cast<unsigned long long*>(take(H * (cap + C) * 8));
+    ws.holes = reinterpret_cast<int*>(take(H * cap * 4));
+  }
+  ws.move_src = reinterpret_cast<int*>(take(H * rows * 4));
+  ws.move_dst = reinterpret_cast<int*>(take(H * rows * 4));
   ws.move_count = reinterpret_cast<int*>(take(H * 4));
   if (p.knorm) ws.lognorm = reinterpret_cast<float*>(take(H * C * 4));
   if (bytes) *bytes = off;
@@ -260,7 +260,7 @@ cudaError_t PrefillChunk(const prefill_params_t& p, DType dtype, void* workspace
   PrefillSelectKernel<<<p.kv_heads, kSelectThreads, 0, stream>>>(p, ws);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  const dim3 grid((p.cap + kWriteRows - 1) / kWriteRows, p.kv_heads);
+  const dim3 grid((move_rows(p) + kWriteRows - 1) / kWriteRows, p.kv_heads);
   PrefillWriteKernel<<<grid, kWriteThreads, 0, stream>>>(
       p, ws, p.head_dim * static_cast<int>(dtype_size(dtype)));
   return cudaGetLastError();

@@ -22,18 +22,15 @@
 #include <type_traits>
 
 #include "../common/dtype.h"
+#include "cache_layer.cuh"
 #include "vec_dtypes.cuh"
 
 namespace trimkv {
 
-/// Parameters of one prefill chunk of sequence `seq` over one layer. Device pointers.
-struct prefill_params_t {
-  void* k_cache = nullptr;         ///< [batch, kv_heads, cap, head_dim] dtype
-  void* v_cache = nullptr;         ///< [batch, kv_heads, cap, head_dim] dtype
-  int32_t* pos_cache = nullptr;    ///< [batch, kv_heads, cap] absolute positions
-  float* lam_cache = nullptr;      ///< [batch, kv_heads, cap] log-retention
-  float* lognorm_cache = nullptr;  ///< [batch, kv_heads, cap] ln(max(|k|,1e-12)); knorm only
-  int32_t* lens = nullptr;         ///< [batch, kv_heads] valid slots 0..len-1
+/// Parameters of one prefill chunk of sequence `seq` over one layer (cache_layer.cuh: the slot
+/// arrays, layout and rules). Device pointers. Pooled layout: the chunk is appended whole (its
+/// heads need `chunk` free slots, see pool.cuh) and PoolEvict evicts afterwards.
+struct prefill_params_t : cache_layer_t {
   int seq = 0;                     ///< sequence (batch row) of this chunk
   int start = 0;                   ///< position of the chunk's first token
   int chunk = 0;                   ///< tokens in the chunk (>= 1; 0 is a no-op)
@@ -42,16 +39,6 @@ struct prefill_params_t {
   const void* v = nullptr;         ///< [chunk, kv_heads, head_dim] dtype
   const float* lam = nullptr;      ///< [chunk, kv_heads]
   void* out = nullptr;             ///< [chunk, q_heads, head_dim] dtype
-  int batch = 0;
-  int q_heads = 0;
-  int kv_heads = 0;
-  int head_dim = 0;    ///< multiple of 8, <= 256 (64/128/256 exact tiles)
-  int memory = 0;      ///< M >= 1
-  int buffer = 0;      ///< B >= 0
-  int cap = 0;         ///< slots per head, >= M + B
-  int window = 0;      ///< W >= 0: pos >= T - W is never evicted
-  bool knorm = false;  ///< strategy knorm_alpha
-  float scale = 0.f;   ///< softmax scale (1/sqrt(head_dim) usually)
 };
 
 /// Workspace pointers carved out of the caller's workspace buffer.
@@ -181,12 +168,13 @@ __device__ __forceinline__ prefill_tile_t prefill_tile(const prefill_params_t& p
   return t;
 }
 
-/// Global address of 16-byte column c of logical key n of head bh (cache slot or chunk token).
+/// Global address of 16-byte column c of logical key n of head h, whose cache segment starts at
+/// slot base (a cache slot, or a chunk token when n >= len).
 template <typename T>
 __device__ __forceinline__ const T* prefill_key_row(const T* cache, const T* in,
-                                                    const prefill_params_t& p, int bh, int h,
+                                                    const prefill_params_t& p, size_t base, int h,
                                                     int len, int n, int col) {
-  return n < len ? cache + (static_cast<size_t>(bh) * p.cap + n) * p.head_dim + col
+  return n < len ? cache + (base + n) * p.head_dim + col
                  : in + (static_cast<size_t>(n - len) * p.kv_heads + h) * p.head_dim + col;
 }
 
@@ -282,6 +270,7 @@ __global__ void __launch_bounds__(prefill_detail::kMmaThreads,
   const int G = p.q_heads / p.kv_heads;
   const int D = p.head_dim;
   const int bh = p.seq * p.kv_heads + h;
+  const size_t base = p.head_base(bh);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const prefill_tile_t tile = prefill_tile(p, G, BQ, p.lens[bh]);
   const int len = tile.len;
@@ -304,7 +293,7 @@ __global__ void __launch_bounds__(prefill_detail::kMmaThreads,
       const int r = e / NCOL, c = e - (e / NCOL) * NCOL;
       const int n = n0 + r;
       const bool ok = n < tile.n_end && c * 8 < D;
-      const T* src = ok ? prefill_key_row(cache, in, p, bh, h, len, n, c * 8) : in;
+      const T* src = ok ? prefill_key_row(cache, in, p, base, h, len, n, c * 8) : in;
       cp_async16(dst + r * LD + c * 8, src, ok);
     }
   };
@@ -499,6 +488,7 @@ __global__ void __launch_bounds__(prefill_detail::kSimtThreads)
   const int G = p.q_heads / p.kv_heads;
   const int D = p.head_dim;
   const int bh = p.seq * p.kv_heads + h;
+  const size_t base = p.head_base(bh);
   const int tid = threadIdx.x;
   const int r = tid >> 2, quarter = tid & 3;
   const prefill_tile_t tile = prefill_tile(p, G, BQ, p.lens[bh]);
@@ -536,8 +526,8 @@ __global__ void __launch_bounds__(prefill_detail::kSimtThreads)
       const int n = n0 + rr;
       float kf[VEC], vf[VEC];
       if (n < tile.n_end && c * VEC < D) {
-        load_vec_f32<T>(prefill_key_row(kc, kin, p, bh, h, len, n, c * VEC), kf);
-        load_vec_f32<T>(prefill_key_row(vc, vin, p, bh, h, len, n, c * VEC), vf);
+        load_vec_f32<T>(prefill_key_row(kc, kin, p, base, h, len, n, c * VEC), kf);
+        load_vec_f32<T>(prefill_key_row(vc, vin, p, base, h, len, n, c * VEC), vf);
       } else {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) kf[i] = vf[i] = 0.f;
