@@ -3,7 +3,7 @@ import { native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeCacheHandle } from './native.js';
 import { CUDA_HEAD_DIM_MULTIPLE, CUDA_MAX_HEAD_DIM, CUDA_MAX_POOL_HEADS, DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
 import { expectTensor } from './tensor.js';
-import type { BackendName, CacheConfig, DecodeInputs, HeadSnapshot, PrefillInputs } from './types.js';
+import type { BackendName, CacheConfig, DecodeInputs, HeadSnapshot, PrefillBatchInputs, PrefillChunk, PrefillInputs } from './types.js';
 import { integerIn, invalid, numberIn, oneOf } from './validate.js';
 
 /** A cache configuration with every default filled in (`threshold: null` = none). */
@@ -109,21 +109,55 @@ export class KVCache {
    * @throws {TrimKVError} as `decode`.
    */
   prefill(layer: number, inputs: PrefillInputs): void {
-    const h = this.#h();
-    const l = this.#layer(layer);
+    this.#h();
+    this.#layer(layer);
     if (inputs === null || typeof inputs !== 'object') invalid('a PrefillInputs object', 'inputs', inputs);
-    const { qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = this.config;
-    const seq = integerIn(inputs.seq, 'seq', 0, this.config.batch - 1);
-    const start = integerIn(inputs.start, 'start', 0, 2 ** 31 - 2);
     const q0 = inputs.q;
     const C = q0 && typeof q0 === 'object' && 'shape' in q0 ? (q0.shape[0] ?? 0) : 0;
     if (C < 1) invalid('a q tensor of shape [C >= 1, qHeads, headDim]', 'q', q0, 'ERR_SHAPE');
-    const q = expectTensor(inputs.q, 'q', this.backend, dtype, [C, Hq, D]);
-    const k = expectTensor(inputs.k, 'k', this.backend, dtype, [C, Hkv, D]);
-    const v = expectTensor(inputs.v, 'v', this.backend, dtype, [C, Hkv, D]);
-    const lam = expectTensor(inputs.lam, 'lam', this.backend, 'fp32', [C, Hkv]);
-    const out = expectTensor(inputs.out, 'out', this.backend, dtype, [C, Hq, D]);
-    native(() => h.prefill(l, seq, start, q.handle('q'), k.handle('k'), v.handle('v'), lam.handle('lam'), out.handle('out')));
+    const seq = integerIn(inputs.seq, 'seq', 0, this.config.batch - 1);
+    const start = integerIn(inputs.start, 'start', 0, 2 ** 31 - 2);
+    this.#prefill(layer, Int32Array.of(seq, start, C), C, inputs);
+  }
+
+  /**
+   * One prefill call over several sequences for one layer (varlen, for continuous batching):
+   * each chunk attends to its own sequence's cache and causally to itself, then each sequence
+   * is evicted as by `prefill`; on CUDA all chunks run in one launch per kernel. The chunks'
+   * tokens are packed in `q`, `k`, `v`, `lam` and `out` one chunk after the other. Call layers
+   * in order with the same chunks.
+   * @throws {TrimKVError} as `prefill`; ERR_INVALID_ARGUMENT for a sequence named twice.
+   */
+  prefillBatch(layer: number, inputs: PrefillBatchInputs): void {
+    this.#h();
+    this.#layer(layer);
+    if (inputs === null || typeof inputs !== 'object') invalid('a PrefillBatchInputs object', 'inputs', inputs);
+    const list = inputs.chunks;
+    if (!Array.isArray(list) || list.length < 1 || list.length > this.config.batch) {
+      invalid(`an array of 1 to ${this.config.batch} chunks`, 'chunks', list);
+    }
+    const triples = new Int32Array(3 * list.length);
+    let total = 0;
+    list.forEach((c: PrefillChunk, i: number) => {
+      if (c === null || typeof c !== 'object') invalid('a { seq, start, length } object', `chunks[${i}]`, c);
+      triples[3 * i] = integerIn(c.seq, `chunks[${i}].seq`, 0, this.config.batch - 1);
+      triples[3 * i + 1] = integerIn(c.start, `chunks[${i}].start`, 0, 2 ** 31 - 2);
+      triples[3 * i + 2] = integerIn(c.length, `chunks[${i}].length`, 1, 2 ** 24);
+      total += triples[3 * i + 2]!;
+    });
+    this.#prefill(layer, triples, total, inputs);
+  }
+
+  #prefill(layer: number, chunks: Int32Array, N: number, inputs: PrefillInputs | PrefillBatchInputs): void {
+    const h = this.#h();
+    const l = this.#layer(layer);
+    const { qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = this.config;
+    const q = expectTensor(inputs.q, 'q', this.backend, dtype, [N, Hq, D]);
+    const k = expectTensor(inputs.k, 'k', this.backend, dtype, [N, Hkv, D]);
+    const v = expectTensor(inputs.v, 'v', this.backend, dtype, [N, Hkv, D]);
+    const lam = expectTensor(inputs.lam, 'lam', this.backend, 'fp32', [N, Hkv]);
+    const out = expectTensor(inputs.out, 'out', this.backend, dtype, [N, Hq, D]);
+    native(() => h.prefill(l, chunks, q.handle('q'), k.handle('k'), v.handle('v'), lam.handle('lam'), out.handle('out')));
   }
 
   /** Empties a sequence slot for reuse (T = 0). @throws {TrimKVError} ERR_RANGE, ERR_STATE */

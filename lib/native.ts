@@ -33,7 +33,8 @@ export interface NativeGateHandle {
 export interface NativeCacheHandle {
   decode(layer: number, q: NativeTensorHandle, k: NativeTensorHandle, v: NativeTensorHandle,
     lam: NativeTensorHandle, out: NativeTensorHandle, positions: Int32Array): void;
-  prefill(layer: number, seq: number, start: number, q: NativeTensorHandle, k: NativeTensorHandle,
+  /** chunks: (seq, start, length) triples; their tokens are packed in that order in q .. out. */
+  prefill(layer: number, chunks: Int32Array, q: NativeTensorHandle, k: NativeTensorHandle,
     v: NativeTensorHandle, lam: NativeTensorHandle, out: NativeTensorHandle): void;
   reset(seq: number): void;
   seen(seq: number): number;

@@ -157,6 +157,34 @@ export interface PrefillInputs {
   out: import('./tensor.js').Tensor;
 }
 
+/** One sequence's chunk in a `prefillBatch` call. */
+export interface PrefillChunk {
+  /** Sequence slot; each slot appears at most once in a call. */
+  seq: number;
+  /** Position of the chunk's first token. */
+  start: number;
+  /** Tokens in the chunk (>= 1). */
+  length: number;
+}
+
+/**
+ * Inputs of one prefill call over several sequences for one layer (varlen): the chunks' tokens
+ * are packed one chunk after the other, N = the sum of the lengths.
+ */
+export interface PrefillBatchInputs {
+  chunks: readonly PrefillChunk[];
+  /** [N, qHeads, headDim] */
+  q: import('./tensor.js').Tensor;
+  /** [N, kvHeads, headDim] */
+  k: import('./tensor.js').Tensor;
+  /** [N, kvHeads, headDim] */
+  v: import('./tensor.js').Tensor;
+  /** [N, kvHeads] fp32 */
+  lam: import('./tensor.js').Tensor;
+  /** [N, qHeads, headDim]: written by the call */
+  out: import('./tensor.js').Tensor;
+}
+
 /** What `inspect` reports for one (sequence, layer, KV head): tokens sorted by position. */
 export interface HeadSnapshot {
   positions: Int32Array;

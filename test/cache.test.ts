@@ -231,6 +231,30 @@ describe.each(BACKENDS)('KVCache on %s', (backend) => {
       }
     });
 
+    // Varlen: several sequences' chunks in one call, as continuous batching mixes them.
+    test.each([
+      { scope: 'head' as Scope, dtype: 'bf16' as DType, buffer: 0, headDim: 64, floor: 0, threshold: undefined },
+      { scope: 'head' as Scope, dtype: 'fp32' as DType, buffer: 4, headDim: 72, floor: 0, threshold: 0.05 },
+      { scope: 'layer' as Scope, dtype: 'fp16' as DType, buffer: 2, headDim: 128, floor: 0.25, threshold: undefined },
+      { scope: 'global' as Scope, dtype: 'bf16' as DType, buffer: 0, headDim: 256, floor: 0.5, threshold: undefined },
+    ])('prefillBatch: chunks of several sequences in one call, scope=$scope $dtype B=$buffer D=$headDim', (c) => {
+      const pair = new CachePair(runtimeFor(backend), {
+        layers: 2, batch: 4, qHeads: 8, kvHeads: 2, headDim: c.headDim, memory: 24, buffer: c.buffer, dtype: c.dtype,
+        scope: c.scope, floor: c.floor, window: 2, ...(c.threshold !== undefined ? { threshold: c.threshold } : {}),
+      });
+      try {
+        // Unequal chunks, sequences out of order, one slot left out, then a follow-up call that
+        // mixes a new sequence with the continuation of others, then decode.
+        pair.prefillBatch([{ seq: 2, start: 0, length: 37 }, { seq: 0, start: 0, length: 5 }, { seq: 3, start: 0, length: 64 }]);
+        pair.prefillBatch([{ seq: 0, start: 5, length: 50 }, { seq: 1, start: 0, length: 1 }, { seq: 3, start: 70, length: 9 }]);
+        decodeRun(pair, 3);
+        pair.prefillBatch([{ seq: 1, start: pair.oracle.seen(1), length: 33 }]);
+        decodeRun(pair, 2);
+      } finally {
+        pair.dispose();
+      }
+    });
+
     test('a chunk may start past T (position gap)', () => {
       const pair = new CachePair(runtimeFor(backend), { layers: 1, batch: 1, qHeads: 2, kvHeads: 2, headDim: 64, memory: 4, dtype: 'fp16' });
       try {

@@ -50,6 +50,22 @@ class Twin {
     }
   }
 
+  /** One varlen call: the chunks of several sequences packed in one set of tensors. */
+  prefillBatch(chunks: { seq: number; start: number; length: number }[]): void {
+    const { qHeads: Hq, kvHeads: Hkv, headDim: D, dtype, layers } = this.cfg;
+    const N = chunks.reduce((n, c) => n + c.length, 0);
+    for (let l = 0; l < layers; l++) {
+      const q = this.#both([N, Hq, D], dtype, randnArray(N * Hq * D));
+      const k = this.#both([N, Hkv, D], dtype, randnArray(N * Hkv * D));
+      const v = this.#both([N, Hkv, D], dtype, randnArray(N * Hkv * D));
+      const lam = this.#both([N, Hkv], 'fp32', randomLam(N * Hkv));
+      const out = this.#both([N, Hq, D], dtype, new Float32Array(N * Hq * D).fill(Number.NaN));
+      [this.cc, this.gc].forEach((c, i) => c.prefillBatch(l, { chunks, q: q[i]!, k: k[i]!, v: v[i]!, lam: lam[i]!, out: out[i]! }));
+      this.#compare(out, `prefillBatch ${JSON.stringify(chunks)} layer ${l}`);
+      for (const t of [...q, ...k, ...v, ...lam, ...out]) t.dispose();
+    }
+  }
+
   decode(positions: number[]): void {
     const { batch: B, qHeads: Hq, kvHeads: Hkv, headDim: D, dtype, layers } = this.cfg;
     for (let l = 0; l < layers; l++) {
@@ -131,6 +147,24 @@ describe.skipIf(!cudaAvailable)('CUDA prefill vs CPU backend', () => {
         tw.expectSameSets(`after chunk ${i}`);
       }
       for (let s = 0; s < 5; s++) tw.decode([3 * c.chunk + s, s]);
+      tw.expectSameSets('after decode');
+    } finally {
+      tw.dispose();
+    }
+  }, 300_000);
+
+  test.each([
+    { scope: 'head' as Scope, dtype: 'bf16' as DType, headDim: 128 },
+    { scope: 'layer' as Scope, dtype: 'fp16' as DType, headDim: 64 },
+    { scope: 'global' as Scope, dtype: 'fp32' as DType, headDim: 256 },
+  ])('varlen: chunks of 4 sequences in one launch, scope $scope, $dtype, D=$headDim', ({ scope, dtype, headDim }) => {
+    const tw = new Twin({ layers: 2, batch: 5, qHeads: 8, kvHeads: 2, headDim, memory: 256, buffer: 16, dtype, scope, floor: scope === 'head' ? 0 : 0.25, window: 4 });
+    try {
+      tw.prefillBatch([{ seq: 3, start: 0, length: 512 }, { seq: 0, start: 0, length: 1 }, { seq: 4, start: 0, length: 1500 }, { seq: 1, start: 0, length: 77 }]);
+      tw.expectSameSets('after the first call');
+      tw.prefillBatch([{ seq: 0, start: 1, length: 700 }, { seq: 2, start: 0, length: 64 }, { seq: 3, start: 512, length: 300 }]);
+      tw.expectSameSets('after the second call');
+      for (let s = 0; s < 4; s++) tw.decode([701 + s, 77 + s, 64 + s, 812 + s, 1500 + s]);
       tw.expectSameSets('after decode');
     } finally {
       tw.dispose();

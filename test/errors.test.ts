@@ -290,6 +290,52 @@ describe.each(BACKENDS)('errors on %s', (backend) => {
       stillWorks(pair);
     });
 
+    // Varlen prefill (prefillBatch): the packed inputs of N rows for the given chunks.
+    const batchInputs = (pair: CachePair, chunks: { seq: number; start: number; length: number }[], rows?: number) => {
+      const N = rows ?? chunks.reduce((n, c) => n + c.length, 0);
+      const { seq: _s, start: _t, ...inp } = prefillInputs(pair, 0, 0, N);
+      return { ...inp, chunks };
+    };
+
+    test('prefillBatch naming a sequence twice', () => {
+      const pair = warmPair(backend);
+      const s0 = pair.oracle.seen(0);
+      const inp = batchInputs(pair, [{ seq: 0, start: s0, length: 3 }, { seq: 0, start: s0 + 3, length: 2 }]);
+      expectRejected(pair, () => pair.cache.prefillBatch(0, inp), 'ERR_INVALID_ARGUMENT', 'sequence 0 has two chunks in one prefill call', inp.out);
+      inp.all.forEach((t) => t.dispose());
+      stillWorks(pair);
+    });
+
+    test('prefillBatch whose chunk lengths do not add up to the rows of q', () => {
+      const pair = warmPair(backend);
+      const inp = batchInputs(pair, [{ seq: 0, start: pair.oracle.seen(0), length: 3 }, { seq: 1, start: pair.oracle.seen(1), length: 2 }], 4);
+      expectRejected(pair, () => pair.cache.prefillBatch(0, inp), 'ERR_SHAPE', /Expected shape \[5, 4, 64\] for q but received "?shape \[4, 4, 64\]"?$/, inp.out);
+      inp.all.forEach((t) => t.dispose());
+      stillWorks(pair);
+    });
+
+    test('prefillBatch with no chunks, or a chunk of length 0', () => {
+      const pair = warmPair(backend);
+      const inp = batchInputs(pair, [], 1);
+      expectRejected(pair, () => pair.cache.prefillBatch(0, inp), 'ERR_INVALID_ARGUMENT', 'Expected an array of 1 to 2 chunks for chunks', inp.out);
+      const zero = { ...inp, chunks: [{ seq: 0, start: pair.oracle.seen(0), length: 0 }] };
+      expectRejected(pair, () => pair.cache.prefillBatch(0, zero), 'ERR_RANGE', 'Expected an integer in [1, 16777216] for chunks[0].length but received 0', inp.out);
+      inp.all.forEach((t) => t.dispose());
+      stillWorks(pair);
+    });
+
+    test('prefillBatch of layer 1 with other chunks than layer 0', () => {
+      const pair = warmPair(backend);
+      const chunks = [{ seq: 0, start: pair.oracle.seen(0), length: 3 }, { seq: 1, start: pair.oracle.seen(1), length: 2 }];
+      const l0 = batchInputs(pair, chunks);
+      pair.cache.prefillBatch(0, l0);
+      const other = batchInputs(pair, [chunks[0]!, { ...chunks[1]!, length: 3 }]);
+      expectError(() => pair.cache.prefillBatch(1, other), 'ERR_STATE', 'prefill chunks differ from those of layer 0 of this step');
+      const l1 = batchInputs(pair, chunks);
+      pair.cache.prefillBatch(1, l1);  // the step completes with the same chunks
+      for (const t of [...l0.all, ...other.all, ...l1.all]) t.dispose();
+    });
+
     test('inspect of a KV head >= kvHeads', () => {
       const pair = warmPair(backend);
       expectRejected(pair, () => pair.cache.inspect(0, 0, 2), 'ERR_RANGE', 'Expected an integer in [0, 1] for head but received 2');

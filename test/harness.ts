@@ -206,6 +206,47 @@ export class CachePair {
     return used;
   }
 
+  /**
+   * One varlen prefill call (all layers in order): the chunks of several sequences packed in
+   * one set of tensors; each chunk's rows are compared with the oracle prefilling that
+   * sequence alone, then the state.
+   */
+  prefillBatch(chunks: { seq: number; start: number; length: number }[], opts: StepOptions = {}): void {
+    const { layers, qHeads, kvHeads, headDim: D } = this.cfg;
+    const rt = this.rt;
+    const N = chunks.reduce((n, c) => n + c.length, 0);
+    const what = chunks.map((c) => `seq ${c.seq} start ${c.start} C ${c.length}`).join(', ');
+    for (let l = 0; l < layers; l++) {
+      const inp = makeInputs(N, qHeads, kvHeads, D, this.dtype, l, opts);
+      const q = tensorOf(rt, [N, qHeads, D], this.dtype, inp.q.data);
+      const k = tensorOf(rt, [N, kvHeads, D], this.dtype, inp.k.data);
+      const v = tensorOf(rt, [N, kvHeads, D], this.dtype, inp.v.data);
+      const lam = tensorOf(rt, [N, kvHeads], 'fp32', inp.lam);
+      const out = rt.tensor([N, qHeads, D], this.dtype);
+      poison(out);
+      try {
+        this.cache.prefillBatch(l, { chunks, q, k, v, lam, out });
+        const got = out.readSync();
+        let first = 0;
+        for (const c of chunks) {
+          const qs = qHeads * D, ks = kvHeads * D;
+          const rows = (a: Float64Array, w: number) => a.subarray(first * w, (first + c.length) * w);
+          const ref = this.oracle.prefill(l, c.seq, c.start, rows(inp.q.values, qs), rows(inp.k.values, ks), rows(inp.v.values, ks),
+            inp.lam.subarray(first * kvHeads, (first + c.length) * kvHeads), c.length);
+          const mine = got.subarray(first * qs, (first + c.length) * qs);
+          for (let r = 0; r < c.length; r++) {
+            expectBlockClose(mine, ref, r, qs, this.tol, `${this.label} prefillBatch [${what}] layer ${l}: seq ${c.seq} row ${r}`);
+          }
+          first += c.length;
+        }
+      } finally {
+        for (const t of [q, k, v, lam, out]) t.dispose();
+      }
+    }
+    this.step++;
+    this.checkState(`after prefillBatch [${what}]`);
+  }
+
   reset(seq: number): void {
     this.cache.reset(seq);
     this.oracle.reset(seq);

@@ -103,34 +103,7 @@ class CpuCache final : public Cache {
   }
 
   void do_prefill(int layer, const prefill_args_t& a) override {
-    const int Hq = cfg_.q_heads, Hkv = cfg_.kv_heads, D = cfg_.head_dim, G = cfg_.group();
-    const int C = a.chunk();
-    const float scale = cfg_.softmax_scale();
-    const DType dt = cfg_.dtype;
-    const float* lam_in = static_cast<const float*>(a.lam->data());
-    cpu::parallel_for(Hkv, [&](int h) {
-      thread_local std::vector<float> keys, values, qrow, orow, logits;
-      qrow.resize(D);
-      orow.resize(D);
-      HeadStore& hs = at(layer, a.seq, h);
-      gather_rows(hs, a.k->data(), a.v->data(), static_cast<size_t>(h) * D, C, keys, values);
-      const int cached = hs.len;
-      for (int i = 0; i < C; ++i) {
-        for (int g = 0; g < G; ++g) {
-          const size_t qoff = (static_cast<size_t>(i) * Hq + h * G + g) * D;
-          to_float_n(a.q->data(), dt, qoff, D, qrow.data());
-          // Causal within the chunk: query i sees every cached token and chunk tokens 0..i.
-          cpu::attend_row(qrow.data(), keys.data(), values.data(), cached + i + 1, D, scale, orow.data(), logits);
-          for (int d = 0; d < D; ++d) store_from_float(a.out->data(), dt, qoff + d, orow[d]);
-        }
-      }
-      for (int i = 0; i < C; ++i) {
-        append(hs, a.k->data(), a.v->data(), (static_cast<size_t>(i) * Hkv + h) * D,
-               static_cast<int32_t>(a.start + i), lam_in[static_cast<size_t>(i) * Hkv + h]);
-      }
-      if (cfg_.scope == Scope::kHead) evict_head(layer, a.seq, h);
-    });
-    if (cfg_.scope != Scope::kHead) evict_after_pass(layer, a.seq);
+    for (const prefill_chunk_t& c : a.chunks) prefill_chunk(layer, a, c);
   }
 
   void do_reset(int seq) override {
@@ -151,6 +124,39 @@ class CpuCache final : public Cache {
   }
 
  private:
+  // One sequence's chunk of a prefill call: rows [c.first, c.first + c.length) of the inputs.
+  void prefill_chunk(int layer, const prefill_args_t& a, const prefill_chunk_t& c) {
+    const int Hq = cfg_.q_heads, Hkv = cfg_.kv_heads, D = cfg_.head_dim, G = cfg_.group();
+    const int C = c.length;
+    const size_t row0 = static_cast<size_t>(c.first);
+    const float scale = cfg_.softmax_scale();
+    const DType dt = cfg_.dtype;
+    const float* lam_in = static_cast<const float*>(a.lam->data());
+    cpu::parallel_for(Hkv, [&](int h) {
+      thread_local std::vector<float> keys, values, qrow, orow, logits;
+      qrow.resize(D);
+      orow.resize(D);
+      HeadStore& hs = at(layer, c.seq, h);
+      gather_rows(hs, a.k->data(), a.v->data(), (row0 * Hkv + h) * D, C, keys, values);
+      const int cached = hs.len;
+      for (int i = 0; i < C; ++i) {
+        for (int g = 0; g < G; ++g) {
+          const size_t qoff = ((row0 + i) * Hq + h * G + g) * D;
+          to_float_n(a.q->data(), dt, qoff, D, qrow.data());
+          // Causal within the chunk: query i sees every cached token and chunk tokens 0..i.
+          cpu::attend_row(qrow.data(), keys.data(), values.data(), cached + i + 1, D, scale, orow.data(), logits);
+          for (int d = 0; d < D; ++d) store_from_float(a.out->data(), dt, qoff + d, orow[d]);
+        }
+      }
+      for (int i = 0; i < C; ++i) {
+        append(hs, a.k->data(), a.v->data(), ((row0 + i) * Hkv + h) * D,
+               static_cast<int32_t>(c.start + i), lam_in[(row0 + i) * Hkv + h]);
+      }
+      if (cfg_.scope == Scope::kHead) evict_head(layer, c.seq, h);
+    });
+    if (cfg_.scope != Scope::kHead) evict_after_pass(layer, c.seq);
+  }
+
   size_t token_bytes() const { return 2 * row_bytes_ + 3 * sizeof(float); }
 
   HeadStore& at(int layer, int seq, int head) {

@@ -130,20 +130,42 @@ class CudaCache final : public Cache {
   }
 
   void do_prefill(int layer, const prefill_args_t& a) override {
-    prefill_params_t p;
-    p.seq = a.seq;
-    p.start = static_cast<int>(a.start);
-    p.chunk = a.chunk();
+    const bool varlen = a.chunks.size() > 1;
+    int longest = 0;
+    for (const prefill_chunk_t& c : a.chunks) longest = std::max(longest, c.length);
+    if (varlen && layer == 0) upload_chunks(a.chunks);
+    const prefill_chunk_t& one = a.chunks[0];
+    // The PoolEvict launch over this call's sequences: one, or every slot with -1 for the others.
+    auto pool_launch = [&]() {
+      pool_params_t e = pool_params(layer, varlen ? 0 : one.seq, varlen ? cfg_.batch : 1);
+      if (varlen) {
+        e.positions = prefill_last_;
+      } else {
+        e.tcount = static_cast<int>(one.start) + one.length;
+      }
+      return e;
+    };
     if (pool_) {
-      // Room for the whole chunk in this layer's heads; the eviction follows the chunk.
-      if (p.chunk > pool_->chunk_room) grow_regions(p.chunk);
-      pool_params_t r = pool_params(layer, a.seq, 1);
+      // Room for the longest chunk in this layer's heads; the eviction follows the chunk.
+      if (longest > pool_->chunk_room) grow_regions(longest);
+      pool_params_t r = pool_launch();
       r.evict = false;
       r.room_layer = layer;
-      r.room_extra = p.chunk;
+      r.room_extra = longest;
       check_cuda(PoolEvict(r, pool_->ws->data(), stream_), "pool room kernel");
     }
+    prefill_params_t p;
     fill_layer(p, layer);
+    if (varlen) {
+      p.segs = prefill_segs_;
+      p.nseg = static_cast<int>(a.chunks.size());
+      p.max_chunk = longest;
+      p.tokens = a.tokens();
+    } else {
+      p.seq = one.seq;
+      p.start = static_cast<int>(one.start);
+      p.chunk = one.length;
+    }
     p.q = a.q->data();
     p.k = a.k->data();
     p.v = a.v->data();
@@ -156,8 +178,7 @@ class CudaCache final : public Cache {
     }
     check_cuda(PrefillChunk(p, cfg_.dtype, prefill_ws_->data(), stream_), "prefill kernel");
     if (pool_ && (cfg_.scope != Scope::kGlobal || layer == cfg_.layers - 1)) {
-      pool_params_t e = pool_params(layer, a.seq, 1);
-      e.tcount = p.start + p.chunk;
+      pool_params_t e = pool_launch();
       e.room = 1;
       check_cuda(PoolEvict(e, pool_->ws->data(), stream_), "pool eviction kernel");
     }
@@ -323,6 +344,29 @@ class CudaCache final : public Cache {
     s.chunk_room = chunk;
   }
 
+  // Stages a varlen call's chunk table (and, for PoolEvict, each sequence's last position or
+  // -1) on the device for the layers of the step.
+  void upload_chunks(const std::vector<prefill_chunk_t>& chunks) {
+    if (!chunk_ring_) {
+      chunk_ring_ = std::make_unique<PinnedRing>(chunk_table_bytes(), 64);
+      chunk_table_ = std::make_unique<Buffer>(Backend::kCuda, chunk_table_bytes());
+      prefill_segs_ = static_cast<const prefill_seg_t*>(chunk_table_->data());
+      prefill_last_ = reinterpret_cast<const int32_t*>(static_cast<const char*>(chunk_table_->data()) +
+                                                       sizeof(prefill_seg_t) * cfg_.batch);
+    }
+    std::vector<char> table(chunk_table_bytes());
+    prefill_seg_t* segs = reinterpret_cast<prefill_seg_t*>(table.data());
+    int32_t* last = reinterpret_cast<int32_t*>(table.data() + sizeof(prefill_seg_t) * cfg_.batch);
+    std::fill(last, last + cfg_.batch, -1);
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      const prefill_chunk_t& c = chunks[i];
+      segs[i] = prefill_seg_t{c.seq, static_cast<int>(c.start), c.length, c.first};
+      last[c.seq] = static_cast<int32_t>(c.start + c.length - 1);
+    }
+    chunk_ring_->upload(chunk_table_->data(), table.data(), stream_);
+  }
+  size_t chunk_table_bytes() const { return (sizeof(prefill_seg_t) + sizeof(int32_t)) * cfg_.batch; }
+
   size_t table_index(int layer, int seq, int head) const {
     return (static_cast<size_t>(layer) * cfg_.batch + seq) * cfg_.kv_heads + head;
   }
@@ -439,6 +483,10 @@ class CudaCache final : public Cache {
   std::unique_ptr<PinnedRing> ring_;
   std::unique_ptr<Buffer> decode_ws_;
   std::unique_ptr<Buffer> prefill_ws_;  // grown to the largest chunk seen
+  std::unique_ptr<PinnedRing> chunk_ring_;  // varlen prefill: staged chunk tables
+  std::unique_ptr<Buffer> chunk_table_;     // [batch] prefill_seg_t, then [batch] last positions
+  const prefill_seg_t* prefill_segs_ = nullptr;
+  const int32_t* prefill_last_ = nullptr;
 };
 
 }  // namespace

@@ -14,7 +14,7 @@ namespace {
 /// Rows of the per-head move lists: every survivor may move (fixed layout), or only the
 /// appended chunk (pooled).
 __host__ __device__ inline int move_rows(const prefill_params_t& p) {
-  return p.pooled() ? p.chunk : p.cap;
+  return p.pooled() ? p.longest() : p.cap;
 }
 
 /// Slot plan of one chunk for KV head blockIdx.x of sequence p.seq. Candidates are the len
@@ -23,24 +23,30 @@ __host__ __device__ inline int move_rows(const prefill_params_t& p) {
 /// take the slots of evicted cached tokens (ascending), then slots len, len + 1, ...; when
 /// the head shrinks, cached survivors above the new length move down into the remaining
 /// freed slots. pos / lam / lognorm are written here, K/V rows by PrefillWriteKernel.
-/// Updates lens. grid (kv_heads), block 1024.
-/// \param ws  keys [kv_heads, cap + chunk], holes [kv_heads, cap] (fixed layout), move_src /
-///            move_dst [kv_heads, move_rows], move_count [kv_heads], lognorm [kv_heads, chunk]
+/// Updates lens. grid (kv_heads, segments), block 1024; chunk blockIdx.y.
+/// \param ws  per (chunk, KV head) z = blockIdx.y * kv_heads + h: keys [z][cap + longest],
+///            holes [z][cap] (fixed layout), move_src / move_dst [z][move_rows], move_count [z];
+///            lognorm of the chunk's keys (see PrefillLognormKernel)
 __global__ void __launch_bounds__(prefill_detail::kSelectThreads)
     PrefillSelectKernel(const prefill_params_t p, prefill_ws_t ws) {
   __shared__ topk::select_smem_t sm;
   __shared__ int warp_sums[32];
   const int h = blockIdx.x, tid = threadIdx.x, nthr = blockDim.x;
-  const int bh = p.seq * p.kv_heads + h;
-  const int len = p.lens[bh], C = p.chunk, n = len + C;
-  const int tcount = p.start + C;  // T: tokens processed, this chunk included
+  const prefill_seg_t sg = p.segment(blockIdx.y);
+  const size_t z = static_cast<size_t>(blockIdx.y) * p.kv_heads + h;
+  const int bh = sg.seq * p.kv_heads + h;
+  const int len = p.lens[bh], C = sg.chunk, n = len + C;
+  const int tcount = sg.start + C;  // T: tokens processed, this chunk included
   const size_t base = p.head_base(bh);
-  int* src = ws.move_src + static_cast<size_t>(h) * move_rows(p);
-  int* dst = ws.move_dst + static_cast<size_t>(h) * move_rows(p);
+  const float* lam_in = p.lam + static_cast<size_t>(sg.first) * p.kv_heads;
+  const float* lognorm_in = ws.lognorm + static_cast<size_t>(sg.first) * p.kv_heads +
+                            static_cast<size_t>(h) * C;
+  int* src = ws.move_src + z * move_rows(p);
+  int* dst = ws.move_dst + z * move_rows(p);
   auto write_meta = [&](int slot, int i) {
-    p.pos_cache[base + slot] = p.start + i;
-    p.lam_cache[base + slot] = p.lam[static_cast<size_t>(i) * p.kv_heads + h];
-    if (p.knorm) p.lognorm_cache[base + slot] = ws.lognorm[static_cast<size_t>(h) * C + i];
+    p.pos_cache[base + slot] = sg.start + i;
+    p.lam_cache[base + slot] = lam_in[static_cast<size_t>(i) * p.kv_heads + h];
+    if (p.knorm) p.lognorm_cache[base + slot] = lognorm_in[i];
   };
 
   // Under budget, or pooled (PoolEvict runs next): append the whole chunk (n <= cap).
@@ -51,13 +57,13 @@ __global__ void __launch_bounds__(prefill_detail::kSelectThreads)
       write_meta(len + i, i);
     }
     if (tid == 0) {
-      ws.move_count[h] = C;
+      ws.move_count[z] = C;
       p.lens[bh] = n;
     }
     return;
   }
 
-  unsigned long long* keys = ws.keys + static_cast<size_t>(h) * (p.cap + C);
+  unsigned long long* keys = ws.keys + z * (p.cap + p.longest());
   for (int s = tid; s < n; s += nthr) {
     int pos;
     float lam, ln = 0.f;
@@ -67,9 +73,9 @@ __global__ void __launch_bounds__(prefill_detail::kSelectThreads)
       if (p.knorm) ln = p.lognorm_cache[base + s];
     } else {
       const int i = s - len;
-      pos = p.start + i;
-      lam = p.lam[static_cast<size_t>(i) * p.kv_heads + h];
-      if (p.knorm) ln = ws.lognorm[static_cast<size_t>(h) * C + i];
+      pos = sg.start + i;
+      lam = lam_in[static_cast<size_t>(i) * p.kv_heads + h];
+      if (p.knorm) ln = lognorm_in[i];
     }
     keys[s] = topk::keep_key(cache_score(lam, pos, tcount, p.window, p.knorm, ln), pos);
   }
@@ -102,7 +108,7 @@ __global__ void __launch_bounds__(prefill_detail::kSelectThreads)
   // Free slots: evicted cached slots below new_len, ascending. Chunk survivors take the first
   // ns of them (then slots len, len + 1, ... when new_len > len); cached survivors sitting at
   // slots >= new_len (only when new_len < len) move into the rest, keeping slots dense.
-  int* holes = ws.holes + static_cast<size_t>(h) * p.cap;
+  int* holes = ws.holes + z * p.cap;
   int nf = 0;
   const int lo = min(len, new_len);
   for (int s0 = 0; s0 < lo; s0 += nthr) {
@@ -149,33 +155,36 @@ __global__ void __launch_bounds__(prefill_detail::kSelectThreads)
     nmove += total;
   }
   if (tid == 0) {
-    ws.move_count[h] = min(nmove, nf + max(new_len - len, 0));
+    ws.move_count[z] = min(nmove, nf + max(new_len - len, 0));
     p.lens[bh] = new_len;
   }
 }
 
-/// Copies the K/V rows of the planned moves of KV head blockIdx.y: chunk survivors (src >= 0,
-/// chunk index) and cached survivors moved down into freed slots (src < 0, slot -1 - src).
-/// Sources and destinations never overlap (moved-from slots are >= the new length, every
-/// destination is below it), so the copies run in parallel.
-/// grid (ceil(move_rows / kWriteRows), kv_heads), block 256. Rows are moved as raw 16-byte vectors
-/// (row_bytes = head_dim * dtype size, a multiple of 16).
-/// \param ws  move_src / move_dst [kv_heads, move_rows], move_count [kv_heads]
+/// Copies the K/V rows of the planned moves of KV head blockIdx.y of chunk blockIdx.z: chunk
+/// survivors (src >= 0, chunk index) and cached survivors moved down into freed slots (src < 0,
+/// slot -1 - src). Sources and destinations never overlap (moved-from slots are >= the new
+/// length, every destination is below it), so the copies run in parallel.
+/// grid (ceil(move_rows / kWriteRows), kv_heads, segments), block 256. Rows are moved as raw
+/// 16-byte vectors (row_bytes = head_dim * dtype size, a multiple of 16).
+/// \param ws  move_src / move_dst [z][move_rows], move_count [z], z = blockIdx.z * kv_heads + h
 __global__ void __launch_bounds__(prefill_detail::kWriteThreads)
     PrefillWriteKernel(const prefill_params_t p, prefill_ws_t ws, int row_bytes) {
   using prefill_detail::kWriteRows;
   const int h = blockIdx.y;
-  const int count = ws.move_count[h];
+  const prefill_seg_t sg = p.segment(blockIdx.z);
+  const size_t z = static_cast<size_t>(blockIdx.z) * p.kv_heads + h;
+  const int count = ws.move_count[z];
   const int r0 = blockIdx.x * kWriteRows;
   if (r0 >= count) return;
-  const int* src = ws.move_src + static_cast<size_t>(h) * move_rows(p);
-  const int* dst = ws.move_dst + static_cast<size_t>(h) * move_rows(p);
-  const size_t base = p.head_base(p.seq * p.kv_heads + h);
+  const int* src = ws.move_src + z * move_rows(p);
+  const int* dst = ws.move_dst + z * move_rows(p);
+  const size_t base = p.head_base(sg.seq * p.kv_heads + h);
   const int nv = row_bytes / 16;
   char* kc = static_cast<char*>(p.k_cache);
   char* vc = static_cast<char*>(p.v_cache);
-  const char* kin = static_cast<const char*>(p.k);
-  const char* vin = static_cast<const char*>(p.v);
+  const size_t in0 = static_cast<size_t>(sg.first) * p.kv_heads * row_bytes;  // the chunk's rows
+  const char* kin = static_cast<const char*>(p.k) + in0;
+  const char* vin = static_cast<const char*>(p.v) + in0;
   for (int e = threadIdx.x; e < kWriteRows * nv; e += blockDim.x) {
     const int r = e / nv, c = e - (e / nv) * nv;
     const int rank = r0 + r;
@@ -201,10 +210,12 @@ inline size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255);
 namespace prefill_detail {
 
 prefill_ws_t carve_workspace(const prefill_params_t& p, void* workspace, size_t* bytes) {
-  const size_t H = static_cast<size_t>(std::max(p.kv_heads, 0));
-  const size_t C = static_cast<size_t>(std::max(p.chunk, 0));
+  // Per (chunk, KV head) lists, and the lognorms of every packed row.
+  const size_t H = static_cast<size_t>(std::max(p.kv_heads, 0)) * std::max(p.segments(), 0);
+  const size_t C = static_cast<size_t>(std::max(p.longest(), 0));
   const size_t cap = static_cast<size_t>(std::max(p.cap, 0));
   const size_t rows = static_cast<size_t>(std::max(move_rows(p), 0));
+  const size_t tokens = static_cast<size_t>(std::max(p.rows(), 0));
   char* base = static_cast<char*>(workspace);
   size_t off = 0;
   prefill_ws_t ws;
@@ -220,7 +231,7 @@ prefill_ws_t carve_workspace(const prefill_params_t& p, void* workspace, size_t*
   ws.move_src = reinterpret_cast<int*>(take(H * rows * 4));
   ws.move_dst = reinterpret_cast<int*>(take(H * rows * 4));
   ws.move_count = reinterpret_cast<int*>(take(H * 4));
-  if (p.knorm) ws.lognorm = reinterpret_cast<float*>(take(H * C * 4));
+  if (p.knorm) ws.lognorm = reinterpret_cast<float*>(take(tokens * p.kv_heads * 4));
   if (bytes) *bytes = off;
   return ws;
 }
@@ -237,11 +248,12 @@ cudaError_t PrefillChunk(const prefill_params_t& p, DType dtype, void* workspace
                          cudaStream_t stream) {
   using namespace prefill_detail;
   if (p.batch <= 0 || p.kv_heads <= 0 || p.q_heads <= 0 || p.q_heads % p.kv_heads != 0 ||
-      p.seq < 0 || p.seq >= p.batch || p.start < 0 || p.chunk < 0 || p.memory < 1 || p.buffer < 0 ||
-      p.window < 0 || p.cap < p.memory + p.buffer || p.head_dim <= 0 || p.head_dim % 8 != 0 ||
-      p.head_dim > kMaxHeadDim || (p.knorm && p.lognorm_cache == nullptr))
+      (p.segs == nullptr && (p.seq < 0 || p.seq >= p.batch || p.start < 0 || p.chunk < 0)) ||
+      (p.segs != nullptr && (p.nseg < 1 || p.nseg > p.batch || p.max_chunk < 1 || p.tokens < p.max_chunk)) ||
+      p.memory < 1 || p.buffer < 0 || p.window < 0 || p.cap < p.memory + p.buffer || p.head_dim <= 0 ||
+      p.head_dim % 8 != 0 || p.head_dim > kMaxHeadDim || (p.knorm && p.lognorm_cache == nullptr))
     return cudaErrorInvalidValue;
-  if (p.chunk == 0) return cudaSuccess;
+  if (p.longest() == 0) return cudaSuccess;
   if (workspace == nullptr) return cudaErrorInvalidValue;
   const prefill_ws_t ws = carve_workspace(p, workspace, nullptr);
   cudaError_t e = cudaErrorInvalidValue;  // Unsupported dtype
@@ -257,10 +269,10 @@ cudaError_t PrefillChunk(const prefill_params_t& p, DType dtype, void* workspace
       break;
   }
   if (e != cudaSuccess) return e;
-  PrefillSelectKernel<<<p.kv_heads, kSelectThreads, 0, stream>>>(p, ws);
+  PrefillSelectKernel<<<dim3(p.kv_heads, p.segments()), kSelectThreads, 0, stream>>>(p, ws);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  const dim3 grid((move_rows(p) + kWriteRows - 1) / kWriteRows, p.kv_heads);
+  const dim3 grid((move_rows(p) + kWriteRows - 1) / kWriteRows, p.kv_heads, p.segments());
   PrefillWriteKernel<<<grid, kWriteThreads, 0, stream>>>(
       p, ws, p.head_dim * static_cast<int>(dtype_size(dtype)));
   return cudaGetLastError();

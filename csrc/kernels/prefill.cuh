@@ -1,8 +1,10 @@
-// TRIM-KV prefill of one chunk of one sequence, one layer (SPEC.md sections 4-6):
-// causal GQA attention of the chunk's queries over the head's cached tokens plus the chunk's
-// own tokens, then the retention eviction over cached + chunk tokens, writing only the
-// survivors of the chunk into the cache, so that a head never needs more than cap slots
-// whatever the chunk length.
+// TRIM-KV prefill of one chunk of one sequence, one layer (SPEC.md sections 4-6), or of the
+// chunks of several sequences in one launch (varlen: grid.z runs over the chunks, packed one
+// after the other in the inputs): causal GQA attention of the chunk's queries over the head's
+// cached tokens plus the chunk's own tokens, then the retention eviction over cached + chunk
+// tokens, writing only the survivors of the chunk into the cache, so that a head never needs
+// more than cap slots whatever the chunk length. In the pooled layout the chunk is appended
+// whole and PoolEvict (pool.cuh) evicts afterwards.
 //
 // Launch sequence (one stream, no host synchronisation):
 //   1. PrefillLognormKernel   (knorm only) ln ||k|| of each chunk key      -> workspace
@@ -30,15 +32,36 @@ namespace trimkv {
 /// Parameters of one prefill chunk of sequence `seq` over one layer (cache_layer.cuh: the slot
 /// arrays, layout and rules). Device pointers. Pooled layout: the chunk is appended whole (its
 /// heads need `chunk` free slots, see pool.cuh) and PoolEvict evicts afterwards.
+/// One sequence's chunk in a varlen launch: its tokens are rows [first, first + chunk) of the
+/// packed inputs.
+struct prefill_seg_t {
+  int seq;    ///< sequence (batch row)
+  int start;  ///< position of the chunk's first token
+  int chunk;  ///< tokens (>= 1)
+  int first;  ///< first row in q / k / v / lam / out
+};
+
 struct prefill_params_t : cache_layer_t {
-  int seq = 0;                     ///< sequence (batch row) of this chunk
-  int start = 0;                   ///< position of the chunk's first token
-  int chunk = 0;                   ///< tokens in the chunk (>= 1; 0 is a no-op)
-  const void* q = nullptr;         ///< [chunk, q_heads, head_dim] dtype
-  const void* k = nullptr;         ///< [chunk, kv_heads, head_dim] dtype
-  const void* v = nullptr;         ///< [chunk, kv_heads, head_dim] dtype
-  const float* lam = nullptr;      ///< [chunk, kv_heads]
-  void* out = nullptr;             ///< [chunk, q_heads, head_dim] dtype
+  int seq = 0;                     ///< sequence (batch row) of this chunk (segs == nullptr)
+  int start = 0;                   ///< position of the chunk's first token (segs == nullptr)
+  int chunk = 0;                   ///< tokens in the chunk (>= 1; 0 is a no-op) (segs == nullptr)
+  const prefill_seg_t* segs = nullptr;  ///< varlen: [nseg] device array of distinct sequences
+  int nseg = 1;                    ///< chunks in the launch (segs != nullptr)
+  int max_chunk = 0;               ///< largest chunk of segs (segs != nullptr)
+  int tokens = 0;                  ///< rows of the packed inputs, sum of chunks (segs != nullptr)
+  const void* q = nullptr;         ///< [tokens, q_heads, head_dim] dtype
+  const void* k = nullptr;         ///< [tokens, kv_heads, head_dim] dtype
+  const void* v = nullptr;         ///< [tokens, kv_heads, head_dim] dtype
+  const float* lam = nullptr;      ///< [tokens, kv_heads]
+  void* out = nullptr;             ///< [tokens, q_heads, head_dim] dtype
+
+  __host__ __device__ int segments() const { return segs ? nseg : 1; }
+  __host__ __device__ int longest() const { return segs ? max_chunk : chunk; }
+  __host__ __device__ int rows() const { return segs ? tokens : chunk; }
+  /// Chunk z of the launch (blockIdx.z of every prefill kernel).
+  __device__ __forceinline__ prefill_seg_t segment(int z) const {
+    return segs ? segs[z] : prefill_seg_t{seq, start, chunk, 0};
+  }
 };
 
 /// Workspace pointers carved out of the caller's workspace buffer.
@@ -54,8 +77,9 @@ struct prefill_ws_t {
 /// Bytes of workspace PrefillChunk needs for these params (host only, no sync).
 size_t PrefillWorkspaceBytes(const prefill_params_t& p);
 
-/// One prefill chunk (attention, then eviction and the survivors' append) for one layer.
-/// \param p          see prefill_params_t; caches and lens[seq] are updated in place
+/// One prefill chunk, or one per sequence of p.segs (attention, then eviction and the
+/// survivors' append) for one layer.
+/// \param p          see prefill_params_t; caches and lens of the chunks' sequences are updated
 /// \param dtype      storage dtype of q, k, v, the K/V caches and out
 /// \param workspace  at least PrefillWorkspaceBytes(p) bytes of device memory, 256-byte aligned
 /// \return cudaSuccess, cudaErrorInvalidValue for unsupported shapes, or the launch error
@@ -121,7 +145,7 @@ constexpr int simt_smem_bytes() {
 /// Chunk-key lognorms (knorm) and attention of one chunk for storage type T (defined below,
 /// instantiated once per dtype in prefill_{f32,f16,bf16}.cu so that the three build in
 /// parallel).
-/// \param lognorm [kv_heads, chunk] workspace, filled first when p.knorm.
+/// \param lognorm per chunk [kv_heads, chunk] at row first * kv_heads of the workspace (knorm).
 template <typename T>
 cudaError_t prefill_attention_typed(const prefill_params_t& p, float* lognorm, cudaStream_t stream);
 
@@ -154,14 +178,20 @@ struct prefill_tile_t {
   int len, row0, rows, n_end, n_full;
 };
 
-__device__ __forceinline__ prefill_tile_t prefill_tile(const prefill_params_t& p, int G, int bq,
-                                                       int len) {
+/// Tile blockIdx.x of a chunk of `chunk` tokens; rows <= 0 when the chunk has fewer tiles than
+/// the grid (varlen launches size the grid for the longest chunk): the block has no work.
+__device__ __forceinline__ prefill_tile_t prefill_tile(int chunk, int G, int bq, int len) {
   prefill_tile_t t;
   t.len = len;
+  const int nrows = chunk * G;
+  const int ntiles = (nrows + bq - 1) / bq;
   // Causal tiles differ in work: the last rows see the most keys. Start those first so that
   // the short tiles fill the tail of the grid.
-  t.row0 = (gridDim.x - 1 - blockIdx.x) * bq;
-  const int nrows = p.chunk * G;
+  if (static_cast<int>(blockIdx.x) >= ntiles) {
+    t.row0 = t.rows = t.n_end = t.n_full = 0;
+    return t;
+  }
+  t.row0 = (ntiles - 1 - static_cast<int>(blockIdx.x)) * bq;
   t.rows = min(bq, nrows - t.row0);
   t.n_end = len + (t.row0 + t.rows - 1) / G + 1;
   t.n_full = len + t.row0 / G + 1;
@@ -269,16 +299,20 @@ __global__ void __launch_bounds__(prefill_detail::kMmaThreads,
   const int h = blockIdx.y;
   const int G = p.q_heads / p.kv_heads;
   const int D = p.head_dim;
-  const int bh = p.seq * p.kv_heads + h;
+  const prefill_seg_t sg = p.segment(blockIdx.z);
+  const int bh = sg.seq * p.kv_heads + h;
   const size_t base = p.head_base(bh);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const prefill_tile_t tile = prefill_tile(p, G, BQ, p.lens[bh]);
+  const prefill_tile_t tile = prefill_tile(sg.chunk, G, BQ, p.lens[bh]);
+  if (tile.rows <= 0) return;
   const int len = tile.len;
-  const T* qg = static_cast<const T*>(p.q);
+  const size_t qrow0 = static_cast<size_t>(sg.first) * p.q_heads * D;   // this chunk in q / out
+  const size_t krow0 = static_cast<size_t>(sg.first) * p.kv_heads * D;  // and in k / v
+  const T* qg = static_cast<const T*>(p.q) + qrow0;
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
-  const T* kin = static_cast<const T*>(p.k);
-  const T* vin = static_cast<const T*>(p.v);
+  const T* kin = static_cast<const T*>(p.k) + krow0;
+  const T* vin = static_cast<const T*>(p.v) + krow0;
 
   // Q tile; rows past the chunk and columns past D are zero-filled.
   for (int e = tid; e < BQ * NCOL; e += kMmaThreads) {
@@ -458,7 +492,7 @@ __global__ void __launch_bounds__(prefill_detail::kMmaThreads,
     }
   }
   __syncwarp();
-  T* og = static_cast<T*>(p.out);
+  T* og = static_cast<T*>(p.out) + qrow0;
   for (int e = lane; e < WR * NCOL; e += 32) {
     const int r = e / NCOL, c = e - (e / NCOL) * NCOL;
     const int row = warp * WR + r;
@@ -487,23 +521,27 @@ __global__ void __launch_bounds__(prefill_detail::kSimtThreads)
   const int h = blockIdx.y;
   const int G = p.q_heads / p.kv_heads;
   const int D = p.head_dim;
-  const int bh = p.seq * p.kv_heads + h;
+  const prefill_seg_t sg = p.segment(blockIdx.z);
+  const int bh = sg.seq * p.kv_heads + h;
   const size_t base = p.head_base(bh);
   const int tid = threadIdx.x;
   const int r = tid >> 2, quarter = tid & 3;
-  const prefill_tile_t tile = prefill_tile(p, G, BQ, p.lens[bh]);
+  const prefill_tile_t tile = prefill_tile(sg.chunk, G, BQ, p.lens[bh]);
+  if (tile.rows <= 0) return;
   const int len = tile.len;
+  const size_t qrow0 = static_cast<size_t>(sg.first) * p.q_heads * D;   // this chunk in q / out
+  const size_t krow0 = static_cast<size_t>(sg.first) * p.kv_heads * D;  // and in k / v
   const int lim = len + (tile.row0 + min(r, tile.rows - 1)) / G + 1;
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
-  const T* kin = static_cast<const T*>(p.k);
-  const T* vin = static_cast<const T*>(p.v);
+  const T* kin = static_cast<const T*>(p.k) + krow0;
+  const T* vin = static_cast<const T*>(p.v) + krow0;
   const float sl2 = p.scale * kLog2e;
 
   // This lane's columns: 16 c + 4 quarter + 0..3, c < NC.
   float q[NC][4], acc[NC][4];
   {
-    const T* qrow = static_cast<const T*>(p.q) +
+    const T* qrow = static_cast<const T*>(p.q) + qrow0 +
                     prefill_row_offset(tile.row0 + min(r, tile.rows - 1), G, p.kv_heads, h, D);
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
@@ -585,7 +623,7 @@ __global__ void __launch_bounds__(prefill_detail::kSimtThreads)
   }
   if (r >= tile.rows) return;
   const float inv = 1.f / l;
-  T* orow = static_cast<T*>(p.out) + prefill_row_offset(tile.row0 + r, G, p.kv_heads, h, D);
+  T* orow = static_cast<T*>(p.out) + qrow0 + prefill_row_offset(tile.row0 + r, G, p.kv_heads, h, D);
   // 4 consecutive columns per store (16 bytes for fp32); D % 8 == 0 keeps a group whole.
 #pragma unroll
   for (int c = 0; c < NC; ++c) {
@@ -603,16 +641,18 @@ __global__ void __launch_bounds__(prefill_detail::kSimtThreads)
 }
 
 /// ln(max(||k||_2, 1e-12)) of every chunk key, in fp32 from the stored-dtype key (knorm).
-/// grid ceil(chunk * kv_heads / 8), block 256: one warp per (token, kv head).
-/// \param k        [chunk, kv_heads, D] dtype
-/// \param lognorm  [kv_heads, chunk]
+/// grid (ceil(longest chunk * kv_heads / 8), 1, segments), block 256: one warp per (token, kv
+/// head) of chunk blockIdx.z.
+/// \param p        k [tokens, kv_heads, D] dtype
+/// \param lognorm  per chunk, [kv_heads, chunk] at row offset first * kv_heads
 template <typename T>
-__global__ void PrefillLognormKernel(const T* __restrict__ k, int chunk, int kv_heads, int D,
-                                     float* __restrict__ lognorm) {
+__global__ void PrefillLognormKernel(const prefill_params_t p, float* __restrict__ lognorm) {
   constexpr int VEC = vec_size<T>::value;
+  const prefill_seg_t sg = p.segment(blockIdx.z);
   const int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (row >= chunk * kv_heads) return;
-  const T* kr = k + static_cast<size_t>(row) * D;
+  if (row >= sg.chunk * p.kv_heads) return;
+  const int D = p.head_dim;
+  const T* kr = static_cast<const T*>(p.k) + (static_cast<size_t>(sg.first) * p.kv_heads + row) * D;
   float ss = 0.f;
   for (int c = lane; c < D / VEC; c += 32) {
     float f[VEC];
@@ -623,8 +663,9 @@ __global__ void PrefillLognormKernel(const T* __restrict__ k, int chunk, int kv_
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
   if (lane == 0) {
-    const int i = row / kv_heads, h = row - i * kv_heads;
-    lognorm[static_cast<size_t>(h) * chunk + i] = logf(fmaxf(sqrtf(ss), 1e-12f));
+    const int i = row / p.kv_heads, h = row - i * p.kv_heads;
+    lognorm[static_cast<size_t>(sg.first) * p.kv_heads + static_cast<size_t>(h) * sg.chunk + i] =
+        logf(fmaxf(sqrtf(ss), 1e-12f));
   }
 }
 
@@ -632,27 +673,27 @@ namespace prefill_detail {
 
 template <typename T, int DPAD>
 cudaError_t launch_attention_simt(const prefill_params_t& p, cudaStream_t stream) {
-  const long long rows = static_cast<long long>(p.chunk) * (p.q_heads / p.kv_heads);
+  const long long rows = static_cast<long long>(p.longest()) * (p.q_heads / p.kv_heads);
   constexpr int smem = simt_smem_bytes<DPAD>();
   auto kern = PrefillAttnSimtKernel<T, DPAD>;
   const cudaError_t e =
       cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
-  const dim3 grid(static_cast<unsigned>((rows + kSimtBQ - 1) / kSimtBQ), p.kv_heads);
+  const dim3 grid(static_cast<unsigned>((rows + kSimtBQ - 1) / kSimtBQ), p.kv_heads, p.segments());
   kern<<<grid, kSimtThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <typename T, int DPAD, int MT, int BK>
 cudaError_t launch_attention_mma(const prefill_params_t& p, cudaStream_t stream) {
-  const long long rows = static_cast<long long>(p.chunk) * (p.q_heads / p.kv_heads);
+  const long long rows = static_cast<long long>(p.longest()) * (p.q_heads / p.kv_heads);
   constexpr int smem = mma_smem_bytes<DPAD, MT, BK>();
   constexpr int BQ = 64 * MT;
   auto kern = PrefillAttnMmaKernel<T, DPAD, MT, BK>;
   const cudaError_t e =
       cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
-  const dim3 grid(static_cast<unsigned>((rows + BQ - 1) / BQ), p.kv_heads);
+  const dim3 grid(static_cast<unsigned>((rows + BQ - 1) / BQ), p.kv_heads, p.segments());
   kern<<<grid, kMmaThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -676,9 +717,9 @@ template <typename T>
 cudaError_t prefill_attention_typed(const prefill_params_t& p, float* lognorm,
                                     cudaStream_t stream) {
   if (p.knorm) {
-    const int nrow = p.chunk * p.kv_heads;
-    PrefillLognormKernel<T><<<(nrow + 7) / 8, 256, 0, stream>>>(static_cast<const T*>(p.k), p.chunk,
-                                                                p.kv_heads, p.head_dim, lognorm);
+    const int nrow = p.longest() * p.kv_heads;
+    const dim3 grid((nrow + 7) / 8, 1, p.segments());
+    PrefillLognormKernel<T><<<grid, 256, 0, stream>>>(p, lognorm);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }

@@ -71,20 +71,30 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
     });
   }
 
-  // prefill(layer, seq, start, q, k, v, lam, out)
+  // prefill(layer, chunks: Int32Array [seq, start, length] per chunk, q, k, v, lam, out)
   Napi::Value Prefill(const Napi::CallbackInfo& info) {
     return guard(info.Env(), [&]() -> Napi::Value {
       Cache* c = get();
-      TRIMKV_CHECK(info.Length() >= 8, code::kInvalidArgument, "prefill(layer, seq, start, q, k, v, lam, out)");
+      TRIMKV_CHECK(info.Length() >= 7 && info[1].IsTypedArray(), code::kInvalidArgument,
+                   "prefill(layer, chunks, q, k, v, lam, out)");
       prefill_args_t a;
       const int layer = static_cast<int>(int_arg(info, 0, "layer"));
-      a.seq = static_cast<int>(int_arg(info, 1, "seq"));
-      a.start = int_arg(info, 2, "start");
-      a.q = unwrap_tensor(info[3], "q");
-      a.k = unwrap_tensor(info[4], "k");
-      a.v = unwrap_tensor(info[5], "v");
-      a.lam = unwrap_tensor(info[6], "lam");
-      a.out = unwrap_tensor(info[7], "out");
+      Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
+      TRIMKV_CHECK(ta.TypedArrayType() == napi_int32_array && ta.ElementLength() % 3 == 0, code::kInvalidArgument,
+                   "chunks must be an Int32Array of (seq, start, length) triples");
+      Napi::Int32Array t = ta.As<Napi::Int32Array>();
+      for (size_t i = 0; i + 2 < t.ElementLength(); i += 3) {
+        prefill_chunk_t ch;
+        ch.seq = t[i];
+        ch.start = t[i + 1];
+        ch.length = t[i + 2];
+        a.chunks.push_back(ch);
+      }
+      a.q = unwrap_tensor(info[2], "q");
+      a.k = unwrap_tensor(info[3], "k");
+      a.v = unwrap_tensor(info[4], "v");
+      a.lam = unwrap_tensor(info[5], "lam");
+      a.out = unwrap_tensor(info[6], "out");
       c->prefill(layer, a);
       return info.Env().Undefined();
     });

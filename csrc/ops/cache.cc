@@ -41,8 +41,8 @@ void check_tensor(const Tensor* t, const char* name, Backend backend, DType dtyp
 
 }  // namespace
 
-void Cache::check_step(int layer, bool is_decode, const positions_view_t* positions, int seq, int64_t start,
-                       int chunk) const {
+void Cache::check_step(int layer, bool is_decode, const positions_view_t* positions,
+                       const std::vector<prefill_chunk_t>* chunks) const {
   TRIMKV_CHECK(layer >= 0 && layer < cfg_.layers, code::kRange, "layer ", layer, " out of range [0, ", cfg_.layers,
                ")");
   if (layer == 0) {
@@ -61,13 +61,13 @@ void Cache::check_step(int layer, bool is_decode, const positions_view_t* positi
     TRIMKV_CHECK(same, code::kState,
                  "positions differ from those of layer 0 of this step");
   } else {
-    TRIMKV_CHECK(seq == step_seq_ && start == step_start_ && chunk == step_chunk_, code::kState,
-                 "prefill chunk differs from that of layer 0 of this step (seq, start, length)");
+    TRIMKV_CHECK(*chunks == step_chunks_, code::kState,
+                 "prefill chunks differ from those of layer 0 of this step (seq, start, length)");
   }
 }
 
-void Cache::advance_step(int layer, bool is_decode, const positions_view_t* positions, int seq, int64_t start,
-                         int chunk) {
+void Cache::advance_step(int layer, bool is_decode, const positions_view_t* positions,
+                         const std::vector<prefill_chunk_t>* chunks) {
   if (layer == 0) {
     step_ = is_decode ? Step::kDecode : Step::kPrefill;
     if (is_decode) {
@@ -76,10 +76,8 @@ void Cache::advance_step(int layer, bool is_decode, const positions_view_t* posi
         if ((*positions)[b] >= 0) seen_[b] = int64_t{(*positions)[b]} + 1;
       }
     } else {
-      step_seq_ = seq;
-      step_start_ = start;
-      step_chunk_ = chunk;
-      seen_[seq] = start + chunk;
+      step_chunks_ = *chunks;
+      for (const prefill_chunk_t& c : *chunks) seen_[c.seq] = c.start + c.length;
     }
   }
   next_layer_ = layer + 1;
@@ -93,7 +91,7 @@ void Cache::decode(int layer, const decode_args_t& a) {
   const int B = cfg_.batch, Hq = cfg_.q_heads, Hkv = cfg_.kv_heads, D = cfg_.head_dim;
   TRIMKV_CHECK(static_cast<int>(a.positions.size) == B, code::kShape, "Expected ", B,
                " positions but received ", a.positions.size);
-  check_step(layer, true, &a.positions, -1, 0, 0);
+  check_step(layer, true, &a.positions, nullptr);
   check_tensor(a.q, "q", backend_, cfg_.dtype, {B, Hq, D});
   check_tensor(a.k, "k", backend_, cfg_.dtype, {B, Hkv, D});
   check_tensor(a.v, "v", backend_, cfg_.dtype, {B, Hkv, D});
@@ -107,30 +105,44 @@ void Cache::decode(int layer, const decode_args_t& a) {
                    " is not new: the sequence has already seen ", seen_[b], " tokens (reset it to start over)");
     }
   }
-  advance_step(layer, true, &a.positions, -1, 0, 0);
+  advance_step(layer, true, &a.positions, nullptr);
   do_decode(layer, a);
 }
 
-void Cache::prefill(int layer, const prefill_args_t& a) {
+void Cache::prefill(int layer, prefill_args_t& a) {
   const int Hq = cfg_.q_heads, Hkv = cfg_.kv_heads, D = cfg_.head_dim;
-  TRIMKV_CHECK(a.seq >= 0 && a.seq < cfg_.batch, code::kRange, "seq ", a.seq, " out of range [0, ", cfg_.batch, ")");
-  TRIMKV_CHECK(a.q != nullptr, code::kInvalidArgument, "q is missing");
-  TRIMKV_CHECK(a.q->shape().size() == 3 && a.q->shape()[0] >= 1, code::kShape,
-               "Expected q of shape [C >= 1, ", Hq, ", ", D, "] but received ", a.q->describe());
-  const int64_t C = a.q->shape()[0];
-  TRIMKV_CHECK(C <= (int64_t{1} << 24), code::kRange, "prefill chunk of ", C, " tokens is too long");
-  check_step(layer, false, nullptr, a.seq, a.start, static_cast<int>(C));
-  check_tensor(a.q, "q", backend_, cfg_.dtype, {C, Hq, D});
-  check_tensor(a.k, "k", backend_, cfg_.dtype, {C, Hkv, D});
-  check_tensor(a.v, "v", backend_, cfg_.dtype, {C, Hkv, D});
-  check_tensor(a.lam, "lam", backend_, DType::kF32, {C, Hkv});
-  check_tensor(a.out, "out", backend_, cfg_.dtype, {C, Hq, D});
-  if (layer == 0) {
-    TRIMKV_CHECK(a.start >= seen_[a.seq], code::kRange, "start ", a.start, " of sequence ", a.seq,
-                 " is not new: the sequence has already seen ", seen_[a.seq], " tokens (reset it to start over)");
-    TRIMKV_CHECK(a.start + C <= INT32_MAX, code::kRange, "positions beyond 2^31 - 1 are not supported");
+  TRIMKV_CHECK(!a.chunks.empty(), code::kInvalidArgument, "a prefill call needs at least one chunk");
+  TRIMKV_CHECK(a.chunks.size() <= static_cast<size_t>(cfg_.batch), code::kRange, "a prefill call takes at most ",
+               cfg_.batch, " chunks (one per sequence), got ", a.chunks.size());
+  std::vector<char> taken(static_cast<size_t>(cfg_.batch), 0);
+  int64_t total = 0;
+  for (prefill_chunk_t& c : a.chunks) {
+    TRIMKV_CHECK(c.seq >= 0 && c.seq < cfg_.batch, code::kRange, "seq ", c.seq, " out of range [0, ", cfg_.batch, ")");
+    TRIMKV_CHECK(!taken[c.seq], code::kInvalidArgument, "sequence ", c.seq,
+                 " has two chunks in one prefill call (one chunk per sequence)");
+    taken[c.seq] = 1;
+    TRIMKV_CHECK(c.length >= 1, code::kRange, "chunk length ", c.length, " of sequence ", c.seq, " must be >= 1");
+    c.first = static_cast<int>(std::min<int64_t>(total, INT32_MAX));
+    total += c.length;
   }
-  advance_step(layer, false, nullptr, a.seq, a.start, static_cast<int>(C));
+  TRIMKV_CHECK(total <= (int64_t{1} << 24), code::kRange, "prefill call of ", total, " tokens is too long");
+  TRIMKV_CHECK(a.q != nullptr, code::kInvalidArgument, "q is missing");
+  TRIMKV_CHECK(a.q->shape().size() == 3 && a.q->shape()[0] == total, code::kShape, "Expected q of shape [", total,
+               ", ", Hq, ", ", D, "] (the chunks' tokens) but received ", a.q->describe());
+  check_step(layer, false, nullptr, &a.chunks);
+  check_tensor(a.q, "q", backend_, cfg_.dtype, {total, Hq, D});
+  check_tensor(a.k, "k", backend_, cfg_.dtype, {total, Hkv, D});
+  check_tensor(a.v, "v", backend_, cfg_.dtype, {total, Hkv, D});
+  check_tensor(a.lam, "lam", backend_, DType::kF32, {total, Hkv});
+  check_tensor(a.out, "out", backend_, cfg_.dtype, {total, Hq, D});
+  if (layer == 0) {
+    for (const prefill_chunk_t& c : a.chunks) {
+      TRIMKV_CHECK(c.start >= seen_[c.seq], code::kRange, "start ", c.start, " of sequence ", c.seq,
+                   " is not new: the sequence has already seen ", seen_[c.seq], " tokens (reset it to start over)");
+      TRIMKV_CHECK(c.start + c.length <= INT32_MAX, code::kRange, "positions beyond 2^31 - 1 are not supported");
+    }
+  }
+  advance_step(layer, false, nullptr, &a.chunks);
   do_prefill(layer, a);
 }
 

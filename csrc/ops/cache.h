@@ -29,16 +29,27 @@ struct decode_args_t {
   positions_view_t positions;   // [batch], borrowed: no copy on the hot path
 };
 
-/// One prefill chunk of C tokens of one sequence for one layer.
-struct prefill_args_t {
+/// One sequence's chunk in a prefill call: rows [first, first + length) of the inputs.
+struct prefill_chunk_t {
   int seq = 0;
-  int64_t start = 0;
-  const Tensor* q = nullptr;    // [C, q_heads, head_dim]
-  const Tensor* k = nullptr;    // [C, kv_heads, head_dim]
-  const Tensor* v = nullptr;    // [C, kv_heads, head_dim]
-  const Tensor* lam = nullptr;  // [C, kv_heads] fp32
-  Tensor* out = nullptr;        // [C, q_heads, head_dim]
-  int chunk() const { return static_cast<int>(q->shape()[0]); }
+  int64_t start = 0;  // position of its first token
+  int length = 0;     // tokens, >= 1
+  int first = 0;      // set by Cache::prefill: the running sum of the earlier lengths
+  bool operator==(const prefill_chunk_t& o) const {
+    return seq == o.seq && start == o.start && length == o.length;
+  }
+};
+
+/// One prefill call for one layer: a chunk for each of one or more distinct sequences, their
+/// tokens packed one chunk after the other (varlen), N = the sum of the lengths.
+struct prefill_args_t {
+  std::vector<prefill_chunk_t> chunks;
+  const Tensor* q = nullptr;    // [N, q_heads, head_dim]
+  const Tensor* k = nullptr;    // [N, kv_heads, head_dim]
+  const Tensor* v = nullptr;    // [N, kv_heads, head_dim]
+  const Tensor* lam = nullptr;  // [N, kv_heads] fp32
+  Tensor* out = nullptr;        // [N, q_heads, head_dim]
+  int tokens() const { return static_cast<int>(q->shape()[0]); }
 };
 
 struct head_snapshot_t {
@@ -55,7 +66,7 @@ class Cache {
   Backend backend() const { return backend_; }
 
   void decode(int layer, const decode_args_t& args);
-  void prefill(int layer, const prefill_args_t& args);
+  void prefill(int layer, prefill_args_t& args);  // sets each chunk's `first`
   void reset(int seq);
   int64_t seen(int seq) const;
   int length(int seq, int layer, int head) const;
@@ -80,18 +91,16 @@ class Cache {
   std::vector<int64_t> seen_;  // T per sequence
 
  private:
-  void check_step(int layer, bool is_decode, const positions_view_t* positions, int seq, int64_t start,
-                  int chunk) const;
-  void advance_step(int layer, bool is_decode, const positions_view_t* positions, int seq, int64_t start,
-                    int chunk);
+  void check_step(int layer, bool is_decode, const positions_view_t* positions,
+                  const std::vector<prefill_chunk_t>* chunks) const;
+  void advance_step(int layer, bool is_decode, const positions_view_t* positions,
+                    const std::vector<prefill_chunk_t>* chunks);
 
   enum class Step { kNone, kDecode, kPrefill };
   Step step_ = Step::kNone;
   int next_layer_ = 0;
   std::vector<int32_t> step_positions_;
-  int step_seq_ = -1;
-  int64_t step_start_ = 0;
-  int step_chunk_ = 0;
+  std::vector<prefill_chunk_t> step_chunks_;
 };
 
 std::unique_ptr<Cache> create_cpu_cache(const cache_config_t& cfg);
