@@ -82,6 +82,15 @@ export function copyBandwidth(rt: Runtime, bytes = 2 ** 30, iters = 20): number 
   return native(() => loadAddon().copyBandwidth(bytes, iters));
 }
 
+/**
+ * Bytes in use on the GPU (cudaMemGetInfo: total - free, every allocation of the device), or
+ * null where there is no such query (the CPU backend, a CPU-only build, an older addon).
+ */
+export function deviceMemoryUsed(rt: Runtime): number | null {
+  if (rt.backend !== 'cuda') return null;
+  return native(() => loadAddon().deviceMemoryUsed(BACKEND_INDEX[rt.backend]));
+}
+
 /** Times `n` calls of fn(i) on the runtime's backend; per-call milliseconds. */
 export function timeCalls(rt: Runtime, n: number, fn: (i: number) => void, spinMs = 20): Float64Array {
   return native(() => loadAddon().timeCalls(BACKEND_INDEX[rt.backend], n, spinMs, fn));
@@ -322,6 +331,194 @@ export function benchPrefill(rt: Runtime, c: PrefillBenchCase, calls = 100, o: B
     return { ...c, sets: layers * batch, time, bytes, flops, bandwidth: bytes / (time.median * 1e-3) / 1e9, tflops: flops / (time.median * 1e-3) / 1e12 };
   } finally {
     for (const t of [cache, q, k, v, lam, out]) t.dispose();
+  }
+}
+
+/** FLOPs of causal attention for a chunk of C queries over `cached` earlier tokens: 4 Hq D sum of visible keys. */
+export function causalAttentionFlops(qHeads: number, headDim: number, chunk: number, cached: number): number {
+  // Query i of the chunk (0-based) sees the cached tokens and chunk tokens 0..i: QK^T and PV,
+  // 2 FLOPs per multiply-add each.
+  return 4 * qHeads * headDim * (chunk * cached + (chunk * (chunk + 1)) / 2);
+}
+
+export interface PrefillAttendCase {
+  /** Tokens already in the cache when the chunk arrives. */
+  cached: number;
+  chunk: number;
+  qHeads: number; kvHeads: number; headDim: number; dtype: DType;
+}
+
+export interface PrefillAttendResult extends PrefillAttendCase {
+  /** The cache's M and B: room for every token (M + B > cached + C), so nothing is evicted. */
+  memory: number; buffer: number;
+  /** Sequences x layers cycled (each timed call on a slot prefilled to `cached`). */
+  sets: number;
+  /** One prefill chunk: attend to the cached tokens and causally within the chunk, append, ms. */
+  time: Stats;
+  flops: number;
+  tflops: number;
+}
+
+/**
+ * A prefill chunk of C tokens over `cached` tokens with nothing evicted: the cache has room for
+ * cached + C tokens (M = cached + C, B = 1: eviction would need one more), so the call attends
+ * and appends the chunk, the work that SDPA over cached + C keys with a bottom-right causal
+ * mask does (plus writing the chunk's K/V into the cache). Every timed call uses a slot
+ * (sequence, layer) that was reset and prefilled to `cached` outside the timed window.
+ * @throws {TrimKVError} from the cache
+ */
+export function benchPrefillAttend(rt: Runtime, c: PrefillAttendCase, calls = 30, o: BenchOptions = {}): PrefillAttendResult {
+  const { cached, chunk: C, qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = c;
+  const memory = cached + C, buffer = 1;
+  const want = setsFor(rt, Hkv * (memory + buffer) * slotBytes(D, dtype), { maxSets: 16, ...o });
+  const layers = Math.min(want, 4), batch = Math.max(1, Math.ceil(want / layers));
+  const owned: { dispose(): void }[] = [];
+  try {
+    const cache = rt.createCache({ layers, batch, qHeads: Hq, kvHeads: Hkv, headDim: D, memory, buffer, dtype });
+    owned.push(cache);
+    const chunkSet = (n: number) => {
+      const t = {
+        q: rt.fromArray(randomArray(n * Hq * D), [n, Hq, D], dtype),
+        k: rt.fromArray(randomArray(n * Hkv * D), [n, Hkv, D], dtype),
+        v: rt.fromArray(randomArray(n * Hkv * D), [n, Hkv, D], dtype),
+        lam: rt.fromArray(randomLam(n * Hkv), [n, Hkv], 'fp32'),
+        out: rt.tensor([n, Hq, D], dtype),
+      };
+      owned.push(...Object.values(t));
+      return t;
+    };
+    const x = chunkSet(C);
+    const pre = cached > 0 ? chunkSet(cached) : null;
+    const sets = layers * batch;
+    // Outside the timed window: fresh slots, each prefilled to `cached` (enqueued before the
+    // spin that timeCalls starts with, so they run before the first event).
+    const prepare = () => {
+      for (let s = 0; s < batch; s++) cache.reset(s);
+      if (pre) for (let s = 0; s < batch; s++) for (let l = 0; l < layers; l++) cache.prefill(l, { seq: s, start: 0, ...pre });
+    };
+    const call = (j: number) => cache.prefill(j % layers, { seq: Math.floor(j / layers) % batch, start: cached, ...x });
+    prepare();
+    const hostMs = warmUp(sets, call);
+    const ms: number[] = [];
+    while (ms.length < Math.max(calls, sets)) {
+      prepare();
+      const m = rt.backend === 'cuda' ? timeCalls(rt, sets, call, Math.min(250, 2 * sets * Math.max(hostMs, 0.002) + 2)) : timeCalls(rt, sets, call, 0);
+      ms.push(...m);
+    }
+    const time = stats(ms);
+    const flops = causalAttentionFlops(Hq, D, C, cached);
+    return { ...c, memory, buffer, sets, time, flops, tflops: flops / (time.median * 1e-3) / 1e12 };
+  } finally {
+    for (const t of owned) t.dispose();
+  }
+}
+
+export type SelectKeys = 'random' | 'scores';
+
+export interface SelectKernelCase {
+  /** Independent selections in one launch (batch x KV heads), one block each. */
+  rows: number;
+  /** Candidates per row (M + B for a decode eviction, M + C for a prefill chunk's). */
+  candidates: number;
+  /** Survivors per row (M). */
+  keep: number;
+  keys: SelectKeys;
+  /** Threads per block (the prefill eviction uses 1024). */
+  threads: number;
+}
+
+export interface SelectKernelResult extends SelectKernelCase {
+  /** One launch (fill excluded), ms. */
+  time: Stats;
+  /** rows x candidates / median time. */
+  keysPerSecond: number;
+}
+
+/**
+ * The eviction's top-k selection on its own (csrc/kernels/select_bench.cu): rows x candidates
+ * 64-bit keys filled on the GPU, one launch in which each block finds the k-th largest key of
+ * its row with topk::block_select_kth_largest and marks the keys >= it; CUDA events, after
+ * warm-up. The addon checks that every row kept exactly `keep` keys.
+ * @throws {TrimKVError} ERR_UNSUPPORTED on the CPU backend or in a CPU-only build; ERR_RANGE for
+ *   sizes out of range
+ */
+export function benchSelectKernel(rt: Runtime, c: SelectKernelCase, iters = 100): SelectKernelResult {
+  const r = native(() => loadAddon().selectBench(BACKEND_INDEX[rt.backend], {
+    rows: c.rows, n: c.candidates, k: c.keep, threads: c.threads, iters, warmup: 5, keys: c.keys, seed: 1 + Math.floor(Math.random() * 2 ** 30),
+  }));
+  const time = stats(r.ms);
+  return { ...c, time, keysPerSecond: (c.rows * c.candidates) / (time.median * 1e-3) };
+}
+
+export interface StreamCase {
+  /** Prompt tokens, streamed in chunks of `chunk` (the last one may be shorter). */
+  prompt: number;
+  chunk: number;
+  memory: number; buffer: number;
+  qHeads: number; kvHeads: number; headDim: number; dtype: DType;
+}
+
+export interface StreamResult extends StreamCase {
+  chunks: number;
+  /** Device time of each chunk (attend + evict), ms. */
+  chunkTime: Stats;
+  /** Sum of the chunks' device times, ms (queued back to back behind a spin: no launch gaps). */
+  totalMs: number;
+  /** The cache's slots (K, V, position, lam for M + B tokens per head) and lengths. */
+  reservedBytes: number;
+  /** Bytes the retained tokens hold after the stream. */
+  usedBytes: number;
+  /** GPU memory growth from before the cache was made to after the stream (cudaMemGetInfo): slots and workspaces; null off CUDA. */
+  allocatedBytes: number | null;
+  /** The chunk's own q, k, v, lam and out (the caller's tensors, made before the baseline). */
+  chunkBytes: number;
+  /** K and V of every prompt token: what a full cache holds after the same prompt. */
+  fullCacheBytes: number;
+}
+
+/**
+ * A long prompt streamed through one layer in chunks of C (batch 1): each chunk attends to the
+ * retained tokens and causally to itself, then the cache is evicted back to M. Reports the
+ * chunks' device times and the cache's memory against a full cache of the prompt.
+ * @throws {TrimKVError} from the cache
+ */
+export function benchStream(rt: Runtime, c: StreamCase): StreamResult {
+  const { prompt: P, chunk: C, qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = c;
+  if (!(P >= C && C >= 1)) throw new RangeError(`Expected 1 <= chunk <= prompt for benchStream but received chunk ${C}, prompt ${P}`);
+  const chunks = Math.ceil(P / C), last = P - (chunks - 1) * C;
+  const owned: { dispose(): void }[] = [];
+  const set = (n: number) => {
+    const t = {
+      q: rt.fromArray(randomArray(n * Hq * D), [n, Hq, D], dtype),
+      k: rt.fromArray(randomArray(n * Hkv * D), [n, Hkv, D], dtype),
+      v: rt.fromArray(randomArray(n * Hkv * D), [n, Hkv, D], dtype),
+      lam: rt.fromArray(randomLam(n * Hkv), [n, Hkv], 'fp32'),
+      out: rt.tensor([n, Hq, D], dtype),
+    };
+    owned.push(...Object.values(t));
+    return t;
+  };
+  try {
+    const full = set(C);
+    const tail = last === C ? full : set(last);
+    const chunkBytes = C * (2 * Hq * D * DTYPE_BYTES[dtype] + 2 * Hkv * D * DTYPE_BYTES[dtype] + 4 * Hkv);
+    const before = deviceMemoryUsed(rt);
+    const cache = rt.createCache({ layers: 1, batch: 1, qHeads: Hq, kvHeads: Hkv, headDim: D, memory: c.memory, buffer: c.buffer, dtype });
+    owned.push(cache);
+    const call = (i: number) => cache.prefill(0, { seq: 0, start: i * C, ...(i === chunks - 1 ? tail : full) });
+    // Warm-up: a few chunks (kernels loaded, the prefill workspace grown), then start over.
+    const hostMs = warmUp(Math.min(chunks, 4), call);
+    cache.reset(0);
+    const ms = timeMany(rt, chunks, call, hostMs);
+    const after = deviceMemoryUsed(rt);
+    const { used, reserved } = cache.memoryBytes();
+    return {
+      ...c, chunks, chunkTime: stats(ms), totalMs: ms.reduce((a, b) => a + b, 0),
+      reservedBytes: reserved, usedBytes: used, allocatedBytes: before === null || after === null ? null : after - before,
+      chunkBytes, fullCacheBytes: P * Hkv * D * 2 * DTYPE_BYTES[dtype],
+    };
+  } finally {
+    for (const t of owned) t.dispose();
   }
 }
 

@@ -56,6 +56,15 @@ export interface NativeAddon {
   timeCalls(backend: number, n: number, spinMs: number, fn: (i: number) => void): Float64Array;
   /** Device-to-device copy bandwidth in GB/s (read + write), median of iters. */
   copyBandwidth(bytes: number, iters: number): number;
+  /**
+   * Benchmark of the eviction's selection alone (csrc/kernels/select_bench.cu): per-launch ms of
+   * `rows` blocks each selecting the top k of n keys; keptMin / keptMax check the result.
+   * ERR_UNSUPPORTED without CUDA.
+   */
+  selectBench(backend: number, options: { rows: number; n: number; k: number; threads: number; iters: number;
+    warmup: number; keys: 'random' | 'scores'; seed: number }): { ms: Float64Array; keptMin: number; keptMax: number };
+  /** Bytes in use on the GPU (cudaMemGetInfo: total - free). ERR_UNSUPPORTED without CUDA. */
+  deviceMemoryUsed(backend: number): number;
 }
 
 /** Where the loaded binary came from, for `trimkv info`. */

@@ -3,10 +3,14 @@ import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'n
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test, vi } from 'vitest';
-import { stats } from '../lib/bench.js';
+import { benchSelectKernel, causalAttentionFlops, deviceMemoryUsed, stats } from '../lib/bench.js';
+import { TrimKVError } from '../lib/errors.js';
+import { openRuntime } from '../lib/runtime.js';
 import { escapeXml, formatTick, linePlot } from '../lib/bench/svg.js';
 import { main } from '../lib/cli.js';
-import { readTorch, runSuite, SCHEMA, SECTIONS, type BenchPlan, type BenchResult } from '../lib/bench/suite.js';
+import {
+  readTorch, runSuite, SCHEMA, SECTIONS, type BenchPlan, type BenchResult, type PrefillAttendRow, type SelectKernelRow, type StreamRow,
+} from '../lib/bench/suite.js';
 import { writeReport } from '../lib/bench/report.js';
 
 describe('stats', () => {
@@ -94,11 +98,13 @@ function tiny(_b: string, p: BenchPlan): BenchPlan {
   return {
     shape: { qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'bf16' },
     decode: { batches: [1, 2], memories: [16], buffers: [0, 8], calls: 10, headDims: [64], dtypes: ['fp32'], extraBatch: 1, extraMemory: 16 },
-    prefill: { chunks: [8], memories: [16], calls: 5 },
+    prefill: { chunks: [8], memories: [16], calls: 5, attend: { cached: [0, 8], chunks: [8], calls: 2 } },
     gate: { batches: [1, 4], hiddenSize: 64, intermediate: 32, calls: 5 },
-    select: { batches: [1], memories: [16], buffer: 4, evictions: 2 },
+    select: { batches: [1], memories: [16], buffer: 4, evictions: 2,
+      kernel: { rows: [4], memory: 16, extras: [4, 8], keys: ['random'], threads: 32, iters: 3 } },
     model: { ...p.model, layers: 2, batches: [1], memories: [16], hiddenSize: 64, gateIntermediate: 32, steps: 3, context: 1024 },
     ladder: { batch: 1, memories: [8, 16], full: true, samples: [4, 16, 32], stepsPerSample: 2, modelLayers: 36 },
+    stream: { prompts: [72], chunk: 16, memory: 16, buffer: 0 },
     rotateBytes: 64 * 1024,
   };
 }
@@ -131,7 +137,46 @@ describe('runSuite (CPU backend, --quick, tiny sizes)', () => {
     expect(r.select).toHaveLength(1);
     expect(r.model).toHaveLength(1);
     expect(r.ladder).toHaveLength(3);
-    expect(progress.at(-1)).toBe(6 + 1 + 2 + 1 + 1 + 3);
+    expect(r.prefillAttend).toHaveLength(2);
+    expect(r.selectKernel).toHaveLength(2);
+    expect(r.stream).toHaveLength(1);
+    expect(progress.at(-1)).toBe(6 + (1 + 2) + 2 + (1 + 2) + 1 + 3 + 1);
+  });
+
+  test('prefill vs SDPA: same FLOP count, no eviction timed at every cached size, evict-to-M only with cached tokens, no SDPA on the CPU', () => {
+    const [c0, c8] = res.runs[0]!.prefillAttend as PrefillAttendRow[];
+    for (const a of [c0!, c8!]) {
+      expect(a).not.toHaveProperty('error');
+      expect(a.time.median).toBeGreaterThan(0);
+      expect(a.flops).toBe(causalAttentionFlops(4, 32, a.chunk, a.cached));
+      expect(a).toMatchObject({ memory: a.cached + a.chunk, buffer: 1, sdpaMs: null, sdpaRatio: null, evictRatio: null });
+    }
+    expect(c0!.flops).toBe(4 * 4 * 32 * (8 * 9) / 2);
+    expect(c0!.evict).toBeNull();
+    expect(c8!.evict).toMatchObject({ memory: 8 });
+    expect(c8!.evict!.time.median).toBeGreaterThan(0);
+  });
+
+  test('the selection kernel rows stay in the report, marked as not run on the CPU', () => {
+    const rows = res.runs[0]!.selectKernel as (SelectKernelRow & { error?: string })[];
+    expect(rows.map((x) => [x.rows, x.candidates, x.keep])).toEqual([[4, 20, 16], [4, 24, 16]]);
+    for (const x of rows) {
+      expect(x.error).toBeUndefined();
+      expect((x as { skipped: string }).skipped).toMatch(/CUDA|selectBench/);
+    }
+  });
+
+  test('the streamed prompt: every chunk timed, the cache bounded by M while the full cache grows with the prompt', () => {
+    const st = res.runs[0]!.stream[0] as StreamRow;
+    expect(st).not.toHaveProperty('error');
+    expect(st.chunks).toBe(5);                       // 72 tokens in chunks of 16: 4 full and one of 8
+    expect(st.chunkTime.n).toBe(5);
+    expect(st.totalMs).toBeGreaterThan(0);
+    expect(st.fullCacheBytes).toBe(72 * 2 * 32 * 2 * 2);
+    expect(st.reservedBytes).toBeLessThan(st.fullCacheBytes);
+    expect(st.usedBytes).toBeLessThanOrEqual(st.reservedBytes);
+    expect(st.allocatedBytes).toBeNull();            // no device memory query on the CPU
+    expect(st).toMatchObject({ torchMs: null, torchPeakBytes: null });
   });
 
   test('every row succeeded with a positive median', () => {
@@ -184,13 +229,42 @@ describe('runSuite (CPU backend, --quick, tiny sizes)', () => {
 
   test('the Markdown has every table and links the plots; --results copies them beside it', () => {
     const md = readFileSync(join(dir, 'bench.md'), 'utf8');
-    for (const h of ['### Decode step', '### Prefill chunk', '### Retention gate', '### Selection', '### Whole-model decode step', '### Long generation']) {
+    for (const h of ['### Decode step', '### Prefill chunk', '### Prefill attention vs PyTorch SDPA', '### Retention gate', '### Selection',
+      '### Selection kernel alone', '### Whole-model decode step', '### Long generation', '### Long prompt streamed in chunks']) {
       expect(md).toContain(h);
     }
+    expect(md).toContain('SDPA: not measured in this run');  // no --torch in this run
+    expect(md).toMatch(/Not measured on this backend: /);
+    expect(md).toContain('| 4 | 20 | 16 | random | 32 | - | - | - |');
+    expect(md).toMatch(/\| 72 \| 16 \| 16 \| 5 \| [\d.]+ \|/);
     expect(md).toContain('](cpu-latency.svg)');
     const results = readFileSync(join(dir, 'results', 'RESULTS.md'), 'utf8');
     expect(results).toContain('](plots/cpu-memory.svg)');
     expect(readdirSync(join(dir, 'results', 'plots')).sort()).toEqual(['cpu-bandwidth.svg', 'cpu-latency.svg', 'cpu-memory.svg']);
+  });
+});
+
+describe('GPU-only benchmarks on the CPU backend', () => {
+  test('benchSelectKernel is ERR_UNSUPPORTED (no selection kernel on the CPU, whatever the build)', () => {
+    const rt = openRuntime('cpu');
+    try {
+      let err: unknown;
+      try {
+        benchSelectKernel(rt, { rows: 2, candidates: 8, keep: 4, keys: 'random', threads: 32 }, 2);
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(TrimKVError);
+      expect(err).toMatchObject({ code: 'ERR_UNSUPPORTED' });
+      expect(deviceMemoryUsed(rt)).toBeNull();
+    } finally {
+      rt.dispose();
+    }
+  });
+  test('causalAttentionFlops counts the cached keys for every query and the causal half of the chunk', () => {
+    // 3 queries over 2 cached tokens see 3, 4 and 5 keys
+    expect(causalAttentionFlops(1, 1, 3, 2)).toBe(4 * (3 + 4 + 5));
+    expect(causalAttentionFlops(32, 128, 2048, 0)).toBe(4 * 32 * 128 * 2048 * 2049 / 2);
   });
 });
 
@@ -200,13 +274,19 @@ describe('runSuite options', () => {
     try {
       const file = join(dir, 'torch.json');
       writeFileSync(file, JSON.stringify({ schema: 'trimkv-torch/1', gpu: 'X', torch: '2.11', copyGBs: 3000, matmulTFLOPs: 700,
-        sdpa: [{ batch: 1, memory: 16, ms: 0.01 }], full: [{ batch: 1, context: 1024, ms: 0.02 }], reference: [] }));
-      const res = await runSuite({ backends: ['cpu'], only: ['decode'], torch: file, plan: tiny });
+        sdpa: [{ batch: 1, memory: 16, ms: 0.01 }], full: [{ batch: 1, context: 1024, ms: 0.02 }], reference: [],
+        prefill: [{ cached: 0, chunk: 8, ms: 0.01, backend: 'flash' }], stream: [{ prompt: 72, chunk: 16, ms: 1, peakBytes: 1 }] }));
+      const res = await runSuite({ backends: ['cpu'], only: ['decode', 'prefill'], torch: file, plan: tiny });
       expect(res.torch).toMatchObject({ gpu: 'X', copyGBs: 3000, file });
-      expect(res.runs[0]!.sections).toEqual(['decode']);
+      expect(res.runs[0]!.sections).toEqual(['decode', 'prefill']);
       expect(res.runs[0]!.gate).toEqual([]);
       for (const d of res.runs[0]!.decode) expect(d).toMatchObject({ sdpaMs: null, sdpaRatio: null, referenceRatio: null });
       expect(res.runs[0]!.fullCache).toEqual([]);
+      expect(res.runs[0]!.prefillAttend).toHaveLength(2);
+      for (const a of res.runs[0]!.prefillAttend) expect(a).toMatchObject({ sdpaMs: null, sdpaTFLOPs: null, sdpaBackend: null, sdpaRatio: null });
+      expect(res.runs[0]!.stream).toEqual([]);
+      expect(res.torch).not.toHaveProperty('prefill');
+      expect(res.torch).not.toHaveProperty('stream');
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
@@ -228,6 +308,6 @@ describe('runSuite options', () => {
     } finally {
       spy.mockRestore();
     }
-    expect(err.join('\n')).toMatch(/ERR_INVALID_ARGUMENT: Expected one of decode, prefill, gate, select, model, ladder for --only but received bogus/);
+    expect(err.join('\n')).toMatch(/ERR_INVALID_ARGUMENT: Expected one of decode, prefill, gate, select, model, ladder, stream for --only but received bogus/);
   });
 });

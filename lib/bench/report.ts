@@ -3,7 +3,7 @@ import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, relative } from 'node:path';
 import type { LadderResult } from '../bench.js';
 import { linePlot, type Series } from './svg.js';
-import { isRow, type BackendRun, type BenchResult, type Row, type TorchResults } from './suite.js';
+import { isRow, type BackendRun, type BenchResult, type Row, type SelectKernelRow, type TorchResults } from './suite.js';
 
 const f = (x: number | null | undefined, d = 1): string => (x === null || x === undefined || !Number.isFinite(x) ? '-' : x.toFixed(d));
 const us = (ms: number | null | undefined, d = 1) => f(ms === null || ms === undefined ? null : ms * 1000, d);
@@ -15,7 +15,8 @@ function table(head: string[], body: string[][]): string {
 }
 
 function failures(r: BackendRun): string {
-  const all = [...r.decode, ...r.prefill, ...r.gate, ...r.select, ...r.model, ...r.ladder].filter((x) => !isRow(x)) as { error: string }[];
+  const all = [...r.decode, ...r.prefill, ...r.prefillAttend, ...r.gate, ...r.select, ...r.selectKernel, ...r.model, ...r.ladder, ...r.stream]
+    .filter((x) => !isRow(x)) as { error: string }[];
   if (!all.length) return '';
   return `\nCases that failed (${all.length}):\n\n${all.map((x) => `- \`${JSON.stringify({ ...x, error: undefined })}\`: ${x.error}`).join('\n')}\n`;
 }
@@ -100,6 +101,25 @@ function runMarkdown(r: BackendRun, plotDir: string): string {
       pre.map((p) => [String(p.chunk), String(p.memory), us(p.time.median), `${us(p.time.p10)}-${us(p.time.p90)}`, f(p.bandwidth, 0), f(p.tflops, 2), us(p.rooflineMs), f(p.fraction, 3)])));
     out.push('');
   }
+  const att = rows(r.prefillAttend);
+  if (att.length) {
+    const backends = [...new Set(att.map((a) => a.sdpaBackend).filter((b): b is string => !!b))];
+    out.push('### Prefill attention vs PyTorch SDPA (one sequence, one layer, causal GQA)\n');
+    out.push('A chunk of C queries attends to `cached` earlier tokens and causally within itself: a bottom-right-aligned causal mask over cached + C keys. ' +
+      'TFLOP/s for both count the same FLOPs, 4 x Hq x D x (sum over queries of visible keys) = 4 Hq D (C cached + C (C + 1) / 2). ' +
+      '"no eviction": a cache with room for every token (M = cached + C, B = 1), each timed call on a slot reset and prefilled to `cached` outside the timed window, ' +
+      'so the call attends and appends the chunk without selecting: the same attention as SDPA, plus writing the chunk\'s K/V, position and lam into the cache. ' +
+      '"evict to M": the steady-state chunk of the table above at M = cached, B = 0 (attend, select M of M + C, write the survivors); none at cached = 0. ' +
+      (backends.length
+        ? `SDPA: ${backends.map((b) => `\`${b}\``).join(', ')} on the same shapes (q [1, ${sh.qHeads}, C, ${sh.headDim}], k/v [1, ${sh.kvHeads}, cached + C, ${sh.headDim}], ` +
+          `${sh.dtype}), same GPU, same run. `
+        : 'SDPA: not measured in this run (it needs --torch, and compares CUDA rows only). ') +
+      '"x SDPA" = our TFLOP/s / SDPA\'s (above 1: ours is faster).\n');
+    out.push(table(['cached', 'chunk C', 'GFLOP', 'SDPA (us)', 'SDPA TFLOP/s', 'no eviction (us)', 'p10-p90 (us)', 'TFLOP/s', 'x SDPA', 'evict to M (us)', 'TFLOP/s', 'x SDPA'],
+      att.map((a) => [String(a.cached), String(a.chunk), f(a.flops / 1e9, 1), us(a.sdpaMs), f(a.sdpaTFLOPs, 2), us(a.time.median), `${us(a.time.p10)}-${us(a.time.p90)}`,
+        f(a.tflops, 2), f(a.sdpaRatio, 2), us(a.evict?.time.median), f(a.evict?.tflops, 2), f(a.evictRatio, 2)])));
+    out.push('');
+  }
   const gate = rows(r.gate);
   if (gate.length) {
     const g0 = gate[0]!;
@@ -116,6 +136,21 @@ function runMarkdown(r: BackendRun, plotDir: string): string {
       '"B=0 step" is the decode row with B = 0 (one eviction every step) for reference.\n');
     out.push(table(['batch', 'M', 'B', 'evicting step (us)', 'other steps (us)', 'selection (us)', 'per token (us)', 'B=0 step (us)'],
       sel.map((s) => [String(s.batch), String(s.memory), String(s.buffer), us(s.evicting.median), us(s.appending.median), us(s.selectMs), us(s.amortizedMs, 2), us(s.decodeB0Ms)])));
+    out.push('');
+  }
+  const sk = rows(r.selectKernel) as SelectKernelRow[];
+  if (sk.length) {
+    const skipped = sk.find((x) => 'skipped' in x) as { skipped: string } | undefined;
+    out.push('### Selection kernel alone (top-M radix select, one launch)\n');
+    out.push('One launch of a kernel in which every block (one row: a sequence x KV head) finds the M-th largest of its n 64-bit keys with ' +
+      '`topk::block_select_kth_largest` (csrc/kernels/select_topk.cuh, the select of the decode and prefill evictions) and marks the keys >= it as kept; ' +
+      'n = M + B candidates for a decode eviction, M + C for a prefill chunk\'s. Keys in global memory, filled on the GPU: "random" = 32 random high bits ' +
+      'over the index; "scores" = keep_key(lam (T + 1 - p), p) with lam uniform in [-0.05, 0), decayed scores whose top bits agree (more radix passes). ' +
+      'CUDA events around each launch, after warm-up; the addon checks that every row kept exactly M.' +
+      (skipped ? ` Not measured on this backend: ${skipped.skipped}.` : '') + '\n');
+    out.push(table(['rows', 'n', 'M (kept)', 'keys', 'threads', 'median (us)', 'p10-p90 (us)', 'Gkeys/s'],
+      sk.map((x) => [String(x.rows), String(x.candidates), String(x.keep), x.keys, String(x.threads),
+        ...('skipped' in x ? ['-', '-', '-'] : [us(x.time.median), `${us(x.time.p10)}-${us(x.time.p90)}`, f(x.keysPerSecond / 1e9, 2)])])));
     out.push('');
   }
   const model = rows(r.model);
@@ -139,6 +174,24 @@ function runMarkdown(r: BackendRun, plotDir: string): string {
       return [String(t), ...lad.map((l) => us(at(l)?.time.median)), ...lad.filter((l) => l.memory !== null).map((l) => (at(l) ? mib(at(l)!.cacheBytesPerLayer) : '-')),
         fullBytes === null ? '-' : mib(fullBytes)];
     })));
+    out.push('');
+  }
+  const st = rows(r.stream);
+  if (st.length) {
+    out.push(`### Long prompt streamed in chunks (one layer, batch 1, ${sh.qHeads}/${sh.kvHeads} heads, D ${sh.headDim}, ${sh.dtype})\n`);
+    out.push('The prompt goes through one layer in chunks of C into a cache of M (B = 0): each chunk attends to the retained tokens and causally to itself, ' +
+      'then the cache is evicted back to M. Time: the sum of the chunks\' device times (queued back to back, after a few warm-up chunks). ' +
+      'Memory: "cache" = the reserved slots (K, V, position and lam of M + B tokens per head); "allocated" = the growth of the GPU memory in use ' +
+      '(cudaMemGetInfo) from before the cache was made to after the stream, for the slots plus the decode and prefill workspaces: it counts driver pages, ' +
+      'and small buffers may land in pages the process already holds, so it can read a little below "cache"; ' +
+      '"chunk I/O" = the chunk\'s own q, k, v, lam and out, which every chunked prefill needs and are not counted above. ' +
+      'Full cache = K and V of every prompt token. PyTorch: the same prompt into a preallocated full cache (each chunk\'s K/V written, flash SDPA over all ' +
+      'tokens so far, bottom-right causal); its memory is the peak allocation growth (K/V cache plus SDPA workspace).\n');
+    out.push(table(['prompt', 'chunk C', 'M', 'chunks', 'total (ms)', 'per chunk (us)', 'tokens/s', 'cache (MiB)', 'allocated (MiB)', 'chunk I/O (MiB)',
+      'full cache (MiB)', 'full / cache', 'PyTorch full cache (ms)', 'PyTorch peak (MiB)'],
+      st.map((x) => [String(x.prompt), String(x.chunk), String(x.memory), String(x.chunks), f(x.totalMs, 2), us(x.chunkTime.median), f(x.prompt / (x.totalMs * 1e-3), 0),
+        mib(x.reservedBytes), x.allocatedBytes === null ? '-' : mib(x.allocatedBytes), mib(x.chunkBytes), mib(x.fullCacheBytes),
+        f(x.fullCacheBytes / x.reservedBytes, 1), f(x.torchMs, 2), x.torchPeakBytes === null ? '-' : mib(x.torchPeakBytes)])));
     out.push('');
   }
   if (r.fullCache.length) {

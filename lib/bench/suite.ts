@@ -7,15 +7,18 @@ import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { cpus } from 'node:os';
 import {
-  benchDecode, benchGate, benchLadder, benchModel, benchPrefill, benchSelect, copyBandwidth, DTYPE_BYTES,
+  benchDecode, benchGate, benchLadder, benchModel, benchPrefill, benchPrefillAttend, benchSelect, benchSelectKernel, benchStream,
+  copyBandwidth, DTYPE_BYTES,
   type BenchOptions, type DecodeBenchCase, type DecodeBenchResult, type GateBenchResult, type LadderResult,
-  type ModelBenchResult, type PrefillBenchResult, type SelectBenchResult,
+  type ModelBenchResult, type PrefillAttendResult, type PrefillBenchResult, type SelectBenchResult, type SelectKernelCase,
+  type SelectKernelResult, type SelectKeys, type Stats, type StreamResult,
 } from '../bench.js';
+import { TrimKVError } from '../errors.js';
 import { packageRoot } from '../native.js';
 import { backends, buildInfo, openRuntime, type Runtime } from '../runtime.js';
 import type { BackendName, DType } from '../types.js';
 
-export const SECTIONS = ['decode', 'prefill', 'gate', 'select', 'model', 'ladder'] as const;
+export const SECTIONS = ['decode', 'prefill', 'gate', 'select', 'model', 'ladder', 'stream'] as const;
 export type Section = (typeof SECTIONS)[number];
 
 export const SCHEMA = 'trimkv-bench/1';
@@ -28,15 +31,21 @@ export interface BenchPlan {
   decode: { batches: number[]; memories: number[]; buffers: number[]; calls: number;
     /** Extra rows at (extraBatch, extraMemory, B = 0): other head dims, then other dtypes. */
     headDims: number[]; dtypes: DType[]; extraBatch: number; extraMemory: number };
-  prefill: { chunks: number[]; memories: number[]; calls: number };
+  prefill: { chunks: number[]; memories: number[]; calls: number;
+    /** Chunks over `cached` tokens with nothing evicted (and, for cached > 0, evicting to M = cached), against PyTorch SDPA. */
+    attend: { cached: number[]; chunks: number[]; calls: number } };
   gate: { batches: number[]; hiddenSize: number; intermediate: number; calls: number };
-  select: { batches: number[]; memories: number[]; buffer: number; evictions: number };
+  select: { batches: number[]; memories: number[]; buffer: number; evictions: number;
+    /** The selection kernel alone: rows x (memory + each extra) candidates, top `memory`. */
+    kernel: { rows: number[]; memory: number; extras: number[]; keys: SelectKeys[]; threads: number; iters: number } };
   model: { layers: number; batches: number[]; memories: number[]; hiddenSize: number; gateIntermediate: number; steps: number;
     /** The context at which the full-cache memory is quoted. */
     context: number };
   ladder: { batch: number; memories: number[]; full: boolean; samples: number[]; stepsPerSample: number;
     /** Layers of the model the memory plot scales to. */
     modelLayers: number };
+  /** A long prompt streamed through one layer (batch 1) in chunks into a cache of M. */
+  stream: { prompts: number[]; chunk: number; memory: number; buffer: number };
   rotateBytes?: number;
 }
 
@@ -50,38 +59,47 @@ export function defaultPlan(backend: BackendName, quick: boolean): BenchPlan {
     return quick ? {
       shape: QWEN3_4B,
       decode: { batches: [1, 32], memories: [512, 4096], buffers: [0, 64], calls: 200, headDims: [], dtypes: [], extraBatch: 32, extraMemory: 2048 },
-      prefill: { chunks: [512], memories: [2048], calls: 50 },
+      prefill: { chunks: [512], memories: [2048], calls: 50, attend: { cached: [0, 1024], chunks: [512, 2048], calls: 10 } },
       gate: { batches: [1, 8, 128], hiddenSize: 2560, intermediate: 512, calls: 100 },
-      select: { batches: [8], memories: [2048], buffer: 64, evictions: 4 },
+      select: { batches: [8], memories: [2048], buffer: 64, evictions: 4,
+        kernel: { rows: [64 * 8], memory: 4096, extras: [64, 2048], keys: ['random'], threads: 1024, iters: 30 } },
       model: { ...model, batches: [8], memories: [1024], steps: 10 },
       ladder: { batch: 8, memories: [512, 4096], full: true, samples: pow2(256, 8192), stepsPerSample: 4, modelLayers: 36 },
+      stream: { prompts: [32768], chunk: 2048, memory: 2048, buffer: 0 },
     } : {
       shape: QWEN3_4B,
       decode: { batches: [1, 8, 32, 128], memories: [512, 1024, 2048, 4096, 8192], buffers: [0, 64], calls: 300,
         headDims: [64, 256], dtypes: ['fp16', 'fp32'], extraBatch: 32, extraMemory: 2048 },
-      prefill: { chunks: [128, 512, 2048], memories: [512, 2048, 8192], calls: 100 },
+      prefill: { chunks: [128, 512, 2048], memories: [512, 2048, 8192], calls: 100,
+        attend: { cached: [0, 1024, 4096], chunks: [512, 2048, 8192], calls: 30 } },
       gate: { batches: [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048], hiddenSize: 2560, intermediate: 512, calls: 200 },
-      select: { batches: [8, 32], memories: [512, 2048, 4096], buffer: 64, evictions: 6 },
+      select: { batches: [8, 32], memories: [512, 2048, 4096], buffer: 64, evictions: 6,
+        kernel: { rows: [8 * 8, 64 * 8], memory: 4096, extras: [64, 2048], keys: ['random', 'scores'], threads: 1024, iters: 100 } },
       model: { ...model, batches: [1, 8, 32], memories: [512, 1024, 2048, 4096], steps: 20 },
       ladder: { batch: 8, memories: [512, 1024, 2048, 4096], full: true, samples: pow2(256, 32768), stepsPerSample: 8, modelLayers: 36 },
+      stream: { prompts: [131072], chunk: 2048, memory: 2048, buffer: 0 },
     };
   }
   return quick ? {
     shape: QWEN3_4B,
     decode: { batches: [1], memories: [256], buffers: [0, 32], calls: 20, headDims: [], dtypes: [], extraBatch: 1, extraMemory: 256 },
-    prefill: { chunks: [64], memories: [256], calls: 5 },
+    prefill: { chunks: [64], memories: [256], calls: 5, attend: { cached: [0, 256], chunks: [64], calls: 3 } },
     gate: { batches: [1, 8], hiddenSize: 2560, intermediate: 512, calls: 10 },
-    select: { batches: [1], memories: [256], buffer: 16, evictions: 3 },
+    select: { batches: [1], memories: [256], buffer: 16, evictions: 3,
+      kernel: { rows: [64 * 8], memory: 4096, extras: [64, 2048], keys: ['random'], threads: 1024, iters: 30 } },
     model: { ...model, batches: [1], memories: [256], steps: 3 },
     ladder: { batch: 1, memories: [64], full: true, samples: [32, 64, 128, 256], stepsPerSample: 2, modelLayers: 36 },
+    stream: { prompts: [1024], chunk: 256, memory: 256, buffer: 0 },
   } : {
     shape: QWEN3_4B,
     decode: { batches: [1, 4], memories: [256, 512], buffers: [0, 64], calls: 30, headDims: [64], dtypes: ['fp32'], extraBatch: 1, extraMemory: 512 },
-    prefill: { chunks: [64, 256], memories: [256], calls: 8 },
+    prefill: { chunks: [64, 256], memories: [256], calls: 8, attend: { cached: [0, 256], chunks: [64, 256], calls: 4 } },
     gate: { batches: [1, 8, 64], hiddenSize: 2560, intermediate: 512, calls: 20 },
-    select: { batches: [1], memories: [256], buffer: 32, evictions: 4 },
+    select: { batches: [1], memories: [256], buffer: 32, evictions: 4,
+      kernel: { rows: [64 * 8], memory: 4096, extras: [64, 2048], keys: ['random'], threads: 1024, iters: 30 } },
     model: { ...model, batches: [1], memories: [256], steps: 5 },
     ladder: { batch: 1, memories: [64, 256], full: true, samples: pow2(32, 1024), stepsPerSample: 4, modelLayers: 36 },
+    stream: { prompts: [4096], chunk: 256, memory: 256, buffer: 0 },
   };
 }
 
@@ -95,7 +113,16 @@ export interface TorchResults {
   sdpa: { batch: number; memory: number; ms?: number; bytes?: number; bandwidth?: number; error?: string }[];
   full?: { batch: number; context: number; ms?: number; bytes?: number; bandwidth?: number; error?: string }[];
   reference?: { batch: number; memory: number; buffer: number; msPerStep?: number; error?: string }[];
+  /** Causal prefill attention over cached + C keys (bottom-right-aligned mask), per chunk; `backend` names the SDPA path used. */
+  prefill?: { cached: number; chunk: number; ms?: number; p10?: number; p90?: number; tflops?: number; backend?: string; maxErr?: number; error?: string }[];
+  /** A full-cache chunked prefill of the prompt: K/V of every token preallocated, each chunk attends to all before it. */
+  stream?: { prompt: number; chunk: number; ms?: number; peakBytes?: number; kvBytes?: number; backend?: string; error?: string }[];
+  /** The SDPA paths tried for the prefill rows on a small probe against a float32 reference (the first that matched is used). */
+  prefillPaths?: { path: string; cached: number; chunk: number; ok: boolean; maxErr?: number | null; error?: string }[];
 }
+
+/** What the torch JSON carries beside its per-row lists (recorded in the result's `torch`). */
+export type TorchMeta = Omit<TorchResults, 'sdpa' | 'full' | 'reference' | 'prefill' | 'stream'>;
 
 export interface Failure { error: string }
 export type Row<T> = T | (Failure & Record<string, unknown>);
@@ -108,6 +135,20 @@ export interface DecodeRow extends DecodeBenchResult {
   referenceMs: number | null; referenceRatio: number | null;
 }
 export interface PrefillRow extends PrefillBenchResult { rooflineMs: number | null; fraction: number | null }
+export interface PrefillAttendRow extends PrefillAttendResult {
+  /** The steady-state chunk with eviction (cache at M = cached, B = 0: attend, select M of M + C, write); null for cached = 0. */
+  evict: { memory: number; time: Stats; tflops: number } | null;
+  /** PyTorch SDPA over the same cached + C keys, bottom-right causal: ms, TFLOP/s (same FLOP count) and the backend used. */
+  sdpaMs: number | null; sdpaTFLOPs: number | null; sdpaBackend: string | null;
+  /** Our TFLOP/s over SDPA's (= SDPA time / ours), without and with eviction. */
+  sdpaRatio: number | null; evictRatio: number | null;
+}
+/** A selection-kernel case that did not run on this backend, with the reason (shown as '-'). */
+export type SelectKernelRow = SelectKernelResult | (SelectKernelCase & { skipped: string });
+export interface StreamRow extends StreamResult {
+  /** PyTorch full-cache chunked prefill of the same prompt: total ms, peak allocation growth, K/V bytes, SDPA backend. */
+  torchMs: number | null; torchPeakBytes: number | null; torchBackend: string | null;
+}
 export interface GateRow extends GateBenchResult { fraction: number | null }
 export interface SelectRow extends SelectBenchResult { decodeB0Ms: number | null }
 export interface ModelRow extends ModelBenchResult { fraction: number | null; fullCacheBytes: number; context: number }
@@ -137,6 +178,12 @@ export interface BackendRun {
   model: Row<ModelRow>[];
   ladder: Row<LadderResult>[];
   fullCache: FullCacheRow[];
+  /** Prefill chunks against PyTorch SDPA (section prefill). */
+  prefillAttend: Row<PrefillAttendRow>[];
+  /** The selection kernel alone (section select). */
+  selectKernel: Row<SelectKernelRow>[];
+  /** A long prompt streamed in chunks (section stream). */
+  stream: Row<StreamRow>[];
   seconds: number;
 }
 
@@ -148,7 +195,7 @@ export interface BenchResult {
   platform: string;
   host: { cpu: string; threads: number };
   quick: boolean;
-  torch: (Omit<TorchResults, 'sdpa' | 'full' | 'reference'> & { file: string }) | null;
+  torch: (TorchMeta & { file: string }) | null;
   runs: BackendRun[];
 }
 
@@ -219,7 +266,7 @@ export async function runSuite(o: SuiteOptions = {}): Promise<BenchResult> {
       driver: cuda ? info.cudaDriver : null,
       cudaRuntime: cuda ? info.cudaRuntime : null,
       copyGBs: null, peakTFLOPs: null, peakSource: null, plan, sections: SECTIONS.filter((s) => only.has(s)),
-      decode: [], prefill: [], gate: [], select: [], model: [], ladder: [], fullCache: [], seconds: 0,
+      decode: [], prefill: [], gate: [], select: [], model: [], ladder: [], fullCache: [], prefillAttend: [], selectKernel: [], stream: [], seconds: 0,
     };
     if (cuda) {
       const ds = DATASHEET_TFLOPS.find(([re]) => re.test(dev.name));
@@ -248,11 +295,11 @@ export async function runSuite(o: SuiteOptions = {}): Promise<BenchResult> {
     rt.dispose();
   }
   const cpu = cpus();
-  const { sdpa: _s, full: _f, reference: _r, ...torchMeta } = torch ?? { sdpa: [] };
+  const { sdpa: _s, full: _f, reference: _r, prefill: _p, stream: _t, ...torchMeta } = torch ?? { sdpa: [] };
   return {
     schema: SCHEMA, date: new Date().toISOString(), commit: gitCommit(), node: process.version,
     platform: `${process.platform}-${process.arch}`, host: { cpu: cpu[0]?.model ?? 'unknown', threads: cpu.length }, quick,
-    torch: torch ? { ...(torchMeta as Omit<TorchResults, 'sdpa' | 'full' | 'reference'>), file: o.torch! } : null,
+    torch: torch ? { ...(torchMeta as TorchMeta), file: o.torch! } : null,
     runs,
   };
 }
@@ -303,6 +350,24 @@ function cases(rt: Runtime, plan: BenchPlan, run: BackendRun, only: Set<Section>
         return { ...r, rooflineMs, fraction: rooflineMs === null ? null : rooflineMs / r.time.median };
       }) });
     }
+    const a = plan.prefill.attend;
+    for (const cached of a.cached) for (const chunk of a.chunks) {
+      const c = { ...sh, cached, chunk };
+      out.push({ section: 'prefill', label: `prefill vs SDPA cached=${cached} C=${chunk}`, run: () => attempt(run.prefillAttend, { ...c }, () => {
+        const r = benchPrefillAttend(rt, c, a.calls, bo);
+        let evict: PrefillAttendRow['evict'] = null;
+        if (cached > 0) {
+          const e = benchPrefill(rt, { ...sh, chunk, memory: cached, buffer: 0 }, a.calls, bo);
+          evict = { memory: cached, time: e.time, tflops: r.flops / (e.time.median * 1e-3) / 1e12 };
+        }
+        const t = torchShape(sh) ? torch?.prefill?.find((x) => x.cached === cached && x.chunk === chunk && x.ms) : undefined;
+        const sdpaMs = t?.ms ?? null;
+        return {
+          ...r, evict, sdpaMs, sdpaTFLOPs: sdpaMs ? r.flops / (sdpaMs * 1e-3) / 1e12 : null, sdpaBackend: t?.backend ?? null,
+          sdpaRatio: sdpaMs ? sdpaMs / r.time.median : null, evictRatio: sdpaMs && evict ? sdpaMs / evict.time.median : null,
+        };
+      }) });
+    }
   }
   if (only.has('gate')) {
     const g = plan.gate;
@@ -324,6 +389,19 @@ function cases(rt: Runtime, plan: BenchPlan, run: BackendRun, only: Set<Section>
         return { ...r, decodeB0Ms: b0?.time.median ?? null };
       }) });
     }
+    const k = s.kernel;
+    for (const keys of k.keys) for (const rows of k.rows) for (const extra of k.extras) {
+      const c: SelectKernelCase = { rows, candidates: k.memory + extra, keep: k.memory, keys, threads: k.threads };
+      out.push({ section: 'select', label: `selection kernel ${rows} x ${c.candidates} top ${c.keep} (${keys})`, run: () => attempt(run.selectKernel, { ...c }, () => {
+        try {
+          return benchSelectKernel(rt, c, k.iters);
+        } catch (e) {
+          // GPU-only: the CPU backend (or a CPU-only build) has no such kernel; the row stays, shown as '-'.
+          if (e instanceof TrimKVError && e.code === 'ERR_UNSUPPORTED') return { ...c, skipped: e.message };
+          throw e;
+        }
+      }) });
+    }
   }
   if (only.has('model')) {
     const m = plan.model;
@@ -341,6 +419,17 @@ function cases(rt: Runtime, plan: BenchPlan, run: BackendRun, only: Set<Section>
       const c = { ...sh, batch: l.batch, memory, buffer: 0, samples: l.samples, stepsPerSample: l.stepsPerSample };
       out.push({ section: 'ladder', label: `generation to ${l.samples.at(-1)} tokens, ${memory === null ? 'full cache' : `M=${memory}`}`,
         run: () => attempt(run.ladder, { ...c }, () => benchLadder(rt, c, undefined, bo)) });
+    }
+  }
+  if (only.has('stream')) {
+    const st = plan.stream;
+    for (const prompt of st.prompts) {
+      const c = { ...sh, prompt, chunk: st.chunk, memory: st.memory, buffer: st.buffer };
+      out.push({ section: 'stream', label: `${prompt}-token prompt in chunks of ${st.chunk}, M=${st.memory}`, run: () => attempt(run.stream, { ...c }, () => {
+        const r = benchStream(rt, c);
+        const t = torchShape(sh) ? torch?.stream?.find((x) => x.prompt === prompt && x.chunk === st.chunk && x.ms) : undefined;
+        return { ...r, torchMs: t?.ms ?? null, torchPeakBytes: t?.peakBytes ?? null, torchBackend: t?.backend ?? null };
+      }) });
     }
   }
   return out;
