@@ -7,7 +7,7 @@
 import { native } from './errors.js';
 import { BACKEND_INDEX, loadAddon } from './native.js';
 import type { Runtime } from './runtime.js';
-import type { DType, GateSpec } from './types.js';
+import type { DType, GateSpec, Scope } from './types.js';
 
 /** Bytes the inputs of one measured family should span so that L2 (50 MB on H100) cannot hold them. */
 export const ROTATE_BYTES = 256 * 2 ** 20;
@@ -123,6 +123,10 @@ function warmUp(n: number, fn: (i: number) => void): number {
 export interface DecodeBenchCase {
   batch: number; memory: number; buffer: number;
   qHeads: number; kvHeads: number; headDim: number; dtype: DType;
+  /** Budget scope (default 'head') and floor ratio of the cache. */
+  scope?: Scope; floor?: number;
+  /** Layers of the cache (default: enough to rotate the inputs past the caches). */
+  layers?: number;
 }
 
 export interface DecodeBenchResult extends DecodeBenchCase {
@@ -166,7 +170,8 @@ interface DecodeRig {
 /** A cache of `layers` layers filled to M per head by one prefill chunk per sequence. */
 function decodeRig(rt: Runtime, c: DecodeBenchCase, layers: number): DecodeRig {
   const { batch: Bt, qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = c;
-  const cache = rt.createCache({ layers, batch: Bt, qHeads: Hq, kvHeads: Hkv, headDim: D, memory: c.memory, buffer: c.buffer, dtype });
+  const cache = rt.createCache({ layers, batch: Bt, qHeads: Hq, kvHeads: Hkv, headDim: D, memory: c.memory, buffer: c.buffer, dtype,
+    scope: c.scope ?? 'head', floor: c.floor ?? 0 });
   const owned: { dispose(): void }[] = [cache];
   try {
     const C = c.memory;
@@ -208,7 +213,7 @@ function decodeRig(rt: Runtime, c: DecodeBenchCase, layers: number): DecodeRig {
  * @throws {TrimKVError} from the cache (shapes, out of memory, unsupported on the backend)
  */
 export function benchDecode(rt: Runtime, c: DecodeBenchCase, calls = 200, o: BenchOptions = {}): DecodeBenchResult {
-  const layers = setsFor(rt, c.batch * c.kvHeads * (c.memory + c.buffer) * slotBytes(c.headDim, c.dtype), o);
+  const layers = c.layers ?? setsFor(rt, c.batch * c.kvHeads * (c.memory + c.buffer) * slotBytes(c.headDim, c.dtype), o);
   const rig = decodeRig(rt, c, layers);
   try {
     // Warm-up: whole steps, so the timed calls start at layer 0.
@@ -247,7 +252,7 @@ export interface SelectBenchResult extends DecodeBenchCase {
  */
 export function benchSelect(rt: Runtime, c: DecodeBenchCase, evictions = 6, o: BenchOptions = {}): SelectBenchResult {
   if (c.buffer < 2) throw new RangeError(`Expected a buffer >= 2 for benchSelect but received ${c.buffer}`);
-  const layers = setsFor(rt, c.batch * c.kvHeads * (c.memory + c.buffer) * slotBytes(c.headDim, c.dtype), o);
+  const layers = c.layers ?? setsFor(rt, c.batch * c.kvHeads * (c.memory + c.buffer) * slotBytes(c.headDim, c.dtype), o);
   const rig = decodeRig(rt, c, layers);
   try {
     const hostMs = warmUp(layers * c.buffer, rig.call);  // one eviction cycle, ends at a step boundary

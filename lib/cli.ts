@@ -158,7 +158,7 @@ async function bench(args: string[]): Promise<number> {
   const files = writeReport(res, torch, out, values.results);
   console.log(readFileSync(join(out, 'bench.md'), 'utf8'));
   for (const r of res.runs) {
-    const failed = [r.decode, r.prefill, r.gate, r.select, r.model, r.ladder, r.prefillAttend, r.selectKernel, r.stream].flat()
+    const failed = [r.decode, r.scopes, r.prefill, r.gate, r.select, r.model, r.ladder, r.prefillAttend, r.selectKernel, r.stream].flat()
       .filter((x) => 'error' in x).length;
     console.error(`${r.backend}: ${r.device.name}, copy ${r.copyGBs ? `${r.copyGBs.toFixed(0)} GB/s` : 'n/a'}, ${r.seconds.toFixed(0)} s` +
       (failed ? `, ${failed} case(s) failed (see bench.md)` : ''));

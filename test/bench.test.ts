@@ -97,7 +97,8 @@ describe('linePlot', () => {
 function tiny(_b: string, p: BenchPlan): BenchPlan {
   return {
     shape: { qHeads: 4, kvHeads: 2, headDim: 32, dtype: 'bf16' },
-    decode: { batches: [1, 2], memories: [16], buffers: [0, 8], calls: 10, headDims: [64], dtypes: ['fp32'], extraBatch: 1, extraMemory: 16 },
+    decode: { batches: [1, 2], memories: [16], buffers: [0, 8], calls: 10, headDims: [64], dtypes: ['fp32'], extraBatch: 1, extraMemory: 16,
+      scopes: { batches: [2], memory: 16, buffers: [0, 8], layers: 2, cases: [{ scope: 'head', floor: 0 }, { scope: 'layer', floor: 0 }, { scope: 'global', floor: 0.25 }] } },
     prefill: { chunks: [8], memories: [16], calls: 5, attend: { cached: [0, 8], chunks: [8], calls: 2 } },
     gate: { batches: [1, 4], hiddenSize: 64, intermediate: 32, calls: 5 },
     select: { batches: [1], memories: [16], buffer: 4, evictions: 2,
@@ -132,6 +133,16 @@ describe('runSuite (CPU backend, --quick, tiny sizes)', () => {
     expect(typeof r.device.name).toBe('string');
     expect(r.sections).toEqual([...SECTIONS]);
     expect(r.decode).toHaveLength(2 * 2 + 2);
+    // Scope rows: 2 buffers x (head, layer, global), each with a ratio against the head row.
+    expect(r.scopes).toHaveLength(6);
+    for (const row of r.scopes) {
+      expect(row).not.toHaveProperty('error');
+      const s = row as { scope: string; headRatio: number | null; time: { mean: number }; layers: number };
+      expect(s.layers).toBe(2);
+      expect(s.time.mean).toBeGreaterThan(0);
+      if (s.scope === 'head') expect(s.headRatio).toBeNull();
+      else expect(s.headRatio).toBeGreaterThan(0);
+    }
     expect(r.prefill).toHaveLength(1);
     expect(r.gate).toHaveLength(2);
     expect(r.select).toHaveLength(1);
@@ -140,7 +151,7 @@ describe('runSuite (CPU backend, --quick, tiny sizes)', () => {
     expect(r.prefillAttend).toHaveLength(2);
     expect(r.selectKernel).toHaveLength(2);
     expect(r.stream).toHaveLength(1);
-    expect(progress.at(-1)).toBe(6 + (1 + 2) + 2 + (1 + 2) + 1 + 3 + 1);
+    expect(progress.at(-1)).toBe(6 + 6 + (1 + 2) + 2 + (1 + 2) + 1 + 3 + 1);  // decode, scopes, prefill, gate, select, model, ladder, stream
   });
 
   test('prefill vs SDPA: same FLOP count, no eviction timed at every cached size, evict-to-M only with cached tokens, no SDPA on the CPU', () => {
@@ -229,7 +240,7 @@ describe('runSuite (CPU backend, --quick, tiny sizes)', () => {
 
   test('the Markdown has every table and links the plots; --results copies them beside it', () => {
     const md = readFileSync(join(dir, 'bench.md'), 'utf8');
-    for (const h of ['### Decode step', '### Prefill chunk', '### Prefill attention vs PyTorch SDPA', '### Retention gate', '### Selection',
+    for (const h of ['### Decode step', '### Decode step by budget scope', '### Prefill chunk', '### Prefill attention vs PyTorch SDPA', '### Retention gate', '### Selection',
       '### Selection kernel alone', '### Whole-model decode step', '### Long generation', '### Long prompt streamed in chunks']) {
       expect(md).toContain(h);
     }

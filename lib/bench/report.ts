@@ -94,6 +94,18 @@ function runMarkdown(r: BackendRun, plotDir: string): string {
         f(d.bandwidth, 0), f(d.fraction, 3), us(d.sdpaMs), f(d.sdpaRatio, 2), us(d.referenceMs), f(d.referenceRatio, 2), f(d.hostUs, 1)])));
     out.push('');
   }
+  const sco = rows(r.scopes ?? []);
+  if (sco.length) {
+    out.push('### Decode step by budget scope (one layer call, averaged over whole steps)\n');
+    out.push('The same steady-state decode on a cache of L layers under each budget scope. "head" keeps the fixed layout and evicts inside the decode kernel; ' +
+      '"layer" and "global" use the pooled layout: decode appends and one pool kernel per layer ("layer") or per step after the last layer ("global") scores, ' +
+      'selects and compacts the pool. "mean" is the total time of whole steps over the layer calls (it spreads the once-a-step global eviction); ' +
+      '"x head" = the scope-head mean / this mean (below 1: slower than head).\n');
+    out.push(table(['batch', 'M', 'B', 'layers', 'scope', 'floor', 'median (us)', 'p10-p90 (us)', 'mean (us)', 'x head', 'host (us/call)'],
+      sco.map((d) => [String(d.batch), String(d.memory), String(d.buffer), String(d.layers), d.scope, String(d.floor), us(d.time.median),
+        `${us(d.time.p10)}-${us(d.time.p90)}`, us(d.time.mean), f(d.headRatio, 2), f(d.hostUs, 1)])));
+    out.push('');
+  }
   const pre = rows(r.prefill);
   if (pre.length) {
     out.push('### Prefill chunk (one sequence, one layer: attend over the cache and causally within the chunk, then evict back to M)\n');

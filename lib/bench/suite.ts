@@ -16,7 +16,7 @@ import {
 import { TrimKVError } from '../errors.js';
 import { packageRoot } from '../native.js';
 import { backends, buildInfo, openRuntime, type Runtime } from '../runtime.js';
-import type { BackendName, DType } from '../types.js';
+import type { BackendName, DType, Scope } from '../types.js';
 
 export const SECTIONS = ['decode', 'prefill', 'gate', 'select', 'model', 'ladder', 'stream'] as const;
 export type Section = (typeof SECTIONS)[number];
@@ -30,7 +30,9 @@ export interface BenchPlan {
   shape: Shape;
   decode: { batches: number[]; memories: number[]; buffers: number[]; calls: number;
     /** Extra rows at (extraBatch, extraMemory, B = 0): other head dims, then other dtypes. */
-    headDims: number[]; dtypes: DType[]; extraBatch: number; extraMemory: number };
+    headDims: number[]; dtypes: DType[]; extraBatch: number; extraMemory: number;
+    /** The budget scopes on a cache of `layers` layers (pooled layout for 'layer' / 'global'). */
+    scopes: { batches: number[]; memory: number; buffers: number[]; layers: number; cases: { scope: Scope; floor: number }[] } };
   prefill: { chunks: number[]; memories: number[]; calls: number;
     /** Chunks over `cached` tokens with nothing evicted (and, for cached > 0, evicting to M = cached), against PyTorch SDPA. */
     attend: { cached: number[]; chunks: number[]; calls: number } };
@@ -50,6 +52,8 @@ export interface BenchPlan {
 }
 
 const QWEN3_4B: Shape = { qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'bf16' };
+/** Budget scopes compared in the decode section: the fixed layout, then the pooled ones. */
+const SCOPE_CASES: { scope: Scope; floor: number }[] = [{ scope: 'head', floor: 0 }, { scope: 'layer', floor: 0 }, { scope: 'global', floor: 0.25 }];
 const pow2 = (from: number, to: number) => { const r: number[] = []; for (let x = from; x <= to; x *= 2) r.push(x); return r; };
 
 /** The default sweeps: sized for an H100 (whole suite, torch script included, ~6 min) and the CPU. */
@@ -58,7 +62,8 @@ export function defaultPlan(backend: BackendName, quick: boolean): BenchPlan {
   if (backend === 'cuda') {
     return quick ? {
       shape: QWEN3_4B,
-      decode: { batches: [1, 32], memories: [512, 4096], buffers: [0, 64], calls: 200, headDims: [], dtypes: [], extraBatch: 32, extraMemory: 2048 },
+      decode: { batches: [1, 32], memories: [512, 4096], buffers: [0, 64], calls: 200, headDims: [], dtypes: [], extraBatch: 32, extraMemory: 2048,
+        scopes: { batches: [8], memory: 1024, buffers: [0, 64], layers: 8, cases: SCOPE_CASES } },
       prefill: { chunks: [512], memories: [2048], calls: 50, attend: { cached: [0, 1024], chunks: [512, 2048], calls: 10 } },
       gate: { batches: [1, 8, 128], hiddenSize: 2560, intermediate: 512, calls: 100 },
       select: { batches: [8], memories: [2048], buffer: 64, evictions: 4,
@@ -69,7 +74,8 @@ export function defaultPlan(backend: BackendName, quick: boolean): BenchPlan {
     } : {
       shape: QWEN3_4B,
       decode: { batches: [1, 8, 32, 128], memories: [512, 1024, 2048, 4096, 8192], buffers: [0, 64], calls: 300,
-        headDims: [64, 256], dtypes: ['fp16', 'fp32'], extraBatch: 32, extraMemory: 2048 },
+        headDims: [64, 256], dtypes: ['fp16', 'fp32'], extraBatch: 32, extraMemory: 2048,
+        scopes: { batches: [8, 32], memory: 2048, buffers: [0, 64], layers: 36, cases: SCOPE_CASES } },
       prefill: { chunks: [128, 512, 2048], memories: [512, 2048, 8192], calls: 100,
         attend: { cached: [0, 1024, 4096], chunks: [512, 2048, 8192], calls: 30 } },
       gate: { batches: [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048], hiddenSize: 2560, intermediate: 512, calls: 200 },
@@ -82,7 +88,8 @@ export function defaultPlan(backend: BackendName, quick: boolean): BenchPlan {
   }
   return quick ? {
     shape: QWEN3_4B,
-    decode: { batches: [1], memories: [256], buffers: [0, 32], calls: 20, headDims: [], dtypes: [], extraBatch: 1, extraMemory: 256 },
+    decode: { batches: [1], memories: [256], buffers: [0, 32], calls: 20, headDims: [], dtypes: [], extraBatch: 1, extraMemory: 256,
+      scopes: { batches: [1], memory: 64, buffers: [0, 16], layers: 2, cases: SCOPE_CASES } },
     prefill: { chunks: [64], memories: [256], calls: 5, attend: { cached: [0, 256], chunks: [64], calls: 3 } },
     gate: { batches: [1, 8], hiddenSize: 2560, intermediate: 512, calls: 10 },
     select: { batches: [1], memories: [256], buffer: 16, evictions: 3,
@@ -92,7 +99,8 @@ export function defaultPlan(backend: BackendName, quick: boolean): BenchPlan {
     stream: { prompts: [1024], chunk: 256, memory: 256, buffer: 0 },
   } : {
     shape: QWEN3_4B,
-    decode: { batches: [1, 4], memories: [256, 512], buffers: [0, 64], calls: 30, headDims: [64], dtypes: ['fp32'], extraBatch: 1, extraMemory: 512 },
+    decode: { batches: [1, 4], memories: [256, 512], buffers: [0, 64], calls: 30, headDims: [64], dtypes: ['fp32'], extraBatch: 1, extraMemory: 512,
+      scopes: { batches: [1], memory: 256, buffers: [0, 32], layers: 4, cases: SCOPE_CASES } },
     prefill: { chunks: [64, 256], memories: [256], calls: 8, attend: { cached: [0, 256], chunks: [64, 256], calls: 4 } },
     gate: { batches: [1, 8, 64], hiddenSize: 2560, intermediate: 512, calls: 20 },
     select: { batches: [1], memories: [256], buffer: 32, evictions: 4,
@@ -134,6 +142,12 @@ export interface DecodeRow extends DecodeBenchResult {
   /** The reference pipeline in PyTorch (cat, SDPA, every B steps score + topk + gather), ms per step, and its time / ours. */
   referenceMs: number | null; referenceRatio: number | null;
 }
+/** A decode step under a budget scope: per layer call, over whole steps of all layers. */
+export interface ScopeRow extends DecodeBenchResult {
+  scope: Scope; floor: number;
+  /** The scope-'head' row of the same batch, M and B: its mean / this mean (above 1: faster). */
+  headRatio: number | null;
+}
 export interface PrefillRow extends PrefillBenchResult { rooflineMs: number | null; fraction: number | null }
 export interface PrefillAttendRow extends PrefillAttendResult {
   /** The steady-state chunk with eviction (cache at M = cached, B = 0: attend, select M of M + C, write); null for cached = 0. */
@@ -172,6 +186,8 @@ export interface BackendRun {
   plan: BenchPlan;
   sections: Section[];
   decode: Row<DecodeRow>[];
+  /** The decode step under each budget scope (section decode). */
+  scopes: Row<ScopeRow>[];
   prefill: Row<PrefillRow>[];
   gate: Row<GateRow>[];
   select: Row<SelectRow>[];
@@ -266,7 +282,7 @@ export async function runSuite(o: SuiteOptions = {}): Promise<BenchResult> {
       driver: cuda ? info.cudaDriver : null,
       cudaRuntime: cuda ? info.cudaRuntime : null,
       copyGBs: null, peakTFLOPs: null, peakSource: null, plan, sections: SECTIONS.filter((s) => only.has(s)),
-      decode: [], prefill: [], gate: [], select: [], model: [], ladder: [], fullCache: [], prefillAttend: [], selectKernel: [], stream: [], seconds: 0,
+      decode: [], scopes: [], prefill: [], gate: [], select: [], model: [], ladder: [], fullCache: [], prefillAttend: [], selectKernel: [], stream: [], seconds: 0,
     };
     if (cuda) {
       const ds = DATASHEET_TFLOPS.find(([re]) => re.test(dev.name));
@@ -338,6 +354,18 @@ function cases(rt: Runtime, plan: BenchPlan, run: BackendRun, only: Set<Section>
           referenceMs: ref?.msPerStep ?? null, referenceRatio: ref?.msPerStep ? ref.msPerStep / r.time.median : null,
         };
       }) });
+    }
+  }
+  if (only.has('decode')) {
+    const sc = plan.decode.scopes;
+    for (const batch of sc.batches) for (const buffer of sc.buffers) for (const { scope, floor } of sc.cases) {
+      const c: DecodeBenchCase = { ...sh, batch, memory: sc.memory, buffer, scope, floor, layers: sc.layers };
+      out.push({ section: 'decode', label: `decode scope=${scope} floor=${floor} b=${batch} M=${sc.memory} B=${buffer} L=${sc.layers}`,
+        run: () => attempt(run.scopes, { ...c }, () => {
+          const r = benchDecode(rt, c, Math.max(plan.decode.calls, 4 * sc.layers), bo);
+          const head = run.scopes.find((x): x is ScopeRow => ok(x) && x.scope === 'head' && x.batch === batch && x.buffer === buffer);
+          return { ...r, scope, floor, headRatio: head && scope !== 'head' ? head.time.mean / r.time.mean : null };
+        }) });
     }
   }
   if (only.has('prefill')) {
