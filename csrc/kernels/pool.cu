@@ -1,6 +1,7 @@
 // Pool eviction and segment re-layout: see pool.cuh.
 #include "pool.cuh"
 
+#include <algorithm>
 #include <climits>
 
 #include "select_topk.cuh"
@@ -82,8 +83,16 @@ __device__ __forceinline__ int head_of(const pool_smem_t& s, int nh, int i) {
   return lo;
 }
 
-/// Calls on_keep(i, keep) for every i in [lo, lo + n), in index order within each thread's
-/// stride, with keep true for the k best live keys (key != 0): keys above the k-th largest,
+/// Adds 1 to s.count[head of candidate i] for every thread whose flag is set: one shared atomic
+/// per head per warp (a warp's candidates mostly share a head). Every lane must call it.
+__device__ __forceinline__ void count_by_head(pool_smem_t& s, int nh, int i, bool flag) {
+  const int j = flag ? head_of(s, nh, i) : -1;
+  const unsigned peers = __match_any_sync(0xffffffffu, j);
+  if (flag && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&s.count[j], __popc(peers));
+}
+
+/// Calls on_keep(i, valid, keep) from every thread of the block for i in lo + [0, a multiple of
+/// the block size), valid for i < lo + n, with keep true for the k best live keys (key != 0): keys above the k-th largest,
 /// then keys equal to it in index order (head order breaks full ties, as on the CPU). Every
 /// live key is kept when there are at most k. Every thread calls it with the same arguments.
 template <typename F>
@@ -116,7 +125,7 @@ __device__ void for_top(const unsigned long long* keys, int lo, int n, int64_t k
     const bool eq = i < n && key == thr;
     int eq_total;
     const int r = topk::block_exclusive_count(eq, s.warp_sums, &eq_total);
-    if (i < n) on_keep(lo + i, key > thr || (eq && eq_seen + r < need));
+    on_keep(lo + i, i < n, i < n && (key > thr || (eq && eq_seen + r < need)));  // every lane
     eq_seen += eq_total;
   }
   __syncthreads();
@@ -173,29 +182,45 @@ __device__ void evict_pool(const pool_params_t& p, int nh, int total, int tcount
                            const int* head_idx, pool_smem_t& s, const pool_ws_t& ws) {
   const int tid = threadIdx.x, nthr = blockDim.x;
   unsigned long long* keys = ws.keys;
-  // 1. Keep-keys; 0 marks a token dropped by the threshold.
+  // 1. Keep-keys; 0 marks a token dropped by the threshold. The loads of kBatch candidates per
+  // thread go out together: one memory round trip per batch, not per token.
+  constexpr int kBatch = 8;
   int live = 0;
-  for (int i = tid; i < total; i += nthr) {
-    const int j = head_of(s, nh, i);
-    const size_t slot = static_cast<size_t>(s.off[j]) + (i - s.start[j]);
-    const int pos = p.pos_cache[slot];
-    const float ln = p.knorm ? p.lognorm_cache[slot] : 0.f;
-    const bool in_window = pos >= tcount - p.window;
-    // The bits of decayed_score() on the host: no contraction into an FMA.
-    float sc = __fadd_rn(__fmul_rn(p.lam_cache[slot], static_cast<float>(tcount + 1 - pos)), ln);
-    const bool drop = !in_window && p.thresholded && !(sc >= p.log_tau);
-    if (in_window) sc = __int_as_float(0x7f800000);
-    if (sc != sc) sc = __int_as_float(0xff800000);  // NaN ranks as -inf, as on the CPU
-    keys[i] = drop ? 0ull : topk::keep_key(sc, pos);
-    live += !drop;
+  for (int i0 = 0; i0 < total; i0 += kBatch * nthr) {
+    int pos[kBatch];
+    float lam[kBatch], ln[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = i0 + u * nthr + tid;
+      if (i < total) {
+        const int j = head_of(s, nh, i);
+        const size_t slot = static_cast<size_t>(s.off[j]) + (i - s.start[j]);
+        pos[u] = p.pos_cache[slot];
+        lam[u] = p.lam_cache[slot];
+        ln[u] = p.knorm ? p.lognorm_cache[slot] : 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = i0 + u * nthr + tid;
+      if (i >= total) continue;
+      const bool in_window = pos[u] >= tcount - p.window;
+      // The bits of decayed_score() on the host: no contraction into an FMA.
+      float sc = __fadd_rn(__fmul_rn(lam[u], static_cast<float>(tcount + 1 - pos[u])), ln[u]);
+      const bool drop = !in_window && p.thresholded && !(sc >= p.log_tau);
+      if (in_window) sc = __int_as_float(0x7f800000);
+      if (sc != sc) sc = __int_as_float(0xff800000);  // NaN ranks as -inf, as on the CPU
+      keys[i] = drop ? 0ull : topk::keep_key(sc, pos[u]);
+      live += !drop;
+    }
   }
   int nlive;
   block_exclusive_sum(live, s.warp_sums, &nlive);  // also publishes keys to the block
   // 2. The budget.
   if (nlive >= static_cast<int64_t>(nh) * (p.memory + p.buffer)) {
     const int64_t budget = static_cast<int64_t>(nh) * p.memory;
-    auto zero_evicted = [&](int i, bool keep) {
-      if (!keep) keys[i] = 0ull;
+    auto zero_evicted = [&](int i, bool valid, bool keep) {
+      if (valid && !keep) keys[i] = 0ull;
     };
     if (!p.use_floor) {
       for_top(keys, 0, total, budget, zero_evicted, s);
@@ -203,9 +228,7 @@ __device__ void evict_pool(const pool_params_t& p, int nh, int total, int tcount
       if (tid < nh) s.count[tid] = p.floor_extra;
       __syncthreads();
       for_top(keys, 0, total, p.floor_pooled,
-              [&](int i, bool keep) {
-                if (keep) atomicAdd(&s.count[head_of(s, nh, i)], 1);
-              },
+              [&](int i, bool, bool keep) { count_by_head(s, nh, i, keep); },
               s);
       for (int j = 0; j < nh; ++j) for_top(keys, s.start[j], s.len[j], s.count[j], zero_evicted, s);
     }
@@ -215,8 +238,10 @@ __device__ void evict_pool(const pool_params_t& p, int nh, int total, int tcount
   // order, and each head has as many of one as of the other).
   if (tid < nh) s.count[tid] = 0;
   __syncthreads();
-  for (int i = tid; i < total; i += nthr)
-    if (keys[i] != 0ull) atomicAdd(&s.count[head_of(s, nh, i)], 1);
+  for (int i0 = 0; i0 < total; i0 += nthr) {
+    const int i = i0 + tid;
+    count_by_head(s, nh, i, i < total && keys[i] != 0ull);
+  }
   __syncthreads();
   int nholes = 0, nmovers = 0;
   for (int i0 = 0; i0 < total; i0 += nthr) {
@@ -338,8 +363,15 @@ __global__ void __launch_bounds__(kPoolThreads) PoolEvictKernel(const pool_param
   const int first = block_exclusive_sum(len, s.warp_sums, &total);
   if (tid < nh) s.start[tid] = first;
   __syncthreads();
-  if (p.evict && total > 0)
-    evict_pool(p, nh, total, tcount, head_idx, s, pool_ws(workspace, gridDim.x, p.region));
+  // Under budget and no threshold: nothing can go (the usual B > 0 step), so the tokens are
+  // not even scored.
+  const bool may_evict = p.thresholded || total >= static_cast<int64_t>(nh) * (p.memory + p.buffer);
+  if (p.evict && total > 0 && may_evict) {
+    pool_ws_t ws = pool_ws(workspace, gridDim.x, p.region);
+    extern __shared__ unsigned long long smem_keys[];
+    if (total <= p.smem_keys) ws.keys = smem_keys;  // the selection's passes read shared memory
+    evict_pool(p, nh, total, tcount, head_idx, s, ws);
+  }
   make_room(p, nh, region_base, head_idx, s);
 }
 
@@ -366,8 +398,24 @@ cudaError_t PoolEvict(const pool_params_t& p, void* workspace, cudaStream_t stre
       p.region <= 0 || p.row_bytes % 16 != 0 || workspace == nullptr ||
       (p.knorm && p.lognorm_cache == nullptr))
     return cudaErrorInvalidValue;
+  // Keys in shared memory when a whole region's fit (a layer pool of 8 heads up to M + B of
+  // about 3,000); otherwise they stay in the workspace.
+  static int smem_cap = -1;  // bytes of dynamic shared memory the kernel may use, per process
+  if (smem_cap < 0) {
+    int dev = 0, optin = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (e != cudaSuccess) return e;
+    const int cap = optin - static_cast<int>(sizeof(pool_smem_t)) - kPoolMaxHeads * 4 - 1024;
+    e = cap > 0 ? cudaFuncSetAttribute(PoolEvictKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cap)
+                : cudaSuccess;
+    if (e != cudaSuccess) return e;
+    smem_cap = cap > 0 ? cap : 0;
+  }
+  pool_params_t q = p;
+  q.smem_keys = static_cast<int>(std::min<size_t>(static_cast<size_t>(p.region), smem_cap / 8));
   const int pools = p.nseq * (p.kv_heads / p.heads_per_pool);
-  PoolEvictKernel<<<pools, kPoolThreads, 0, stream>>>(p, workspace);
+  PoolEvictKernel<<<pools, kPoolThreads, static_cast<size_t>(q.smem_keys) * 8, stream>>>(q, workspace);
   return cudaGetLastError();
 }
 

@@ -59,6 +59,7 @@ struct pool_params_t {
   int room = 0;                    ///< free slots every head of the pool needs afterwards
   int room_layer = -1;             ///< heads of this layer need room_extra instead (prefill)
   int room_extra = 0;
+  int smem_keys = 0;               ///< set by PoolEvict: keys of a pool that fit in shared memory
 };
 
 /// Workspace bytes for the largest launch (pools_per_launch pools of `region` slots).
