@@ -1,8 +1,10 @@
 // Retention-gate kernels (SPEC.md section 3): lam = logsigmoid(z) per token and KV head.
 //   rg / rg2: z = W2 act(W1 x + b1) + bias
 //   rg3:      z = W_down(act(W_gate y) * (W_up y)) + bias
-// Float32 accumulation; weights read once per call for the whole batch of n tokens (each block
-// owns a slice of the intermediate rows and processes every token).
+// Float32 accumulation. Small n: the weights are read once per call by many blocks that split
+// in_dim, then a finishing kernel sums the partials; large n: tensor cores (x and weights both
+// fp16 or both bf16, sm_80+), the activation and W2 fused into the product's epilogue where
+// in_dim is not split.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -40,7 +42,8 @@ struct gate_params_t {
   float* lam = nullptr;          ///< [n, kv_heads] output, float32
 };
 
-/// Bytes of device workspace RetentionGate needs (the [n, inter] float activations).
+/// Bytes of device workspace RetentionGate needs (float partial sums of the hidden layer or of
+/// z); depends on the shapes and kind only, not on the dtypes or the device.
 size_t RetentionGateWorkspaceBytes(const gate_params_t& p);
 
 /// Computes lam [n, kv_heads] = logsigmoid(z).
