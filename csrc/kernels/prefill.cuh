@@ -89,8 +89,9 @@ cudaError_t PrefillChunk(const prefill_params_t& p, DType dtype, void* workspace
 namespace prefill_detail {
 
 constexpr int kMaxHeadDim = 256;
-// Tensor-core kernel: 4 warps x 16 MT query rows (mma_config), key tiles of BK.
-constexpr int kMmaThreads = 128;
+// Tensor-core kernel: NG key groups of 4 warps (kMmaGroupThreads); each warp owns 16 MT query
+// rows, each group walks every NG-th key tile of BK keys (mma_config).
+constexpr int kMmaGroupThreads = 128;
 // SIMT kernel: 32 query rows x 4 lanes each, key tiles of 32.
 constexpr int kSimtThreads = 128;
 constexpr int kSimtBQ = 32;
@@ -100,25 +101,37 @@ constexpr int kSelectThreads = 1024;
 constexpr int kWriteThreads = 256;
 constexpr int kWriteRows = 16;  ///< survivors per write block
 
-template <int DPAD, int MT, int BK>
+template <int DPAD, int MT, int BK, int NG>
 constexpr int mma_smem_bytes() {
-  // Q tile (64 MT rows), one K and one V tile; rows padded by 16 B: no ldmatrix conflicts.
-  return (64 * MT + 2 * BK) * (DPAD + 8) * 2;
+  // Q tile (64 MT rows), shared by the key groups; per group two stages of one K and one V
+  // tile. Rows padded by 16 B: no ldmatrix conflicts.
+  return (64 * MT + NG * 2 * 2 * BK) * (DPAD + 8) * 2;
 }
 
-/// Blocks per SM the tensor-core kernel is register-budgeted for.
-template <int DPAD, int MT>
+/// Blocks per SM the tensor-core kernel is register-budgeted for: two blocks of one key group
+/// (8 warps, up to 255 registers each), one block of two.
+template <int NG>
 constexpr int mma_min_blocks() {
-  return DPAD > 128 ? 1 : (MT == 1 ? 3 : 2);
+  return NG == 1 ? 2 : 1;
 }
 
 /// Tensor-core tile shape per head dim: MT 16-row blocks per warp (64 MT query rows per
-/// block) and BK keys per tile.
+/// block), BK keys per tile where two blocks of one key group fit an SM (Hopper: 227 KB), and
+/// BK_SMALL where they don't (Ampere, Ada: 100-164 KB).
 template <int DPAD>
 struct mma_config {
   static constexpr int MT = DPAD <= 128 ? 2 : 1;
-  static constexpr int BK = DPAD <= 128 ? 32 : 64;
+  static constexpr int BK = DPAD <= 64 ? 128 : (DPAD <= 128 ? 64 : 32);
+  static constexpr int BK_SMALL = DPAD <= 64 ? 64 : 32;
 };
+
+/// Launches of at most this many packed query rows per SM get two key groups per block (1
+/// block and 8 warps per SM, each group half the key tiles) instead of two blocks of one:
+/// with few query tiles the longest block, not the sum of the work, sets the time (causal
+/// tiles differ by up to chunk / BK key tiles), and two groups halve it. H100, bf16 D 128,
+/// Hkv 8, G 4, two (staggered) groups over one: 1.10-1.29x at 128 tiles of 128 rows, 1.03-1.15x
+/// at 512 (4 per SM), 0.95-0.97x at 2048.
+constexpr long long kMmaSplitRowsPerSm = 512;
 
 template <int DPAD>
 constexpr int simt_smem_bytes() {
@@ -268,33 +281,71 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+/// 2^x on the special-function unit with denormal results flushed to zero; exp2(-inf) = +0,
+/// which masked logits and an empty softmax state rely on.
+__device__ __forceinline__ float prefill_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+/// Named barrier ID over THREADS threads (immediate ids: a register id makes the compiler
+/// reserve all 16 barriers).
+template <int ID, int THREADS>
+__device__ __forceinline__ void prefill_bar_sync() {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(THREADS) : "memory");
+}
+
+/// Barrier of the 4 warps of key group `group` alone, so that the groups of one block never
+/// wait for each other inside the loop: __syncthreads with one group, else named barrier
+/// 1 + group.
+template <int NG>
+__device__ __forceinline__ void prefill_group_sync(int group) {
+  static_assert(NG == 1 || NG == 2, "key groups");
+  if (NG == 1) {
+    __syncthreads();
+  } else if (group == 0) {
+    prefill_bar_sync<1, prefill_detail::kMmaGroupThreads>();
+  } else {
+    prefill_bar_sync<2, prefill_detail::kMmaGroupThreads>();
+  }
+}
+
 }  // namespace
 
 /// Causal GQA attention of one chunk on tensor cores (FlashAttention-2 style: each warp owns
 /// MT blocks of 16 packed query rows, online softmax in registers, P reused from the S
 /// accumulators as the A operand of P V; each K/V fragment read from shared memory feeds MT
-/// MMAs). K tile j+1 streams in (cp.async) during P V of tile j, V tile j during Q K^T of
-/// tile j.
-/// grid (ceil(chunk * G / (64 MT)), kv_heads), block 128, dynamic smem
-/// mma_smem_bytes<DPAD, MT, BK>().
-/// \param p  q [chunk, q_heads, D], k/v [chunk, kv_heads, D], caches [batch, kv_heads, cap, D],
-///           lens [batch, kv_heads]; writes out [chunk, q_heads, D]. D <= DPAD, zero-padded.
-template <typename T, int DPAD, int MT, int BK>
-__global__ void __launch_bounds__(prefill_detail::kMmaThreads,
-                                  prefill_detail::mma_min_blocks<DPAD, MT>())
+/// MMAs). K and V tiles are double-buffered: tile j + NG streams in (cp.async) during all of
+/// tile j's work, one barrier per tile.
+/// NG key groups of 4 warps share the query tile: group g takes key tiles g, g + NG, ...; at
+/// the end group 0 merges the others' softmax states through shared memory and writes out.
+/// More groups give small grids more warps per SM without a workspace.
+/// grid (ceil(longest chunk * G / (64 MT)), kv_heads, segments), block 128 NG, dynamic smem
+/// mma_smem_bytes<DPAD, MT, BK, NG>().
+/// \param p  q [tokens, q_heads, D], k/v [tokens, kv_heads, D], caches [slots, D] (head
+///           segments at p.head_base), lens [batch, kv_heads]; writes out [tokens, q_heads, D],
+///           every row of every chunk once. D <= DPAD, zero-padded.
+template <typename T, int DPAD, int MT, int BK, int NG, bool PP, bool QREG>
+__global__ void __launch_bounds__(prefill_detail::kMmaGroupThreads * NG,
+                                  prefill_detail::mma_min_blocks<NG>())
     PrefillAttnMmaKernel(const prefill_params_t p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace prefill_detail;
+  constexpr int GT = kMmaGroupThreads, NTHR = GT * NG;
   constexpr int WR = 16 * MT;  // packed rows per warp
   constexpr int BQ = 4 * WR, LD = DPAD + 8, NCOL = DPAD / 8;
   constexpr int NT = BK / 8;                     // n8 tiles of S per key tile
   constexpr int ND = DPAD / 8;                   // n8 tiles of O
   constexpr int KD = DPAD / 16;                  // k16 steps over the head dim
-  constexpr bool QREG = MT == 1 && DPAD <= 128;  // Q fragments in registers, else from smem
+  constexpr int STAGE = 2 * BK * LD;             // elements of one K + V stage
+  static_assert(BK % 16 == 0 && (BK * NCOL) % GT == 0, "key tile shape");
+  static_assert(!QREG || MT == 1, "Q fragments in registers: one row block a warp");
+  static_assert(!PP || NG == 2, "staggered start: two key groups");
+  // The merge parks a group's O, m and l (MT * LD / 2 floats a thread) in its own K/V stages.
+  static_assert(NG == 1 || 64 * (MT * LD / 2) <= 2 * STAGE, "merge buffer");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + BQ * LD;
-  T* sV = sK + BK * LD;
 
   const int h = blockIdx.y;
   const int G = p.q_heads / p.kv_heads;
@@ -303,51 +354,64 @@ __global__ void __launch_bounds__(prefill_detail::kMmaThreads,
   const int bh = sg.seq * p.kv_heads + h;
   const size_t base = p.head_base(bh);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int grp = NG == 1 ? 0 : warp >> 2;  // key group (warp-uniform)
+  const int wq = warp & 3;                  // rows wq * WR .. of the tile
+  const int gtid = tid & (GT - 1);
+  T* sKV = sQ + BQ * LD + grp * 2 * STAGE;  // this group's stages: K at 0, V at BK * LD
   const prefill_tile_t tile = prefill_tile(sg.chunk, G, BQ, p.lens[bh]);
   if (tile.rows <= 0) return;
   const int len = tile.len;
   const size_t qrow0 = static_cast<size_t>(sg.first) * p.q_heads * D;   // this chunk in q / out
   const size_t krow0 = static_cast<size_t>(sg.first) * p.kv_heads * D;  // and in k / v
   const T* qg = static_cast<const T*>(p.q) + qrow0;
-  const T* kc = static_cast<const T*>(p.k_cache);
-  const T* vc = static_cast<const T*>(p.v_cache);
-  const T* kin = static_cast<const T*>(p.k) + krow0;
-  const T* vin = static_cast<const T*>(p.v) + krow0;
+  const T* kc = static_cast<const T*>(p.k_cache) + base * D;
+  const T* vc = static_cast<const T*>(p.v_cache) + base * D;
+  const T* kin = static_cast<const T*>(p.k) + krow0 + static_cast<size_t>(h) * D;
+  const T* vin = static_cast<const T*>(p.v) + krow0 + static_cast<size_t>(h) * D;
+  const size_t in_stride = static_cast<size_t>(p.kv_heads) * D;
 
   // Q tile; rows past the chunk and columns past D are zero-filled.
-  for (int e = tid; e < BQ * NCOL; e += kMmaThreads) {
+  for (int e = tid; e < BQ * NCOL; e += NTHR) {
     const int r = e / NCOL, c = e - (e / NCOL) * NCOL;
     const bool ok = r < tile.rows && c * 8 < D;
     const T* src = ok ? qg + prefill_row_offset(tile.row0 + r, G, p.kv_heads, h, D) + c * 8 : qg;
     cp_async16(sQ + r * LD + c * 8, src, ok);
   }
-  // Keys/values past n_end are zero-filled (and masked): P = 0 never meets garbage V.
-  auto load_kv = [&](T* dst, const T* cache, const T* in, int n0) {
-    for (int e = tid; e < BK * NCOL; e += kMmaThreads) {
-      const int r = e / NCOL, c = e - (e / NCOL) * NCOL;
+  // K and V rows of key tile n0 into a stage, by this group's threads. Keys past n_end are
+  // zero-filled (and masked): P = 0 never meets garbage V. Logical key n < len is cache slot n,
+  // else chunk token n - len.
+  auto load_kv = [&](T* dst, int n0) {
+    const int c = gtid % NCOL;
+    // Partly unrolled: a full unroll keeps every row's addresses live through the tile's
+    // work and spills at BK 64.
+#pragma unroll 4
+    for (int i = 0; i < BK * NCOL / GT; ++i) {
+      const int r = gtid / NCOL + i * (GT / NCOL);
       const int n = n0 + r;
       const bool ok = n < tile.n_end && c * 8 < D;
-      const T* src = ok ? prefill_key_row(cache, in, p, base, h, len, n, c * 8) : in;
-      cp_async16(dst + r * LD + c * 8, src, ok);
+      const bool cached = n < len;
+      const size_t off = (cached ? static_cast<size_t>(n) * D
+                                 : static_cast<size_t>(n - len) * in_stride) + c * 8;
+      cp_async16(dst + r * LD + c * 8, ok ? (cached ? kc : kin) + off : kin, ok);
+      cp_async16(dst + BK * LD + r * LD + c * 8, ok ? (cached ? vc : vin) + off : vin, ok);
     }
   };
-  load_kv(sK, kc, kin, 0);
+  const int ntiles = (tile.n_end + BK - 1) / BK;
+  if (grp < ntiles) load_kv(sKV, grp * BK);
   cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();  // Q and every group's first tile landed
 
-  // Fragment coordinates: in row block mt this thread holds rows
-  // warp * WR + mt * 16 + lane / 4 (index 0) and that + 8 (index 1).
+  // Fragment coordinates: in row block mt this thread holds tile rows
+  // wq * WR + mt * 16 + lane / 4 (index 0) and that + 8 (index 1).
   const int tq = lane & 3;
-  int lim[MT][2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int r = warp * WR + mt * 16 + (lane >> 2) + hf * 8;
-      lim[mt][hf] = len + (tile.row0 + min(r, tile.rows - 1)) / G + 1;
-    }
   const float sl2 = p.scale * kLog2e;
-
   uint32_t qf[QREG ? KD : 1][4];
+  if (QREG) {
+#pragma unroll
+    for (int kk = 0; kk < (QREG ? KD : 0); ++kk)
+      ldsm_x4(qf[kk], sQ + (wq * WR + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+  }
   float o[MT][ND][4];
   float m[MT][2], l[MT][2];
 #pragma unroll
@@ -358,18 +422,22 @@ __global__ void __launch_bounds__(prefill_detail::kMmaThreads,
     l[mt][0] = l[mt][1] = 0.f;
   }
 
-  const int ntiles = (tile.n_end + BK - 1) / BK;
-  for (int j = 0; j < ntiles; ++j) {
+  // Staggered start (PP): group 1 waits until group 0 is through Q K^T of its first tile.
+  // Started together, the two groups of a block run in step (same code, same latencies): their
+  // softmax phases coincide and leave the tensor cores idle. Offset by part of a tile, one
+  // group's softmax overlaps the other's MMAs, as between two blocks of one group. Group 0
+  // always has tile 0, so its half of named barrier 3 (both groups) always comes.
+  if (PP && grp == 1) prefill_bar_sync<3, 2 * kMmaGroupThreads>();
+  int stage = 0;
+  for (int j = grp; j < ntiles; j += NG) {
     const int n0 = j * BK;
-    cp_async_wait<0>();
-    __syncthreads();  // K tile j (and Q) landed; every warp is done with V tile j - 1
-    load_kv(sV, vc, vin, n0);
+    const T* sK = sKV + stage * STAGE;
+    const T* sV = sK + BK * LD;
+    // Tile j + NG into the other stage: every warp of the group finished reading it (the
+    // barrier closing the previous iteration).
+    if (j + NG < ntiles) load_kv(sKV + (stage ^ 1) * STAGE, n0 + NG * BK);
     cp_async_commit();
-    if (QREG && j == 0) {
-#pragma unroll
-      for (int kk = 0; kk < (QREG ? KD : 0); ++kk)
-        ldsm_x4(qf[kk], sQ + (warp * WR + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
-    }
+
     float s[MT][NT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -386,7 +454,7 @@ __global__ void __launch_bounds__(prefill_detail::kMmaThreads,
           a[mt][2] = qf[QREG ? kk : 0][2];
           a[mt][3] = qf[QREG ? kk : 0][3];
         } else {
-          ldsm_x4(a[mt], sQ + (warp * WR + mt * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+          ldsm_x4(a[mt], sQ + (wq * WR + mt * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
         }
       }
 #pragma unroll
@@ -401,24 +469,33 @@ __global__ void __launch_bounds__(prefill_detail::kMmaThreads,
         }
       }
     }
-    cp_async_wait<0>();
-    __syncthreads();  // V tile j landed; every warp is done with K tile j
-    if (j + 1 < ntiles) load_kv(sK, kc, kin, n0 + BK);
-    cp_async_commit();
 
+    // bar.sync rather than bar.arrive: group 1 already waits there, so group 0 passes at once,
+    // and compute-sanitizer's racecheck models the ordering of a full barrier.
+    if (PP && j == 0) prefill_bar_sync<3, 2 * kMmaGroupThreads>();
+    // Causal mask (and keys past n_end), only on tiles that reach past n_full: row r (token
+    // i) sees keys < len + i + 1.
+    if (n0 + BK > tile.n_full) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      // Causal mask (and keys past n_end), only on tiles that reach past n_full.
-      if (n0 + BK > tile.n_full) {
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          const int n = n0 + t * 8 + 2 * tq;
-          if (n >= lim[mt][0]) s[mt][t][0] = -INFINITY;
-          if (n + 1 >= lim[mt][0]) s[mt][t][1] = -INFINITY;
-          if (n >= lim[mt][1]) s[mt][t][2] = -INFINITY;
-          if (n + 1 >= lim[mt][1]) s[mt][t][3] = -INFINITY;
+        for (int hf = 0; hf < 2; ++hf) {
+          const int r = wq * WR + mt * 16 + (lane >> 2) + hf * 8;
+          const int lim = len + (tile.row0 + min(r, tile.rows - 1)) / G + 1 - n0 - 2 * tq;
+#pragma unroll
+          for (int t = 0; t < NT; ++t) {
+            if (t * 8 >= lim) s[mt][t][2 * hf] = -INFINITY;
+            if (t * 8 + 1 >= lim) s[mt][t][2 * hf + 1] = -INFINITY;
+          }
         }
-      }
+    }
+    // Online softmax in the exp2 domain (scale folded into one FMA). Key 0 is visible to
+    // every row, so group 0's state is non-empty after its first tile; another group's may
+    // stay empty (every key of its tiles masked): the guard keeps exp2(-inf - -inf) = NaN out.
+    bool rescale = false;
+    float alpha[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float mx = -INFINITY;
@@ -426,27 +503,31 @@ __global__ void __launch_bounds__(prefill_detail::kMmaThreads,
         for (int t = 0; t < NT; ++t) mx = fmaxf(mx, fmaxf(s[mt][t][2 * hf], s[mt][t][2 * hf + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // Logits in the exp2 domain. Key 0 is visible to every row, so the state is
-        // non-empty after tile 0; the guard only keeps exp2(-inf - -inf) = NaN out of a fully
-        // masked row.
         const float mnew = fmaxf(m[mt][hf], mx * sl2);
         const float ref = mnew == -INFINITY ? 0.f : mnew;
-        const float alpha = exp2f(m[mt][hf] - ref);
+        alpha[mt][hf] = prefill_exp2(m[mt][hf] - ref);
+        rescale |= alpha[mt][hf] != 1.f;
         m[mt][hf] = mnew;
         float sum = 0.f;
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
-          s[mt][t][2 * hf] = exp2f(fmaf(s[mt][t][2 * hf], sl2, -ref));
-          s[mt][t][2 * hf + 1] = exp2f(fmaf(s[mt][t][2 * hf + 1], sl2, -ref));
+          s[mt][t][2 * hf] = prefill_exp2(fmaf(s[mt][t][2 * hf], sl2, -ref));
+          s[mt][t][2 * hf + 1] = prefill_exp2(fmaf(s[mt][t][2 * hf + 1], sl2, -ref));
           sum += s[mt][t][2 * hf] + s[mt][t][2 * hf + 1];
         }
-        l[mt][hf] = l[mt][hf] * alpha + sum;  // per-thread partial; the quad reduces at the end
+        l[mt][hf] = l[mt][hf] * alpha[mt][hf] + sum;  // per-thread partial; quads reduce at the end
+      }
+    // Once the row maxima settle (most tiles) alpha is 1 everywhere: skip the O rescale.
+    if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int d = 0; d < ND; ++d) {
-          o[mt][d][2 * hf] *= alpha;
-          o[mt][d][2 * hf + 1] *= alpha;
+          o[mt][d][0] *= alpha[mt][0];
+          o[mt][d][1] *= alpha[mt][0];
+          o[mt][d][2] *= alpha[mt][1];
+          o[mt][d][3] *= alpha[mt][1];
         }
-      }
     }
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
@@ -470,12 +551,64 @@ __global__ void __launch_bounds__(prefill_detail::kMmaThreads,
         }
       }
     }
+    cp_async_wait<0>();
+    prefill_group_sync<NG>(grp);  // tile j + NG landed; every warp of the group is done with tile j
+    stage ^= 1;
   }
-  cp_async_wait<0>();
 
-  // Stage this warp's rows in its own rows of sQ, then store 16-byte vectors.
+  if constexpr (NG > 1) {
+    // Groups 1.. park (O, m, l) in their own stages, laid out [warp][value][lane] so that the
+    // thread of group 0 with the same rows reads them back conflict-free; group 0 merges:
+    // m = max(m_a, m_b), l = l_a 2^(m_a - m) + l_b 2^(m_b - m), likewise O. An empty group state
+    // (m = -inf, l = 0, O = 0) gets weight 2^-inf = 0; group 0's m is finite (key 0).
+    constexpr int KX = MT * ND * 4 + 4 * MT;
+    if (grp > 0) {
+      float* x = reinterpret_cast<float*>(sKV) + wq * KX * 32 + lane;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int d = 0; d < ND; ++d)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) x[((mt * ND + d) * 4 + e) * 32] = o[mt][d][e];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          x[(MT * ND * 4 + mt * 4 + hf) * 32] = m[mt][hf];
+          x[(MT * ND * 4 + mt * 4 + 2 + hf) * 32] = l[mt][hf];
+        }
+      }
+    }
+    __syncthreads();
+    if (grp > 0) return;
+#pragma unroll 1
+    for (int g = 1; g < NG; ++g) {
+      const float* x =
+          reinterpret_cast<const float*>(sQ + BQ * LD + g * 2 * STAGE) + wq * KX * 32 + lane;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        float wa[2], wb[2];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const float mb = x[(MT * ND * 4 + mt * 4 + hf) * 32];
+          const float lb = x[(MT * ND * 4 + mt * 4 + 2 + hf) * 32];
+          const float mn = fmaxf(m[mt][hf], mb);
+          wa[hf] = prefill_exp2(m[mt][hf] - mn);
+          wb[hf] = prefill_exp2(mb - mn);
+          m[mt][hf] = mn;
+          l[mt][hf] = l[mt][hf] * wa[hf] + lb * wb[hf];
+        }
+#pragma unroll
+        for (int d = 0; d < ND; ++d)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            o[mt][d][e] = o[mt][d][e] * wa[e >> 1] + x[((mt * ND + d) * 4 + e) * 32] * wb[e >> 1];
+      }
+    }
+  }
+
+  // Stage this warp's rows in its own rows of sQ (no other warp reads them any more), then
+  // store 16-byte vectors.
   __syncwarp();
-  T* so = sQ + warp * WR * LD;
+  T* so = sQ + wq * WR * LD;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -495,7 +628,7 @@ __global__ void __launch_bounds__(prefill_detail::kMmaThreads,
   T* og = static_cast<T*>(p.out) + qrow0;
   for (int e = lane; e < WR * NCOL; e += 32) {
     const int r = e / NCOL, c = e - (e / NCOL) * NCOL;
-    const int row = warp * WR + r;
+    const int row = wq * WR + r;
     if (row < tile.rows && c * 8 < D)
       copy16(og + prefill_row_offset(tile.row0 + row, G, p.kv_heads, h, D) + c * 8,
              so + r * LD + c * 8);
@@ -684,18 +817,48 @@ cudaError_t launch_attention_simt(const prefill_params_t& p, cudaStream_t stream
   return cudaGetLastError();
 }
 
-template <typename T, int DPAD, int MT, int BK>
-cudaError_t launch_attention_mma(const prefill_params_t& p, cudaStream_t stream) {
+/// Query tiles of 64 MT packed rows in the launch grid (x: tiles of the longest chunk).
+inline long long mma_grid_blocks(const prefill_params_t& p, int MT) {
   const long long rows = static_cast<long long>(p.longest()) * (p.q_heads / p.kv_heads);
-  constexpr int smem = mma_smem_bytes<DPAD, MT, BK>();
-  constexpr int BQ = 64 * MT;
-  auto kern = PrefillAttnMmaKernel<T, DPAD, MT, BK>;
+  return (rows + 64 * MT - 1) / (64 * MT) * p.kv_heads * p.segments();
+}
+
+/// \tparam PP    staggered start of the two key groups (NG 2)
+/// \tparam QREG  Q fragments held in registers (MT 1), else re-read from shared memory
+template <typename T, int DPAD, int MT, int BK, int NG, bool PP = false, bool QREG = (MT == 1)>
+cudaError_t launch_attention_mma(const prefill_params_t& p, cudaStream_t stream) {
+  constexpr int smem = mma_smem_bytes<DPAD, MT, BK, NG>();
+  auto kern = PrefillAttnMmaKernel<T, DPAD, MT, BK, NG, PP, QREG>;
   const cudaError_t e =
       cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
-  const dim3 grid(static_cast<unsigned>((rows + BQ - 1) / BQ), p.kv_heads, p.segments());
-  kern<<<grid, kMmaThreads, smem, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>(mma_grid_blocks(p, MT) / (p.kv_heads * p.segments())),
+                  p.kv_heads, p.segments());
+  kern<<<grid, kMmaGroupThreads * NG, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+/// Shared memory and SMs of the current device, for the tile choice.
+struct mma_device_t {
+  int major = 0, sms = 0, smem_block = 0, smem_sm = 0;
+};
+
+inline cudaError_t mma_device(mma_device_t* d) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess)
+    e = cudaDeviceGetAttribute(&d->major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e == cudaSuccess)
+    e = cudaDeviceGetAttribute(&d->smem_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e == cudaSuccess)
+    e = cudaDeviceGetAttribute(&d->smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+  return e;
+}
+
+/// Whether `blocks` blocks of `bytes` dynamic shared memory fit one SM (1 KB reserved each).
+inline bool mma_fits(const mma_device_t& d, int bytes, int blocks) {
+  return bytes <= d.smem_block && blocks * (bytes + 1024) <= d.smem_sm;
 }
 
 template <typename T, int DPAD>
@@ -703,15 +866,28 @@ cudaError_t launch_attention(const prefill_params_t& p, cudaStream_t stream) {
   if constexpr (std::is_same<T, float>::value) {
     return launch_attention_simt<T, DPAD>(p, stream);
   } else {
-    int dev = 0, major = 0;
-    cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess)
-      e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    mma_device_t d;
+    const cudaError_t e = mma_device(&d);
     if (e != cudaSuccess) return e;
-    if (major < 8) return launch_attention_simt<T, DPAD>(p, stream);  // no bf16/f16 m16n8k16
-    return launch_attention_mma<T, DPAD, mma_config<DPAD>::MT, mma_config<DPAD>::BK>(p, stream);
+    if (d.major < 8) return launch_attention_simt<T, DPAD>(p, stream);  // no bf16/f16 m16n8k16
+    using C = mma_config<DPAD>;
+    constexpr int MT = C::MT, BK = C::BK, BKS = C::BK_SMALL;
+    if (mma_grid_blocks(p, MT) * 64 * MT <= kMmaSplitRowsPerSm * d.sms &&
+        mma_fits(d, mma_smem_bytes<DPAD, MT, BK, 2>(), 1))
+      return launch_attention_mma<T, DPAD, MT, BK, 2, true>(p, stream);
+    if (mma_fits(d, mma_smem_bytes<DPAD, MT, BK, 1>(), 2))
+      return launch_attention_mma<T, DPAD, MT, BK, 1>(p, stream);
+    if constexpr (BKS != BK) {
+      if (mma_fits(d, mma_smem_bytes<DPAD, MT, BKS, 1>(), 1))
+        return launch_attention_mma<T, DPAD, MT, BKS, 1>(p, stream);
+    } else {
+      if (mma_fits(d, mma_smem_bytes<DPAD, MT, BK, 1>(), 1))
+        return launch_attention_mma<T, DPAD, MT, BK, 1>(p, stream);
+    }
+    return launch_attention_simt<T, DPAD>(p, stream);  // too little shared memory for tiles
   }
 }
+
 
 template <typename T>
 cudaError_t prefill_attention_typed(const prefill_params_t& p, float* lognorm,

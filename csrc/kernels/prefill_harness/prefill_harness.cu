@@ -1,9 +1,11 @@
 // Standalone test and benchmark of the TRIM-KV prefill chunk (csrc/kernels/prefill.cuh).
-//   prefill_harness [--quick] [--no-long] [--no-bench] [--seed N]
+//   prefill_harness [--quick] [--no-long] [--no-bench] [--attn-only | --grid-only | --bench-only]
+//                   [--grid-chunks 1,7,64,512,4096] [--iters N] [--seed N]
 // Correctness: a float64 CPU reference of SPEC.md sections 4-6 with chunked eviction, fresh
 // random inputs, NaN-poisoned outputs / unused cache slots / workspace; after every chunk it
 // checks the output (relative error per dtype), the retained position set of every head, and
-// the stored pos / lam / lognorm / K / V of every retained token. Exit code 1 on any failure.
+// the stored pos / lam / lognorm / K / V of every retained token; attention alone with every
+// tile variant forced, varlen and pooled. Exit code 1 on any failure.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -16,11 +18,13 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "common/dtype.h"
 #include "common/score.h"
 #include "kernels/prefill.cuh"
+#include "kernels/prefill_harness/prefill_attn_base.cuh"
 #include "kernels/select_topk.cuh"
 
 using namespace trimkv;
@@ -458,145 +462,520 @@ static std::string cfg_name(const Cfg& c) {
   return b;
 }
 
-static void benchmark() {
-  // 4096-token chunk, M = 2048 cached tokens, bf16, Hq 32, Hkv 8, D 128.
-  const int Hq = 32, Hkv = 8, D = 128, C = 4096, M = 2048, B = 0, cap = M + B;
-  const DType dt = DType::kBF16;
-  const size_t es = 2;
-  void *dk, *dv, *dq, *dkin, *dvin, *dout, *dws;
-  int32_t *dpos, *dlens;
-  float *dlam, *dlamin;
-  const size_t ce = static_cast<size_t>(Hkv) * cap * D;
-  CK(cudaMalloc(&dk, ce * es));
-  CK(cudaMalloc(&dv, ce * es));
-  CK(cudaMalloc(&dpos, Hkv * cap * 4));
-  CK(cudaMalloc(&dlam, Hkv * cap * 4));
-  CK(cudaMalloc(&dlens, Hkv * 4));
-  CK(cudaMemset(dlens, 0, Hkv * 4));
-  std::vector<uint8_t> qraw(static_cast<size_t>(C) * Hq * D * es),
-      kraw(static_cast<size_t>(C) * Hkv * D * es), vraw(kraw.size());
-  std::vector<float> lam(static_cast<size_t>(C) * Hkv);
-  for (size_t i = 0; i < qraw.size() / 2; ++i)
-    store_from_float(qraw.data(), dt, i, static_cast<float>(4 * urand() - 2));
-  for (size_t i = 0; i < kraw.size() / 2; ++i) {
-    store_from_float(kraw.data(), dt, i, static_cast<float>(2 * urand() - 1));
-    store_from_float(vraw.data(), dt, i, static_cast<float>(2 * urand() - 1));
+// ---------------------------------------------------------------------------------------------
+// Attention alone, every tensor-core tile variant forced (one and two key groups, the small
+// key tile) and the dispatched path, against a float64 reference: varlen segments (grid.z),
+// pooled heads (head_off), G 1..8, D 64 / 128 / 256 / padded, chunks of 1 .. 2049 tokens
+// over 0 .. 1500 cached tokens. Outputs poisoned with NaN; every row must be written.
+
+/// Launches attention variant v for storage T: 0 dispatched, 1 one key group, 2 two key groups
+/// started together, 3 one key group with the small key tile, 4 the baseline kernel (before
+/// this version), 5 two key groups with the staggered start; v > 0 needs sm_80+.
+template <typename T, int DPAD>
+static cudaError_t attn_variant(int v, const prefill_params_t& p) {
+  using namespace prefill_detail;
+  using C = mma_config<DPAD>;
+  if constexpr (std::is_same<T, float>::value) {
+    return v == 0 ? prefill_attention_typed<T>(p, nullptr, 0) : cudaErrorNotSupported;
+  } else {
+    switch (v) {
+      case 0:
+        return prefill_attention_typed<T>(p, nullptr, 0);
+      case 1:
+        return launch_attention_mma<T, DPAD, C::MT, C::BK, 1>(p, 0);
+      case 2:
+        return launch_attention_mma<T, DPAD, C::MT, C::BK, 2>(p, 0);
+      case 3:
+        return launch_attention_mma<T, DPAD, C::MT, C::BK_SMALL, 1>(p, 0);
+      case 5:
+        return launch_attention_mma<T, DPAD, C::MT, C::BK, 2, true>(p, 0);
+      case 4:
+        return trimkv_base::launch_base_mma<T, DPAD, DPAD <= 128 ? 2 : 1, DPAD <= 128 ? 32 : 64>(
+            p, 0);
+      default:
+        return cudaErrorNotSupported;
+    }
   }
-  for (auto& x : lam) x = static_cast<float>(-std::exp(-8 + 7 * urand()));
+}
+
+static cudaError_t attn_variant_any(int v, DType dt, const prefill_params_t& p) {
+  auto by_dim = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if (p.head_dim <= 64) return attn_variant<T, 64>(v, p);
+    if (p.head_dim <= 128) return attn_variant<T, 128>(v, p);
+    return attn_variant<T, 256>(v, p);
+  };
+  switch (dt) {
+    case DType::kF32:
+      return by_dim(float{});
+    case DType::kF16:
+      return by_dim(__half{});
+    default:
+      return by_dim(__nv_bfloat16{});
+  }
+}
+
+struct AttnSeg {
+  int cached, chunk;
+};
+
+struct AttnCase {
+  DType dt;
+  int D, G, Hkv;
+  bool pooled;
+  std::vector<AttnSeg> segs;  // one segment: the plain (non-varlen) launch
+};
+
+/// Runs every variant on one case; returns failures (printed).
+static int run_attn_case(const AttnCase& c) {
+  const int nseg = static_cast<int>(c.segs.size());
+  const int batch = nseg + 1, Hkv = c.Hkv, Hq = Hkv * c.G, D = c.D;
+  const size_t es = dtype_size(c.dt);
+  int tokens = 0, max_chunk = 0, max_len = 0;
+  std::vector<prefill_seg_t> segs;
+  for (int s = 0; s < nseg; ++s) {
+    // Sequences in reverse order, so that segment z is not sequence z.
+    segs.push_back({nseg - s, 1000 + s, c.segs[s].chunk, tokens});
+    tokens += c.segs[s].chunk;
+    max_chunk = std::max(max_chunk, c.segs[s].chunk);
+    max_len = std::max(max_len, c.segs[s].cached);
+  }
+  // Per (sequence, head) length: the segment's cached count, minus h so heads differ.
+  std::vector<int32_t> lens(static_cast<size_t>(batch) * Hkv, 0), hoff(lens.size(), 0);
+  for (int s = 0; s < nseg; ++s)
+    for (int h = 0; h < Hkv; ++h)
+      lens[static_cast<size_t>(segs[s].seq) * Hkv + h] = std::max(0, c.segs[s].cached - h);
+  const int cap = max_len + 3;
+  size_t slots = static_cast<size_t>(batch) * Hkv * cap;
+  if (c.pooled) {  // heads in a shuffled order with gaps, segments of their own lengths
+    std::vector<int> order(lens.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
+    std::shuffle(order.begin(), order.end(), rng);
+    size_t off = 5;
+    for (int bh : order) {
+      hoff[bh] = static_cast<int32_t>(off);
+      off += lens[bh] + 7;
+    }
+    slots = off;
+  }
+  auto base_of = [&](int bh) -> size_t {
+    return c.pooled ? static_cast<size_t>(hoff[bh]) : static_cast<size_t>(bh) * cap;
+  };
+  std::vector<uint8_t> kc(slots * D * es, 0xff), vc(kc.size(), 0xff);  // unused slots: NaN
+  std::vector<float> kcf(slots * D), vcf(slots * D);
+  for (size_t bh = 0; bh < lens.size(); ++bh)
+    for (int s = 0; s < lens[bh]; ++s)
+      for (int d = 0; d < D; ++d) {
+        const size_t i = (base_of(static_cast<int>(bh)) + s) * D + d;
+        store_from_float(kc.data(), c.dt, i, static_cast<float>(2 * urand() - 1));
+        store_from_float(vc.data(), c.dt, i, static_cast<float>(2 * urand() - 1));
+        kcf[i] = load_as_float(kc.data(), c.dt, i);
+        vcf[i] = load_as_float(vc.data(), c.dt, i);
+      }
+  std::vector<uint8_t> qraw(static_cast<size_t>(tokens) * Hq * D * es),
+      kraw(static_cast<size_t>(tokens) * Hkv * D * es), vraw(kraw.size());
+  std::vector<float> qf(static_cast<size_t>(tokens) * Hq * D),
+      kf(static_cast<size_t>(tokens) * Hkv * D), vf(kf.size());
+  for (size_t i = 0; i < qf.size(); ++i) {
+    store_from_float(qraw.data(), c.dt, i, static_cast<float>(4 * urand() - 2));
+    qf[i] = load_as_float(qraw.data(), c.dt, i);
+  }
+  for (size_t i = 0; i < kf.size(); ++i) {
+    store_from_float(kraw.data(), c.dt, i, static_cast<float>(2 * urand() - 1));
+    kf[i] = load_as_float(kraw.data(), c.dt, i);
+    store_from_float(vraw.data(), c.dt, i, static_cast<float>(2 * urand() - 1));
+    vf[i] = load_as_float(vraw.data(), c.dt, i);
+  }
+  void *dk, *dv, *dq, *dkin, *dvin, *dout;
+  int32_t *dlens, *dhoff;
+  prefill_seg_t* dsegs;
+  CK(cudaMalloc(&dk, kc.size()));
+  CK(cudaMalloc(&dv, vc.size()));
   CK(cudaMalloc(&dq, qraw.size()));
   CK(cudaMalloc(&dout, qraw.size()));
   CK(cudaMalloc(&dkin, kraw.size()));
   CK(cudaMalloc(&dvin, vraw.size()));
-  CK(cudaMalloc(&dlamin, lam.size() * 4));
+  CK(cudaMalloc(&dlens, lens.size() * 4));
+  CK(cudaMalloc(&dhoff, hoff.size() * 4));
+  CK(cudaMalloc(&dsegs, segs.size() * sizeof(prefill_seg_t)));
+  CK(cudaMemcpy(dk, kc.data(), kc.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dv, vc.data(), vc.size(), cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dq, qraw.data(), qraw.size(), cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dkin, kraw.data(), kraw.size(), cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dvin, vraw.data(), vraw.size(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(dlamin, lam.data(), lam.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dlens, lens.data(), lens.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dhoff, hoff.data(), hoff.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dsegs, segs.data(), segs.size() * sizeof(prefill_seg_t), cudaMemcpyHostToDevice));
   prefill_params_t p;
   p.k_cache = dk;
   p.v_cache = dv;
-  p.pos_cache = dpos;
-  p.lam_cache = dlam;
   p.lens = dlens;
-  p.seq = 0;
-  p.chunk = C;
-  p.q = dq;
-  p.k = dkin;
-  p.v = dvin;
-  p.lam = dlamin;
-  p.out = dout;
-  p.batch = 1;
+  p.head_off = c.pooled ? dhoff : nullptr;
+  p.batch = batch;
   p.q_heads = Hq;
   p.kv_heads = Hkv;
   p.head_dim = D;
-  p.memory = M;
-  p.buffer = B;
+  p.memory = cap;
   p.cap = cap;
-  p.window = 0;
-  p.knorm = false;
-  p.scale = 1.f / std::sqrt(static_cast<float>(D));
-  CK(cudaMalloc(&dws, PrefillWorkspaceBytes(p)));
-  p.start = 0;
-  CK(PrefillChunk(p, dt, dws, 0));  // fills the cache: len = M afterwards
-  CK(cudaDeviceSynchronize());
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  // variant 0: PrefillChunk; 1: attention as dispatched; 2..4: tensor-core tile shapes
-  // (16-row blocks per warp MT, keys per tile BK) 1/64, 2/32, 2/64.
-  auto time_it = [&](int variant) {
-    std::vector<float> ms;
-    for (int it = 0; it < 25; ++it) {
-      p.start = C * (it + 1);
-      CK(cudaEventRecord(e0));
-      if (variant == 0)
-        CK(PrefillChunk(p, dt, dws, 0));
-      else if (variant == 1)
-        CK(prefill_detail::prefill_attention_typed<__nv_bfloat16>(p, nullptr, 0));
-      else if (variant == 2)
-        CK((prefill_detail::launch_attention_mma<__nv_bfloat16, 128, 1, 64>(p, 0)));
-      else if (variant == 3)
-        CK((prefill_detail::launch_attention_mma<__nv_bfloat16, 128, 2, 32>(p, 0)));
-      else
-        CK((prefill_detail::launch_attention_mma<__nv_bfloat16, 128, 2, 64>(p, 0)));
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      float t;
-      CK(cudaEventElapsedTime(&t, e0, e1));
-      if (it >= 5) ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2];
-  };
-  // Attention FLOPs: 2 matmuls x 2 flops, every query over len cached + i + 1 chunk keys.
-  const double keys = static_cast<double>(C) * M + static_cast<double>(C) * (C + 1) / 2;
-  const double flops = 4.0 * D * Hq * keys;
-  const float t_attn = time_it(1);
-  // Tile-shape variants vs the dispatched kernel: same function, other rounding of P.
-  std::vector<uint8_t> o_ref(qraw.size()), o_var(qraw.size());
-  CK(cudaMemcpy(o_ref.data(), dout, o_ref.size(), cudaMemcpyDeviceToHost));
-  float t_var[3];
-  double d_var[3];
-  for (int v = 0; v < 3; ++v) {
-    CK(cudaMemset(dout, 0xff, o_var.size()));
-    t_var[v] = time_it(2 + v);
-    CK(cudaMemcpy(o_var.data(), dout, o_var.size(), cudaMemcpyDeviceToHost));
-    double sn = 0, sd = 0;
-    for (size_t i = 0; i < o_var.size() / 2; ++i) {
-      const double a = load_as_float(o_var.data(), dt, i), b = load_as_float(o_ref.data(), dt, i);
-      sn += (a - b) * (a - b);
-      sd += b * b;
-    }
-    d_var[v] = std::sqrt(sn / sd);  // NaN if anything unwritten
+  p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  p.q = dq;
+  p.k = dkin;
+  p.v = dvin;
+  p.out = dout;
+  if (nseg == 1) {
+    p.seq = segs[0].seq;
+    p.start = segs[0].start;
+    p.chunk = segs[0].chunk;
+  } else {
+    p.segs = dsegs;
+    p.nseg = nseg;
+    p.max_chunk = max_chunk;
+    p.tokens = tokens;
   }
-  const float t_full = time_it(0);
-  int32_t lens[8];
-  CK(cudaMemcpy(lens, dlens, sizeof lens, cudaMemcpyDeviceToHost));
-  std::printf("bench bf16 chunk %d, cached %d (len after: %d), Hq %d Hkv %d D %d:\n", C, M, lens[0],
-              Hq, Hkv, D);
-  std::printf("  attention only      median %.3f ms  %.1f TFLOP/s\n", t_attn,
-              flops / (t_attn * 1e-3) / 1e12);
-  const char* names[3] = {"MT 1 BK 64", "MT 2 BK 32", "MT 2 BK 64"};
-  for (int v = 0; v < 3; ++v)
-    std::printf("  mma %s      median %.3f ms  %.1f TFLOP/s (rel diff vs dispatched %.1e)\n",
-                names[v], t_var[v], flops / (t_var[v] * 1e-3) / 1e12, d_var[v]);
-  std::printf("  PrefillChunk total  median %.3f ms  %.1f TFLOP/s (attention FLOPs)\n", t_full,
-              flops / (t_full * 1e-3) / 1e12);
+  // Reference rows: a sample of tokens of every segment (first, last, random), all q heads.
+  struct Row {
+    int seg, i;
+  };
+  std::vector<Row> rows;
+  for (int s = 0; s < nseg; ++s) {
+    const int C = segs[s].chunk;
+    rows.push_back({s, 0});
+    rows.push_back({s, C - 1});
+    for (int k = 0; k < std::min(C, 10); ++k)
+      rows.push_back({s, static_cast<int>(urand() * C) % C});
+  }
+  std::vector<std::vector<double>> ref(rows.size());
+  parallel_for(static_cast<int>(rows.size()), [&](int ri) {
+    const Row& r = rows[ri];
+    const prefill_seg_t& sg = segs[r.seg];
+    const int tok = sg.first + r.i;
+    std::vector<double> lg, o(D);
+    ref[ri].assign(static_cast<size_t>(Hq) * D, 0);
+    for (int j = 0; j < Hq; ++j) {
+      const int h = j / c.G, bh = sg.seq * Hkv + h, len = lens[bh];
+      const size_t b0 = base_of(bh);
+      const float* qv = &qf[(static_cast<size_t>(tok) * Hq + j) * D];
+      auto key = [&](int n, bool val) -> const float* {
+        return n < len ? &(val ? vcf : kcf)[(b0 + n) * D]
+                       : &(val ? vf : kf)[(static_cast<size_t>(sg.first + n - len) * Hkv + h) * D];
+      };
+      const int nk = len + r.i + 1;
+      lg.resize(nk);
+      double mx = -INFINITY;
+      for (int n = 0; n < nk; ++n) {
+        const float* kv = key(n, false);
+        double a = 0;
+        for (int d = 0; d < D; ++d) a += static_cast<double>(qv[d]) * kv[d];
+        lg[n] = a * p.scale;
+        mx = std::max(mx, lg[n]);
+      }
+      std::fill(o.begin(), o.end(), 0.0);
+      double sum = 0;
+      for (int n = 0; n < nk; ++n) {
+        const double e = std::exp(lg[n] - mx);
+        sum += e;
+        const float* vv = key(n, true);
+        for (int d = 0; d < D; ++d) o[d] += e * vv[d];
+      }
+      for (int d = 0; d < D; ++d) ref[ri][static_cast<size_t>(j) * D + d] = o[d] / sum;
+    }
+  });
+  int fails = 0;
+  char name[256];
+  std::string sl;
+  for (const AttnSeg& s : c.segs)
+    sl += std::to_string(s.cached) + "+" + std::to_string(s.chunk) + " ";
+  std::snprintf(name, sizeof name, "%-4s D=%-3d G=%d Hkv=%d %s segs(cached+chunk) %s",
+                dtype_name(c.dt), D, c.G, Hkv, c.pooled ? "pooled" : "fixed ", sl.c_str());
+  int dev = 0, major = 0;
+  CK(cudaGetDevice(&dev));
+  CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  const int nvar = c.dt == DType::kF32 || major < 8 ? 1 : 6;
+  std::vector<uint8_t> outraw(qraw.size());
+  for (int v = 0; v < nvar; ++v) {
+    CK(cudaMemset(dout, 0xff, outraw.size()));
+    CK(attn_variant_any(v, c.dt, p));
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(outraw.data(), dout, outraw.size(), cudaMemcpyDeviceToHost));
+    size_t bad = 0;
+    for (size_t i = 0; i < qf.size(); ++i)
+      bad += !std::isfinite(load_as_float(outraw.data(), c.dt, i));
+    double sn = 0, sd = 0;
+    for (size_t ri = 0; ri < rows.size(); ++ri) {
+      const size_t o0 = static_cast<size_t>(segs[rows[ri].seg].first + rows[ri].i) * Hq * D;
+      for (size_t e = 0; e < ref[ri].size(); ++e) {
+        const double g = load_as_float(outraw.data(), c.dt, o0 + e), r = ref[ri][e];
+        sn += (g - r) * (g - r);
+        sd += r * r;
+      }
+    }
+    const double err = std::sqrt(sn / std::max(sd, 1e-300));
+    const bool ok = bad == 0 && err <= tolerance(c.dt);
+    if (!ok) {
+      std::printf("FAIL attn v%d %s: %zu non-finite, rel err %.3g\n", v, name, bad, err);
+      ++fails;
+    } else if (v == 0) {
+      std::printf("ok   attn %s err %.2e", name, err);
+    } else {
+      std::printf(" v%d %.2e", v, err);
+    }
+  }
+  if (fails == 0) std::printf("\n");
+  std::fflush(stdout);
   cudaFree(dk);
   cudaFree(dv);
-  cudaFree(dpos);
-  cudaFree(dlam);
-  cudaFree(dlens);
   cudaFree(dq);
   cudaFree(dout);
   cudaFree(dkin);
   cudaFree(dvin);
-  cudaFree(dlamin);
-  cudaFree(dws);
+  cudaFree(dlens);
+  cudaFree(dhoff);
+  cudaFree(dsegs);
+  return fails;
+}
+
+/// The attention cases; returns {cases passed, cases failed}.
+static std::pair<int, int> test_attention(bool quick) {
+  std::vector<AttnCase> cases;
+  const DType dts[3] = {DType::kBF16, DType::kF16, DType::kF32};
+  int idx = 0;
+  for (int D : {64, 128, 256, 72, 136, 8})
+    for (int G : {1, 3, 4, 8})
+      for (const std::vector<AttnSeg>& sv : std::vector<std::vector<AttnSeg>>{
+               {{0, 1}},
+               {{0, 7}},
+               {{37, 129}},
+               {{1500, 300}},
+               {{0, 2049}},
+               {{600, 64}, {0, 1}, {5, 700}},  // varlen: short and long chunks in one launch
+           }) {
+        if (quick && (G == 3 || D == 136 || D == 8)) continue;
+        AttnCase c;
+        c.dt = dts[idx % 3];
+        c.D = D;
+        c.G = G;
+        c.Hkv = G == 8 ? 2 : 3;
+        c.pooled = idx % 4 == 1 || idx % 4 == 2;
+        c.segs = sv;
+        cases.push_back(c);
+        ++idx;
+      }
+  int pass = 0, fail = 0;
+  for (const AttnCase& c : cases) (run_attn_case(c) == 0 ? pass : fail)++;
+  std::printf("attention: %d cases pass, %d fail\n", pass, fail);
+  return {pass, fail};
+}
+
+/// Holds the GPU for about `ns` nanoseconds so that the timed launches queue up behind it.
+__global__ void SpinKernel(long long ns) {
+  const long long t0 = clock64();
+  while (clock64() - t0 < ns * 2) {  // about 2 cycles a nanosecond (1.6 - 2 GHz)
+  }
+}
+
+__global__ void ResetLensKernel(int32_t* lens, int n, int value) {
+  if (static_cast<int>(threadIdx.x) < n) lens[threadIdx.x] = value;
+}
+
+struct BenchShape {
+  int cached, C, D;
+};
+
+/// Attention TFLOP/s on the shapes of the prefill table (bf16, Hq 32, Hkv 8, batch 1): every
+/// variant of attn_variant, and PrefillChunk as a whole (attention + selection + write, no
+/// eviction: M above cached + C). Inputs rotate over up to 8 sets of at least 256 MB in all
+/// (as bench/torch_compare.py does), launches queue back to back behind a spin kernel, CUDA
+/// events between them, median of `iters`. Each variant's output is compared with the
+/// dispatched one (rel diff; NaN if anything unwritten). Prints one BENCH line per row.
+static void benchmark(const std::vector<BenchShape>& shapes, int iters) {
+  const int Hq = 32, Hkv = 8;
+  const DType dt = DType::kBF16;
+  const size_t es = 2;
+  cudaEvent_t ev[202];
+  for (auto& e : ev) CK(cudaEventCreate(&e));
+  iters = std::min(iters, 200);
+  for (const BenchShape& sh : shapes) {
+    const int C = sh.C, D = sh.D, cached = sh.cached;
+    const int M = cached + C + 1, cap = M;  // no eviction
+    const size_t qn = static_cast<size_t>(C) * Hq * D, kn = static_cast<size_t>(C) * Hkv * D;
+    const size_t cn = static_cast<size_t>(Hkv) * cap * D;
+    const size_t per = (2 * qn + 2 * kn + 2 * static_cast<size_t>(Hkv) * cached * D) * es;
+    const int sets = static_cast<int>(
+        std::max<size_t>(1, std::min<size_t>(8, ((256u << 20) + per - 1) / per)));
+    struct Set {
+      void *q, *k, *v, *kc, *vc, *out, *ws;
+      int32_t *lens, *pos;
+      float *lam, *lamc;
+    };
+    std::vector<Set> S(sets);
+    prefill_params_t p;
+    p.batch = 1;
+    p.q_heads = Hq;
+    p.kv_heads = Hkv;
+    p.head_dim = D;
+    p.memory = M;
+    p.buffer = 0;
+    p.cap = cap;
+    p.chunk = C;
+    p.start = cached;
+    p.scale = 1.f / std::sqrt(static_cast<float>(D));
+    std::vector<uint8_t> buf(std::max(qn, cn) * es);
+    auto fill = [&](void* d, size_t n) {
+      for (size_t i = 0; i < n; ++i)
+        store_from_float(buf.data(), dt, i, static_cast<float>(2 * urand() - 1));
+      CK(cudaMemcpy(d, buf.data(), n * es, cudaMemcpyHostToDevice));
+    };
+    std::vector<int32_t> lens0(Hkv, cached);
+    for (Set& s : S) {
+      CK(cudaMalloc(&s.q, qn * es));
+      CK(cudaMalloc(&s.out, qn * es));
+      CK(cudaMalloc(&s.k, kn * es));
+      CK(cudaMalloc(&s.v, kn * es));
+      CK(cudaMalloc(&s.kc, cn * es));
+      CK(cudaMalloc(&s.vc, cn * es));
+      CK(cudaMalloc(&s.lens, Hkv * 4));
+      CK(cudaMalloc(&s.pos, Hkv * cap * 4));
+      CK(cudaMalloc(&s.lamc, Hkv * cap * 4));
+      CK(cudaMalloc(&s.lam, static_cast<size_t>(C) * Hkv * 4));
+      CK(cudaMemset(s.lam, 0, static_cast<size_t>(C) * Hkv * 4));
+      fill(s.q, qn);
+      fill(s.k, kn);
+      fill(s.v, kn);
+      fill(s.kc, cn);
+      fill(s.vc, cn);
+      CK(cudaMemcpy(s.lens, lens0.data(), Hkv * 4, cudaMemcpyHostToDevice));
+      p.lens = s.lens;
+      CK(cudaMalloc(&s.ws, PrefillWorkspaceBytes(p)));
+    }
+    auto params = [&](int i) {
+      const Set& s = S[i % sets];
+      p.q = s.q;
+      p.k = s.k;
+      p.v = s.v;
+      p.k_cache = s.kc;
+      p.v_cache = s.vc;
+      p.pos_cache = s.pos;
+      p.lam_cache = s.lamc;
+      p.lam = s.lam;
+      p.lens = s.lens;
+      p.out = s.out;
+      return p;
+    };
+    // variant -1: PrefillChunk (lens reset by a kernel before each call, outside its events).
+    auto time_it = [&](int v) {
+      auto launch = [&](int i) {
+        const prefill_params_t q = params(i);
+        if (v < 0) {
+          CK(PrefillChunk(q, dt, S[i % sets].ws, 0));
+        } else {
+          CK(attn_variant_any(v, dt, q));
+        }
+      };
+      for (int i = 0; i < 3; ++i) {
+        if (v < 0) ResetLensKernel<<<1, 32>>>(S[i % sets].lens, Hkv, cached);
+        launch(i);
+      }
+      CK(cudaDeviceSynchronize());
+      std::vector<float> ms;
+      if (v < 0) {  // per-call event pairs around the call, the lens reset between calls
+        SpinKernel<<<1, 1>>>(20000000);
+        for (int i = 0; i < iters; ++i) {
+          ResetLensKernel<<<1, 32>>>(S[i % sets].lens, Hkv, cached);
+          CK(cudaEventRecord(ev[2 * (i % 100)]));
+          launch(i);
+          CK(cudaEventRecord(ev[2 * (i % 100) + 1]));
+          if (i % 100 == 99 || i == iters - 1) {
+            CK(cudaEventSynchronize(ev[2 * (i % 100) + 1]));
+            for (int k = 0; k <= i % 100; ++k) {
+              float t;
+              CK(cudaEventElapsedTime(&t, ev[2 * k], ev[2 * k + 1]));
+              ms.push_back(t);
+            }
+          }
+        }
+      } else {
+        SpinKernel<<<1, 1>>>(20000000);
+        CK(cudaEventRecord(ev[0]));
+        for (int i = 0; i < iters; ++i) {
+          launch(i);
+          CK(cudaEventRecord(ev[i + 1]));
+        }
+        CK(cudaEventSynchronize(ev[iters]));
+        for (int i = 0; i < iters; ++i) {
+          float t;
+          CK(cudaEventElapsedTime(&t, ev[i], ev[i + 1]));
+          ms.push_back(t);
+        }
+      }
+      std::sort(ms.begin(), ms.end());
+      return ms[ms.size() / 2];
+    };
+    const double keys = static_cast<double>(C) * cached + static_cast<double>(C) * (C + 1) / 2;
+    const double flops = 4.0 * D * Hq * keys;
+    // Reference output: the dispatched path on set 0.
+    std::vector<uint8_t> o_ref(qn * es), o_var(qn * es);
+    CK(cudaMemset(S[0].out, 0xff, qn * es));
+    CK(attn_variant_any(0, dt, params(0)));
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(o_ref.data(), S[0].out, o_ref.size(), cudaMemcpyDeviceToHost));
+    const char* names[7] = {"chunk", "new", "ng1", "ng2", "bksmall", "base", "stagger"};
+    for (int v = -1; v <= 5; ++v) {
+      if (v == 3 && D > 128) continue;  // the small key tile is the large one there
+      const float t = time_it(v);
+      if (v < 0) {  // PrefillChunk appended the chunk: back to `cached` tokens for the others
+        for (Set& s : S) ResetLensKernel<<<1, 32>>>(s.lens, Hkv, cached);
+        CK(cudaDeviceSynchronize());
+      }
+      double diff = 0;
+      if (v >= 1) {
+        CK(cudaMemset(S[0].out, 0xff, qn * es));
+        CK(attn_variant_any(v, dt, params(0)));
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(o_var.data(), S[0].out, o_var.size(), cudaMemcpyDeviceToHost));
+        double sn = 0, sd = 0;
+        for (size_t i = 0; i < qn; ++i) {
+          const double a = load_as_float(o_var.data(), dt, i);
+          const double b = load_as_float(o_ref.data(), dt, i);
+          sn += (a - b) * (a - b);
+          sd += b * b;
+        }
+        diff = std::sqrt(sn / sd);
+      }
+      std::printf("BENCH D=%d cached=%d C=%d variant=%s ms=%.4f tflops=%.1f diff=%.1e sets=%d\n", D,
+                  cached, C, names[v + 1], t, flops / (t * 1e-3) / 1e12, diff, sets);
+      std::fflush(stdout);
+    }
+    for (Set& s : S) {
+      cudaFree(s.q);
+      cudaFree(s.out);
+      cudaFree(s.k);
+      cudaFree(s.v);
+      cudaFree(s.kc);
+      cudaFree(s.vc);
+      cudaFree(s.lens);
+      cudaFree(s.pos);
+      cudaFree(s.lamc);
+      cudaFree(s.lam);
+      cudaFree(s.ws);
+    }
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+}
+
+static std::vector<BenchShape> bench_shapes() {
+  std::vector<BenchShape> v;
+  for (int cached : {0, 1024, 4096})
+    for (int C : {512, 2048, 8192}) v.push_back({cached, C, 128});
+  for (int D : {64, 256})
+    for (int cached : {0, 1024}) v.push_back({cached, 2048, D});
+  return v;
 }
 
 int main(int argc, char** argv) {
-  bool quick = false, long_test = true, bench = true;
+  bool quick = false, long_test = true, bench = true, grid = true, attn = true;
+  int iters = 50;
+  std::string grid_chunks;  // comma-separated chunk sizes of the grid (default: all)
   unsigned long long seed = std::random_device{}();
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -606,15 +985,45 @@ int main(int argc, char** argv) {
       long_test = false;
     else if (a == "--no-bench")
       bench = false;
+    else if (a == "--attn-only")
+      grid = long_test = bench = false;
+    else if (a == "--grid-only")
+      attn = bench = false;
+    else if (a == "--bench-only")
+      grid = long_test = attn = false;
+    else if (a == "--grid-chunks" && i + 1 < argc)
+      grid_chunks = argv[++i];
+    else if (a == "--iters" && i + 1 < argc)
+      iters = std::atoi(argv[++i]);
     else if (a == "--seed" && i + 1 < argc)
       seed = std::strtoull(argv[++i], nullptr, 10);
   }
   rng.seed(seed);
   std::printf("seed %llu\n", seed);
+  int pass = 0, fail = 0;
+  if (attn) {
+    const std::pair<int, int> r = test_attention(quick);
+    pass += r.first;
+    fail += r.second;
+  }
+  if (!grid) {
+    if (bench) benchmark(bench_shapes(), iters);
+    std::printf("TOTAL %d pass, %d fail\n", pass, fail);
+    return fail == 0 ? 0 : 1;
+  }
   std::vector<Cfg> cfgs;
   const DType dts[3] = {DType::kF32, DType::kF16, DType::kBF16};
-  const std::vector<int> chunks =
+  std::vector<int> chunks =
       quick ? std::vector<int>{7, 64} : std::vector<int>{1, 7, 64, 512, 4096};
+  if (!grid_chunks.empty()) {
+    chunks.clear();
+    for (size_t a = 0; a < grid_chunks.size();) {
+      size_t b = grid_chunks.find(',', a);
+      if (b == std::string::npos) b = grid_chunks.size();
+      chunks.push_back(std::atoi(grid_chunks.substr(a, b - a).c_str()));
+      a = b + 1;
+    }
+  }
   const std::vector<int> dims =
       quick ? std::vector<int>{72, 128} : std::vector<int>{64, 128, 256, 72};
   const std::vector<int> groups = quick ? std::vector<int>{4} : std::vector<int>{1, 4, 8};
@@ -642,7 +1051,6 @@ int main(int argc, char** argv) {
             cfgs.push_back(c);
             ++idx;
           }
-  int pass = 0, fail = 0;
   if (test_select_topk() == 0)
     ++pass;
   else
@@ -721,7 +1129,7 @@ int main(int argc, char** argv) {
         ++fail;
     }
   }
-  if (bench && !quick) benchmark();
+  if (bench && !quick) benchmark(bench_shapes(), iters);
   std::printf("TOTAL %d pass, %d fail\n", pass, fail);
   return fail == 0 ? 0 : 1;
 }
