@@ -6,6 +6,9 @@
 # bench: bench/torch_compare.py, then `trimkv bench --backend cuda,cpu --torch ...`, writing
 # $OUT/bench.json, bench.md and the SVGs; --results FILE also writes FILE (plots in plots/ beside
 # it) and copies both to $OUT/results/ so they come back from the GPU machine.
+# Environment: TEST_TIMEOUT, SANITIZE_TIMEOUT, SANITIZE_STEPS, SANITIZE_FILTER, COMPUTE_SANITIZER,
+# TORCH_TIMEOUT, TORCH_ONLY (torch_compare.py --only), BENCH_TIMEOUT, BENCH_BACKENDS (default
+# cuda,cpu), BENCH_ONLY (trimkv bench --only): shorter runs that fit one call.
 set -uo pipefail
 OUT=${OUT:-/tmp/trimkv-out}
 mkdir -p "$OUT"
@@ -46,10 +49,12 @@ for s in "${steps[@]}"; do
         grep -E "Tests " "$OUT/sanitize-$tool.log" | tail -1
       done ;;
     bench)
-      PYTHONUNBUFFERED=1 timeout ${TORCH_TIMEOUT:-200} python3 bench/torch_compare.py "$OUT/torch.json" ${BENCH_QUICK:+--quick} > "$OUT/torch.log" 2>&1 || { status=1; tail -5 "$OUT/torch.log"; }
+      PYTHONUNBUFFERED=1 timeout ${TORCH_TIMEOUT:-200} python3 bench/torch_compare.py "$OUT/torch.json" ${BENCH_QUICK:+--quick} \
+        ${TORCH_ONLY:+--only "$TORCH_ONLY"} > "$OUT/torch.log" 2>&1 || { status=1; tail -5 "$OUT/torch.log"; }
       torch_arg=(); [ -s "$OUT/torch.json" ] && torch_arg=(--torch "$OUT/torch.json")
       results_arg=(); [ -n "$RESULTS" ] && results_arg=(--results "$RESULTS")
-      timeout ${BENCH_TIMEOUT:-330} node bin/trimkv.js bench --backend cuda,cpu ${BENCH_QUICK:+--quick} "${torch_arg[@]}" "${results_arg[@]}" --out "$OUT" \
+      timeout ${BENCH_TIMEOUT:-330} node bin/trimkv.js bench --backend "${BENCH_BACKENDS:-cuda,cpu}" ${BENCH_QUICK:+--quick} \
+        ${BENCH_ONLY:+--only "$BENCH_ONLY"} "${torch_arg[@]}" "${results_arg[@]}" --out "$OUT" \
         > "$OUT/bench-stdout.md" 2> "$OUT/bench.log" || status=1
       if [ -n "$RESULTS" ] && [ -f "$RESULTS" ]; then
         mkdir -p "$OUT/results" && cp "$RESULTS" "$OUT/results/" && cp -r "$(dirname "$RESULTS")/plots" "$OUT/results/"

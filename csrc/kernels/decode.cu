@@ -17,23 +17,31 @@ int DecodeNumSplits(const decode_params_t& p) {
     while (max_splits > 1 && merge_smem_bytes(max_splits, G, dpad) > kMergeSmemBytes) --max_splits;
   }
   if (p.num_splits > 0) return std::min(p.num_splits, max_splits);
-  int sms = p.num_sms;
-  if (sms <= 0) {
-    static int cached_sms = 0;  // per process; one device model per process is the norm
-    if (cached_sms == 0) {
-      int dev = 0, v = 0;
-      if (cudaGetDevice(&dev) == cudaSuccess &&
-          cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess)
-        cached_sms = v;
+  // Per process; one device model per process is the norm.
+  static int cached_sms = 0, cached_major = 0;
+  if (cached_sms == 0) {
+    int dev = 0, v = 0, major = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess) {
+      cached_major = major;
+      cached_sms = v;
     }
-    sms = cached_sms > 0 ? cached_sms : 132;
   }
+  const int sms = p.num_sms > 0 ? p.num_sms : cached_sms > 0 ? cached_sms : 132;
   // Enough heads to fill every SM once: one pass per head, eviction fused in the same block.
   if (bh >= sms) return 1;
-  // Otherwise as many splits as keep all blocks resident in one wave (two blocks per SM).
-  const int target = 2 * sms;
-  const int auto_max = std::max(1, (p.cap + 1 + kAutoSplitTokens - 1) / kAutoSplitTokens);
-  return std::max(1, std::min(std::min(max_splits, auto_max), target / bh));
+  // Otherwise about two blocks per SM, at least one 64-token tile per split: an SM keeps only
+  // so many loads in flight (one block streams ~30 GB/s however deep its pipeline), so the
+  // bytes must come through as many SMs as possible.
+  const int auto_max = std::max(1, (p.cap + kAutoSplitTokens - 1) / kAutoSplitTokens);
+  int s = std::min(std::min(max_splits, auto_max), std::max(1, 2 * sms / bh));
+  // sm_90+: a head's splits merge through a thread-block cluster, far cheaper than the
+  // arrival-counter merge through L2. Clusters of up to 8 always fit the GPCs; 16 (twice the
+  // SMs streaming) pay off once each split still holds 256 tokens or more.
+  if (cached_major >= 9)
+    s = std::min(s, p.cap >= kMaxClusterSplits * 256 ? kMaxClusterSplits : kAutoClusterSplits);
+  return std::max(1, s);
 }
 
 size_t DecodeWorkspaceBytes(const decode_params_t& p) {

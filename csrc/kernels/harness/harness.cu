@@ -1,5 +1,6 @@
 // Standalone test and benchmark for the TRIM-KV decode and retention-gate kernels.
 //   harness test [quick]   correctness vs a float64 CPU reference (exit code 1 on failure)
+//   harness test slice K N  the decode cases with id % N == K only (no gate cases)
 //   harness bench          decode bandwidth table vs device-to-device copy bandwidth
 #include <cuda_runtime.h>
 
@@ -11,9 +12,12 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../decode.cuh"
+#include "base/decode_base.cuh"
 #include "../retention_gate.cuh"
 
 using namespace trimkv;
@@ -72,16 +76,21 @@ struct DecodeCase {
   int batch;
   int splits;  // 0 auto
   int M = 0;   // 0: 100 (B=0) / 60 (B=64)
+  bool pooled = false;  // pooled layout (head_off): the step only appends
 };
 
 static int g_fail = 0, g_pass = 0;
 
 static bool run_decode_case(const DecodeCase& c, int case_id) {
   const int D = c.D, kvh = 2, Hq = c.G * kvh, batch = c.batch;
-  const int M = c.M > 0 ? c.M : c.B == 0 ? 100 : 60, B = c.B, cap = M + B;
+  const int M = c.M > 0 ? c.M : c.B == 0 ? 100 : 60, B = c.B;
   const int W = (case_id % 3 == 1) ? 3 : 0;
   const bool knorm = (case_id % 2) == 1;
-  const int steps = B == 0 ? 40 : 110;
+  const int steps = c.pooled ? 30 : B == 0 ? 40 : 110;
+  // Pooled: every head owns a segment of seg slots at a shuffled offset of one pool; heads hold
+  // different lengths (up to ~2.5x the split-sizing cap M + B + 1) and only append.
+  const int seg = c.pooled ? (M + B) * 5 / 2 + steps + 1 : M + B;
+  const int cap = seg;
   const DType dt = c.dt;
   const size_t es = dtype_size(dt);
   const double tol = dt == DType::kF32 ? 1e-5 : dt == DType::kF16 ? 2e-3 : 1e-2;
@@ -99,17 +108,26 @@ static bool run_decode_case(const DecodeCase& c, int case_id) {
     put(hk, dt, i, static_cast<float>(nrand()));
     put(hv, dt, i, static_cast<float>(nrand()));
   }
+  std::vector<int32_t> hoff(bh_n);
+  {
+    std::vector<int> perm(bh_n);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    for (int i = 0; i < bh_n; ++i) hoff[i] = perm[i] * seg;
+  }
   for (int b = 0; b < batch; ++b) {
-    const int len0 = static_cast<int>(urand() * (B == 0 ? M + 1 : cap));
-    const int p0 = len0 + static_cast<int>(urand() * 50);
+    const int len_b = static_cast<int>(urand() * (B == 0 ? M + 1 : cap));
+    const int p0 = (c.pooled ? seg : len_b) + static_cast<int>(urand() * 50);
     seqpos[b] = p0;
     for (int h = 0; h < kvh; ++h) {
-      const int bh = b * kvh + h;
+      const int bh0 = b * kvh + h;
+      const int bh = c.pooled ? hoff[bh0] / seg : bh0;  // slot segment of head bh0
+      const int len0 = c.pooled ? static_cast<int>(urand() * (seg - steps)) : len_b;
       // distinct positions < p0
       std::vector<int> all(p0);
       std::iota(all.begin(), all.end(), 0);
       std::shuffle(all.begin(), all.end(), rng);
-      hlens[bh] = len0;
+      hlens[bh0] = len0;
       for (int j = 0; j < len0; ++j) {
         RefTok t;
         t.pos = all[j];
@@ -125,10 +143,13 @@ static bool run_decode_case(const DecodeCase& c, int case_id) {
         hpos[bh * cap + j] = t.pos;
         hlam[bh * cap + j] = t.lam;
         hln[bh * cap + j] = static_cast<float>(t.lognorm);
-        ref[bh].push_back(std::move(t));
+        ref[bh0].push_back(std::move(t));
       }
     }
   }
+  int32_t* dhoff = nullptr;
+  CK(cudaMalloc(&dhoff, bh_n * 4));
+  CK(cudaMemcpy(dhoff, hoff.data(), bh_n * 4, cudaMemcpyHostToDevice));
   void *dk, *dv, *dq, *dkn, *dvn, *dout, *dws;
   int32_t *dpos, *dlens, *dpositions;
   float *dlam, *dln, *dlamnew;
@@ -157,6 +178,10 @@ static bool run_decode_case(const DecodeCase& c, int case_id) {
   p.q = dq; p.k_new = dkn; p.v_new = dvn; p.lam_new = dlamnew; p.positions = dpositions;
   p.out = dout; p.batch = batch; p.q_heads = Hq; p.kv_heads = kvh; p.head_dim = D;
   p.memory = M; p.buffer = B; p.cap = cap; p.window = W; p.knorm = knorm;
+  if (c.pooled) {
+    p.head_off = dhoff;
+    p.cap = M + B + 1;  // sizes the splits only, as the addon does; heads hold more
+  }
   p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   p.num_splits = c.splits;
   const size_t wsb = DecodeWorkspaceBytes(p);
@@ -266,7 +291,9 @@ static bool run_decode_case(const DecodeCase& c, int case_id) {
         }
         t.lognorm = lognorm_of(t.k);
         auto& L = ref[bh];
-        if (B == 0) {
+        if (c.pooled) {
+          L.push_back(std::move(t));
+        } else if (B == 0) {
           if (static_cast<int>(L.size()) < M) {
             L.push_back(std::move(t));
           } else {
@@ -296,19 +323,20 @@ static bool run_decode_case(const DecodeCase& c, int case_id) {
               std::to_string(ref[bh].size());
         break;
       }
-      for (int j = 0; j < glens[bh]; ++j) a.push_back(gpos[bh * cap + j]);
+      const size_t hb = c.pooled ? static_cast<size_t>(hoff[bh]) : static_cast<size_t>(bh) * cap;
+      for (int j = 0; j < glens[bh]; ++j) a.push_back(gpos[hb + j]);
       for (auto& t : ref[bh]) r.push_back(t.pos);
       std::sort(a.begin(), a.end());
       std::sort(r.begin(), r.end());
       if (a != r) { ok = false; why = "step " + std::to_string(step) + ": retained set differs"; }
     }
   }
-  std::printf("%s decode D=%3d %-4s M=%4d B=%2d G=%d batch=%2d splits=%d(%2d) W=%d knorm=%d worst=%.2e%s%s\n",
-              ok ? "PASS" : "FAIL", D, dtype_name(dt), M, B, c.G, batch, c.splits, S, W, knorm,
-              worst, ok ? "" : " : ", why.c_str());
+  std::printf("%s decode%s D=%3d %-4s M=%4d B=%2d G=%d batch=%2d splits=%d(%2d) W=%d knorm=%d worst=%.2e%s%s\n",
+              ok ? "PASS" : "FAIL", c.pooled ? "(pooled)" : "", D, dtype_name(dt), M, B, c.G,
+              batch, c.splits, S, W, knorm, worst, ok ? "" : " : ", why.c_str());
   cudaFree(dk); cudaFree(dv); cudaFree(dpos); cudaFree(dlam); cudaFree(dln); cudaFree(dlens);
   cudaFree(dq); cudaFree(dkn); cudaFree(dvn); cudaFree(dout); cudaFree(dlamnew);
-  cudaFree(dpositions); cudaFree(dws);
+  cudaFree(dpositions); cudaFree(dws); cudaFree(dhoff);
   (ok ? g_pass : g_fail)++;
   return ok;
 }
@@ -394,6 +422,9 @@ static void run_gate_case(int kind, int act, DType xt, DType wt, int n) {
   cudaFree(dlam); cudaFree(ws);
 }
 
+static int g_slice_k = 0, g_slice_n = 0;  // test slice K N: decode cases with id % N == K
+static bool skip_case(int id) { return g_slice_n > 0 && id % g_slice_n != g_slice_k; }
+
 static int run_tests(bool quick) {
   const int Ds[] = {64, 128, 256, 72};
   const DType dts[] = {DType::kF32, DType::kF16, DType::kBF16};
@@ -405,7 +436,7 @@ static int run_tests(bool quick) {
           for (int batch : {1, 16})
             for (int splits : {0, 1}) {
               ++id;
-              if (quick && (id % 48) != 1 && (id % 48) != 30) continue;
+              if ((quick && (id % 48) != 1 && (id % 48) != 30) || skip_case(id)) continue;
               run_decode_case({D, dt, B, G, batch, splits}, id);
             }
   // Longer caches: many splits, so the split merge (partials staged in shared memory, S
@@ -417,11 +448,31 @@ static int run_tests(bool quick) {
       for (int G : {4, 8})
         for (int v = 0; v < 2; ++v) {
           ++id;
-          if (quick && (id % 12) != 1 && (id % 12) != 6) continue;
+          if ((quick && (id % 12) != 1 && (id % 12) != 6) || skip_case(id)) continue;
           const int batch = v == 0 ? 1 : 3, splits = v == 0 ? 64 : 0;
           run_decode_case({l.D, l.dt, B, G, batch, splits, B == 0 ? 700 : 600}, id);
         }
-  for (int kind : {0, 1})
+  // Other group sizes on the 16-bit paths: 3 and 6 (tensor cores, padded heads), 16 (CUDA cores).
+  for (int G : {3, 6, 16})
+    for (int D : {128, 72})
+      for (DType dt : {DType::kF16, DType::kBF16})
+        for (int B : {0, 64}) {
+          ++id;
+          if ((quick && (id % 12) != 5) || skip_case(id)) continue;
+          run_decode_case({D, dt, B, G, 3, 0}, id);
+        }
+  // Pooled layout (head_off): append only, heads longer than the split-sizing cap.
+  for (int D : Ds)
+    for (DType dt : dts)
+      for (int G : {1, 8})
+        for (int splits : {0, 3}) {
+          ++id;
+          if ((quick && (id % 12) != 1) || skip_case(id)) continue;
+          DecodeCase c{D, dt, splits ? 64 : 0, G, 3, splits};
+          c.pooled = true;
+          run_decode_case(c, id);
+        }
+  for (int kind = 0; kind < (g_slice_n > 0 ? 0 : 2); ++kind)
     for (int act = 0; act < 4; ++act)
       for (DType xt : dts)
         for (DType wt : dts)
@@ -434,6 +485,32 @@ static int run_tests(bool quick) {
 }
 
 // ----------------------------------------------------------------------------------------------
+// Benchmark. Two implementations side by side in the same process: "new" (csrc/kernels/decode.cuh)
+// and "base" (harness/base/: the decode kernel as of the start of this round, bf16 only), so that
+// before/after come from one machine start.
+struct ImplNew {
+  using P = trimkv::decode_params_t;
+  static const char* name() { return "new"; }
+  static cudaError_t step(const P& p, DType dt, void* ws, cudaStream_t s) {
+    return trimkv::DecodeStep(p, dt, ws, s);
+  }
+  static size_t ws_bytes(const P& p) { return trimkv::DecodeWorkspaceBytes(p); }
+  static int splits(const P& p) { return trimkv::DecodeNumSplits(p); }
+};
+struct ImplBase {
+  using P = trimkv_base::decode_params_t;
+  static const char* name() { return "base"; }
+  static cudaError_t step(const P& p, DType dt, void* ws, cudaStream_t s) {
+    return trimkv_base::DecodeStep(p, dt, ws, s);
+  }
+  static size_t ws_bytes(const P& p) { return trimkv_base::DecodeWorkspaceBytes(p); }
+  static int splits(const P& p) { return trimkv_base::DecodeNumSplits(p); }
+};
+template <class P, class = void>
+struct has_trace : std::false_type {};
+template <class P>
+struct has_trace<P, std::void_t<decltype(std::declval<P&>().trace)>> : std::true_type {};
+
 /// Fills p [n] with pseudo-random bf16 values in about [-2, 2] (hash of index and seed).
 __global__ void FillRandomBf16Kernel(uint16_t* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
@@ -445,15 +522,280 @@ __global__ void FillRandomBf16Kernel(uint16_t* p, size_t n, uint64_t seed) {
   }
 }
 
-static int run_bench(const int* only) {
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
+/// Read floor: streams the same bytes as a decode step (K, V, pos, lam of one set) with 16-byte
+/// loads, 4 in flight per thread, grid-stride; one word out per block so nothing is elided.
+__global__ void __launch_bounds__(512) StreamReadKernel(const uint4* a, const uint4* b, size_t n16,
+                                                        const uint4* c, const uint4* d, size_t m16,
+                                                        unsigned* out) {
+  unsigned x = 0;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
+  for (; i + 3 * stride < n16; i += 4 * stride) {
+    uint4 v[8];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) { v[u] = __ldcs(a + i + u * stride); v[4 + u] = __ldcs(b + i + u * stride); }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) x ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < n16; i += stride) { const uint4 v = a[i], w = b[i]; x ^= v.x ^ w.w; }
+  for (size_t j = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; j < m16; j += stride) {
+    const uint4 v = c[j], w = d[j];
+    x ^= v.x ^ w.y;
+  }
+  if (x == 0x12345678u) out[blockIdx.x] = x;
+}
+
+__global__ void EmptyKernel(unsigned* out) {
+  if (out != nullptr && threadIdx.x == 1023) out[0] = 1;
+}
+
+struct RowResult {
+  double us = 0, usg = 0;
+  int splits = 0;
+};
+
+static cudaDeviceProp g_prop;
+static int g_clock_khz = 1755000;
+static double g_copy_bw = 0;
+static bool g_prof_only = false;  // prof mode: warm-up steps only (for ncu)
+
+/// Times batch-step graphs of `fn(i)` (i = step index): median us per step over `groups`.
+template <class Fn>
+static double graph_time(int per, int groups, Fn fn) {
+  cudaStream_t cs;
+  CK(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  cudaGraphExec_t gexec;
+  CK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < per; ++i) fn(i, cs);
+  CK(cudaStreamEndCapture(cs, &graph));
+  CK(cudaGraphInstantiate(&gexec, graph, 0));
+  CK(cudaGraphLaunch(gexec, cs));
+  CK(cudaStreamSynchronize(cs));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::vector<float> tg;
+  for (int gi = 0; gi < groups; ++gi) {
+    CK(cudaEventRecord(e0, cs));
+    CK(cudaGraphLaunch(gexec, cs));
+    CK(cudaEventRecord(e1, cs));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    tg.push_back(ms * 1e3f / per);
+  }
+  std::sort(tg.begin(), tg.end());
+  CK(cudaGraphExecDestroy(gexec));
+  CK(cudaGraphDestroy(graph));
+  CK(cudaStreamDestroy(cs));
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
+  return tg[tg.size() / 2];
+}
+
+struct BenchSets {
+  struct Set { void *k, *v; int32_t *pos, *lens; float* lam; };
+  std::vector<Set> sets;
+  std::vector<int32_t> hlens0;
+  size_t kv_bytes = 0, meta_bytes = 0;
+  int cap = 0, bh = 0;
+  void reset_lens() {
+    for (auto& s : sets) CK(cudaMemcpy(s.lens, hlens0.data(), bh * 4, cudaMemcpyHostToDevice));
+  }
+  ~BenchSets() {
+    for (auto& s : sets) {
+      cudaFree(s.k); cudaFree(s.v); cudaFree(s.pos); cudaFree(s.lam); cudaFree(s.lens);
+    }
+  }
+};
+
+static const int kHq = 32, kHkv = 8, kD = 128;
+
+/// Rotating cache sets (>= 3x L2 together) for one bench shape.
+static void make_sets(BenchSets& S, int batch, int M, int B) {
+  const int cap = M + B, bh = batch * kHkv;
+  S.cap = cap;
+  S.bh = bh;
+  S.kv_bytes = static_cast<size_t>(bh) * cap * kD * 2;
+  S.meta_bytes = static_cast<size_t>(bh) * cap * 4;
+  const size_t set_bytes = 2 * S.kv_bytes + 2 * S.meta_bytes;
+  const int nsets = static_cast<int>(
+      std::max<size_t>(2, (3 * g_prop.l2CacheSize + set_bytes - 1) / set_bytes));
+  std::vector<int32_t> hpos(static_cast<size_t>(bh) * cap);
+  for (int b = 0; b < bh; ++b)
+    for (int j = 0; j < cap; ++j) hpos[static_cast<size_t>(b) * cap + j] = j;
+  std::vector<float> hlam(hpos.size());
+  for (auto& x : hlam) x = static_cast<float>(std::log(0.9 + 0.1 * urand()));
+  S.hlens0.assign(bh, M);  // B=0: full; B=64: M tokens, one eviction per 64 steps of a set
+  S.sets.resize(nsets);
+  for (auto& s : S.sets) {
+    CK(cudaMalloc(&s.k, S.kv_bytes));
+    CK(cudaMalloc(&s.v, S.kv_bytes));
+    CK(cudaMalloc(&s.pos, S.meta_bytes));
+    CK(cudaMalloc(&s.lam, S.meta_bytes));
+    CK(cudaMalloc(&s.lens, bh * 4));
+    FillRandomBf16Kernel<<<1024, 256>>>(static_cast<uint16_t*>(s.k), S.kv_bytes / 2, 17);
+    FillRandomBf16Kernel<<<1024, 256>>>(static_cast<uint16_t*>(s.v), S.kv_bytes / 2, 29);
+    CK(cudaGetLastError());
+    CK(cudaMemcpy(s.pos, hpos.data(), S.meta_bytes, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(s.lam, hlam.data(), S.meta_bytes, cudaMemcpyHostToDevice));
+  }
+  S.reset_lens();
+}
+
+static double pct(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(q * (v.size() - 1) + 0.5))];
+}
+
+/// One decode bench row of implementation I; trace: also print one step's block timeline.
+template <class I>
+static RowResult bench_row(BenchSets& S, int batch, int M, int B, int fs, bool trace) {
+  using P = typename I::P;
+  const int bh = S.bh, cap = S.cap, nsets = static_cast<int>(S.sets.size());
+  const int K = B == 0 ? 8 : 64;  // steps per timed group (B=64: one eviction per group)
+  S.reset_lens();
+  void *q, *kn, *vn, *out, *ws;
+  float* lamn;
+  int32_t* positions;
+  CK(cudaMalloc(&q, static_cast<size_t>(batch) * kHq * kD * 2));
+  CK(cudaMalloc(&out, static_cast<size_t>(batch) * kHq * kD * 2));
+  CK(cudaMalloc(&kn, static_cast<size_t>(bh) * kD * 2));
+  CK(cudaMalloc(&vn, static_cast<size_t>(bh) * kD * 2));
+  CK(cudaMalloc(&lamn, bh * 4));
+  CK(cudaMalloc(&positions, batch * 4));
+  std::vector<uint16_t> hq(static_cast<size_t>(batch) * kHq * kD);
+  for (auto& x : hq) x = float_to_bf16(static_cast<float>(nrand()));
+  CK(cudaMemcpy(q, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(kn, hq.data(), static_cast<size_t>(bh) * kD * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(vn, hq.data(), static_cast<size_t>(bh) * kD * 2, cudaMemcpyHostToDevice));
+  std::vector<float> hl(bh, -0.01f);
+  CK(cudaMemcpy(lamn, hl.data(), bh * 4, cudaMemcpyHostToDevice));
+  std::vector<int32_t> hp(batch, cap + 10);
+  CK(cudaMemcpy(positions, hp.data(), batch * 4, cudaMemcpyHostToDevice));
+  P p;
+  p.q = q; p.k_new = kn; p.v_new = vn; p.lam_new = lamn; p.positions = positions;
+  p.out = out; p.batch = batch; p.q_heads = kHq; p.kv_heads = kHkv; p.head_dim = kD;
+  p.memory = M; p.buffer = B; p.cap = cap; p.window = 0; p.knorm = false;
+  p.scale = 1.f / std::sqrt(128.f);
+  p.num_splits = fs;
+  const size_t wsb = I::ws_bytes(p);
+  CK(cudaMalloc(&ws, wsb));
+  CK(cudaMemset(ws, 0, wsb));
+  int cur = 0;
+  auto set_p = [&]() {
+    auto& s = S.sets[cur];
+    cur = (cur + 1) % nsets;
+    p.k_cache = s.k; p.v_cache = s.v; p.pos_cache = s.pos; p.lam_cache = s.lam;
+    p.lens = s.lens;
+  };
+  auto step = [&](cudaStream_t st) {
+    set_p();
+    CK(I::step(p, DType::kBF16, ws, st));
+  };
+  for (int i = 0; i < nsets * 2; ++i) step(0);
+  CK(cudaDeviceSynchronize());
+  if (g_prof_only) {
+    cudaFree(q); cudaFree(out); cudaFree(kn); cudaFree(vn); cudaFree(lamn);
+    cudaFree(positions); cudaFree(ws);
+    return RowResult{1, 1, I::splits(p)};
+  }
+  const int groups = 25;
+  const int per = std::max(K, nsets);
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::vector<float> t;
+  for (int gi = 0; gi < groups; ++gi) {
+    CK(cudaEventRecord(e0));
+    for (int i = 0; i < per; ++i) step(0);
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    t.push_back(ms * 1e3f / per);
+  }
+  std::sort(t.begin(), t.end());
+  RowResult r;
+  r.us = t[t.size() / 2];
+  r.usg = graph_time(per, groups, [&](int, cudaStream_t st) { step(st); });
+  r.splits = I::splits(p);
+  if constexpr (has_trace<P>::value) {
+    if (trace) {
+      const int nblk = r.splits * bh;
+      unsigned long long* dtr;
+      CK(cudaMalloc(&dtr, static_cast<size_t>(nblk) * 8 * 8));
+      // A few traced steps on rotating sets; print the last (warm instruction cache).
+      for (int rep = 0; rep < 3; ++rep) {
+        CK(cudaMemset(dtr, 0, static_cast<size_t>(nblk) * 64));
+        p.trace = dtr;
+        step(0);
+        p.trace = nullptr;
+        CK(cudaDeviceSynchronize());
+      }
+      std::vector<unsigned long long> h(static_cast<size_t>(nblk) * 8);
+      CK(cudaMemcpy(h.data(), dtr, h.size() * 8, cudaMemcpyDeviceToHost));
+      unsigned long long t0 = ~0ull;
+      for (int i = 0; i < nblk; ++i) t0 = std::min(t0, h[i * 8]);
+      std::vector<double> ev[6], wait;
+      double last_exit = 0, merger_exit = 0;
+      for (int i = 0; i < nblk; ++i) {
+        for (int k = 0; k < 6; ++k)
+          if (h[i * 8 + k]) ev[k].push_back((h[i * 8 + k] - t0) * 1e-3);
+        if (h[i * 8 + 5]) last_exit = std::max(last_exit, (h[i * 8 + 5] - t0) * 1e-3);
+        if ((h[i * 8 + 7] >> 32) & 1) merger_exit = std::max(merger_exit, (h[i * 8 + 5] - t0) * 1e-3);
+        wait.push_back(h[i * 8 + 6] / (g_clock_khz * 1e-3));
+      }
+      const char* names[6] = {"entry", "lenknown", "tile0", "loopend", "prefin", "exit"};
+      std::printf("  trace %s b%d M%d B%d S%d (%d blocks, us from first entry, min/med/max):", I::name(),
+                  batch, M, B, r.splits, nblk);
+      for (int k = 0; k < 6; ++k)
+        std::printf(" %s %.2f/%.2f/%.2f", names[k], pct(ev[k], 0), pct(ev[k], 0.5), pct(ev[k], 1));
+      std::printf(" | wait(us@base clk) med %.2f max %.2f | last exit %.2f merger exit %.2f\n",
+                  pct(wait, 0.5), pct(wait, 1), last_exit, merger_exit);
+      cudaFree(dtr);
+    }
+  }
+  cudaFree(q); cudaFree(out); cudaFree(kn); cudaFree(vn); cudaFree(lamn);
+  cudaFree(positions); cudaFree(ws);
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
+  return r;
+}
+
+/// Floors for one shape: a read kernel over the same bytes, and an empty launch, per graph step.
+static void floors(BenchSets& S, int splits, double* read_us, double* empty_us) {
+  const int nsets = static_cast<int>(S.sets.size());
+  const int per = std::max(8, nsets);
+  unsigned* dout;
+  CK(cudaMalloc(&dout, 65536 * 4));
+  int cur = 0;
+  *read_us = graph_time(per, 25, [&](int, cudaStream_t st) {
+    auto& s = S.sets[cur];
+    cur = (cur + 1) % nsets;
+    StreamReadKernel<<<g_prop.multiProcessorCount * 4, 512, 0, st>>>(
+        static_cast<const uint4*>(s.k), static_cast<const uint4*>(s.v), S.kv_bytes / 16,
+        reinterpret_cast<const uint4*>(s.pos), reinterpret_cast<const uint4*>(s.lam),
+        S.meta_bytes / 16, dout);
+    CK(cudaGetLastError());
+  });
+  *empty_us = graph_time(per, 25, [&](int, cudaStream_t st) {
+    EmptyKernel<<<dim3(splits, kHkv, S.bh / kHkv), 256, 0, st>>>(nullptr);
+    CK(cudaGetLastError());
+  });
+  cudaFree(dout);
+}
+
+static int run_bench(const int* only, bool trace_all) {
+  CK(cudaGetDeviceProperties(&g_prop, 0));
+  CK(cudaDeviceGetAttribute(&g_clock_khz, cudaDevAttrClockRate, 0));
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
   // Copy bandwidth: 1 GiB device-to-device, read + write bytes.
-  double copy_bw;
-  {
+  if (!g_prof_only) {
     const size_t n = 1ull << 30;
     void *a, *b;
     CK(cudaMalloc(&a, n));
@@ -470,167 +812,67 @@ static int run_bench(const int* only) {
       if (i >= 5) t.push_back(ms);
     }
     std::sort(t.begin(), t.end());
-    copy_bw = 2.0 * n / (t[t.size() / 2] * 1e-3);
+    g_copy_bw = 2.0 * n / (t[t.size() / 2] * 1e-3);
     cudaFree(a);
     cudaFree(b);
   }
-  std::printf("device %s, %d SMs, L2 %d MB, copy bandwidth (read+write) %.0f GB/s\n", prop.name,
-              prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e9);
-  std::printf("%6s %6s %4s %7s %10s %10s %8s %10s %10s %8s\n", "batch", "M", "B", "splits",
-              "us/step", "GB/s", "frac", "graph_us", "graph_GB/s", "frac");
-  const int Hq = 32, Hkv = 8, D = 128;
-  const DType dt = DType::kBF16;
-  // One table row; fs > 0 forces the split count (extra rows after the table).
-  auto row = [&](int batch, int M, int B, int fs) {
-        const int cap = M + B, bh = batch * Hkv;
-        const size_t kv_bytes = static_cast<size_t>(bh) * cap * D * 2;
-        const size_t set_bytes = 2 * kv_bytes + static_cast<size_t>(bh) * cap * 8;
-        const int nsets =
-            static_cast<int>(std::max<size_t>(2, (3 * prop.l2CacheSize + set_bytes - 1) / set_bytes));
-        const int K = B == 0 ? 8 : 64;  // steps per timed group (B=64: one eviction per group)
-        struct Set { void *k, *v; int32_t *pos, *lens; float* lam; };
-        std::vector<Set> sets(nsets);
-        std::vector<int32_t> hpos(static_cast<size_t>(bh) * cap);
-        for (int b = 0; b < batch; ++b)
-          for (int hh = 0; hh < Hkv; ++hh)
-            for (int j = 0; j < cap; ++j) hpos[(static_cast<size_t>(b) * Hkv + hh) * cap + j] = j;
-        std::vector<float> hlam(hpos.size());
-        for (auto& x : hlam) x = static_cast<float>(std::log(0.9 + 0.1 * urand()));
-        for (auto& s : sets) {
-          CK(cudaMalloc(&s.k, kv_bytes));
-          CK(cudaMalloc(&s.v, kv_bytes));
-          CK(cudaMalloc(&s.pos, hpos.size() * 4));
-          CK(cudaMalloc(&s.lam, hpos.size() * 4));
-          CK(cudaMalloc(&s.lens, bh * 4));
-          FillRandomBf16Kernel<<<1024, 256>>>(static_cast<uint16_t*>(s.k), kv_bytes / 2, 17);
-          FillRandomBf16Kernel<<<1024, 256>>>(static_cast<uint16_t*>(s.v), kv_bytes / 2, 29);
-          CK(cudaGetLastError());
-          CK(cudaMemcpy(s.pos, hpos.data(), hpos.size() * 4, cudaMemcpyHostToDevice));
-          CK(cudaMemcpy(s.lam, hlam.data(), hpos.size() * 4, cudaMemcpyHostToDevice));
-          // B=0: full; B=64: M tokens, so every K=64 steps of one set contain one eviction.
-          std::vector<int32_t> l(bh, M);
-          CK(cudaMemcpy(s.lens, l.data(), bh * 4, cudaMemcpyHostToDevice));
-        }
-        void *q, *kn, *vn, *out, *ws;
-        float* lamn;
-        int32_t* positions;
-        CK(cudaMalloc(&q, static_cast<size_t>(batch) * Hq * D * 2));
-        CK(cudaMalloc(&out, static_cast<size_t>(batch) * Hq * D * 2));
-        CK(cudaMalloc(&kn, static_cast<size_t>(bh) * D * 2));
-        CK(cudaMalloc(&vn, static_cast<size_t>(bh) * D * 2));
-        CK(cudaMalloc(&lamn, bh * 4));
-        CK(cudaMalloc(&positions, batch * 4));
-        std::vector<uint16_t> hq(static_cast<size_t>(batch) * Hq * D);
-        for (auto& x : hq) x = float_to_bf16(static_cast<float>(nrand()));
-        CK(cudaMemcpy(q, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice));
-        CK(cudaMemcpy(kn, hq.data(), static_cast<size_t>(bh) * D * 2, cudaMemcpyHostToDevice));
-        CK(cudaMemcpy(vn, hq.data(), static_cast<size_t>(bh) * D * 2, cudaMemcpyHostToDevice));
-        std::vector<float> hl(bh, -0.01f);
-        CK(cudaMemcpy(lamn, hl.data(), bh * 4, cudaMemcpyHostToDevice));
-        std::vector<int32_t> hp(batch, cap + 10);
-        CK(cudaMemcpy(positions, hp.data(), batch * 4, cudaMemcpyHostToDevice));
-        decode_params_t p;
-        p.q = q; p.k_new = kn; p.v_new = vn; p.lam_new = lamn; p.positions = positions;
-        p.out = out; p.batch = batch; p.q_heads = Hq; p.kv_heads = Hkv; p.head_dim = D;
-        p.memory = M; p.buffer = B; p.cap = cap; p.window = 0; p.knorm = false;
-        p.scale = 1.f / std::sqrt(128.f);
-        p.num_splits = fs;
-        CK(cudaMalloc(&ws, DecodeWorkspaceBytes(p)));
-        CK(cudaMemset(ws, 0, DecodeWorkspaceBytes(p)));
-        int cur = 0;
-        auto step = [&]() {
-          Set& s = sets[cur];
-          cur = (cur + 1) % nsets;
-          p.k_cache = s.k; p.v_cache = s.v; p.pos_cache = s.pos; p.lam_cache = s.lam;
-          p.lens = s.lens;
-          CK(DecodeStep(p, dt, ws, 0));
-        };
-        // Warm-up, then groups of K * nsets steps so that every set passes K steps.
-        for (int i = 0; i < nsets * 2; ++i) step();
-        CK(cudaDeviceSynchronize());
-        std::vector<float> t;
-        const int groups = 50;
-        const int per = std::max(K, nsets);
-        for (int gi = 0; gi < groups; ++gi) {
-          CK(cudaEventRecord(e0));
-          for (int i = 0; i < per; ++i) step();
-          CK(cudaEventRecord(e1));
-          CK(cudaEventSynchronize(e1));
-          float ms;
-          CK(cudaEventElapsedTime(&ms, e0, e1));
-          t.push_back(ms * 1e3f / per);
-        }
-        std::sort(t.begin(), t.end());
-        const double us = t[t.size() / 2];
-        // The same steps replayed from a CUDA graph: device time without host launch cost.
-        cudaStream_t cs;
-        CK(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
-        cudaGraph_t graph;
-        cudaGraphExec_t gexec;
-        CK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
-        for (int i = 0; i < per; ++i) {
-          Set& s = sets[cur];
-          cur = (cur + 1) % nsets;
-          p.k_cache = s.k; p.v_cache = s.v; p.pos_cache = s.pos; p.lam_cache = s.lam;
-          p.lens = s.lens;
-          CK(DecodeStep(p, dt, ws, cs));
-        }
-        CK(cudaStreamEndCapture(cs, &graph));
-        CK(cudaGraphInstantiate(&gexec, graph, 0));
-        CK(cudaGraphLaunch(gexec, cs));
-        CK(cudaStreamSynchronize(cs));
-        std::vector<float> tg;
-        for (int gi = 0; gi < groups; ++gi) {
-          CK(cudaEventRecord(e0, cs));
-          CK(cudaGraphLaunch(gexec, cs));
-          CK(cudaEventRecord(e1, cs));
-          CK(cudaEventSynchronize(e1));
-          float ms;
-          CK(cudaEventElapsedTime(&ms, e0, e1));
-          tg.push_back(ms * 1e3f / per);
-        }
-        std::sort(tg.begin(), tg.end());
-        const double usg = tg[tg.size() / 2];
-        CK(cudaGraphExecDestroy(gexec));
-        CK(cudaGraphDestroy(graph));
-        CK(cudaStreamDestroy(cs));
-        const double avg_len = B == 0 ? M : M + B / 2.0;
-        const double bytes = static_cast<double>(bh) * avg_len * (2.0 * D * 2 + 8.0);
-        const double bw = bytes / (us * 1e-6);
-        const double bwg = bytes / (usg * 1e-6);
-        std::printf("%6d %6d %4d %7d %10.2f %10.0f %8.3f %10.2f %10.0f %8.3f\n", batch, M, B,
-                    DecodeNumSplits(p), us, bw / 1e9, bw / copy_bw, usg, bwg / 1e9,
-                    bwg / copy_bw);
-        for (auto& s : sets) {
-          cudaFree(s.k); cudaFree(s.v); cudaFree(s.pos); cudaFree(s.lam); cudaFree(s.lens);
-        }
-        cudaFree(q); cudaFree(out); cudaFree(kn); cudaFree(vn); cudaFree(lamn);
-        cudaFree(positions); cudaFree(ws);
+  std::printf("device %s, %d SMs, L2 %d MB, clock %d MHz, copy bandwidth (read+write) %.0f GB/s\n",
+              g_prop.name, g_prop.multiProcessorCount, g_prop.l2CacheSize >> 20,
+              g_clock_khz / 1000, g_copy_bw / 1e9);
+  std::printf("bytes = batch*Hkv*avg_len*(2*D*2 + 8); frac = of copy bandwidth; us = events around "
+              "back-to-back launches, g_us = CUDA graph replay (device time per step)\n");
+  std::printf("%5s %5s %3s | %3s %8s %8s %6s | %3s %8s %8s %6s | %6s | %8s %6s %7s\n", "batch", "M",
+              "B", "S", "new_us", "new_g_us", "frac", "S", "base_us", "base_gus", "frac",
+              "speedup", "read_gus", "frac", "empty_g");
+  auto row = [&](int batch, int M, int B, int fs, bool trace) {
+    BenchSets S;
+    make_sets(S, batch, M, B);
+    const RowResult rn = bench_row<ImplNew>(S, batch, M, B, fs, trace);
+    const RowResult rb = bench_row<ImplBase>(S, batch, M, B, fs, trace);
+    double read_us = 1, empty_us = 1;
+    if (!g_prof_only) floors(S, rn.splits, &read_us, &empty_us);
+    const double avg_len = B == 0 ? M : M + B / 2.0;
+    const double bytes = static_cast<double>(S.bh) * avg_len * (2.0 * kD * 2 + 8.0);
+    auto frac = [&](double us) { return bytes / (us * 1e-6) / g_copy_bw; };
+    const double read_bytes = static_cast<double>(S.bh) * (M + B) * (2.0 * kD * 2 + 8.0);
+    std::printf("%5d %5d %3d | %3d %8.2f %8.2f %6.3f | %3d %8.2f %8.2f %6.3f | %6.2fx | %8.2f %6.3f %7.2f\n",
+                batch, M, B, rn.splits, rn.us, rn.usg, frac(rn.usg), rb.splits, rb.us, rb.usg,
+                frac(rb.usg), rb.usg / rn.usg, read_us,
+                read_bytes / (read_us * 1e-6) / g_copy_bw, empty_us);
+    std::fflush(stdout);
   };
-  if (only != nullptr) {  // bench only batch M B splits: one row (for ncu)
-    row(only[0], only[1], only[2], only[3]);
+  if (only != nullptr) {  // bench batch M B splits: one row (for ncu)
+    row(only[0], only[1], only[2], only[3], trace_all);
     return 0;
   }
   for (int B : {0, 64})
     for (int M : {512, 2048, 8192})
-      for (int batch : {1, 8, 32, 128}) row(batch, M, B, 0);
-  std::printf("forced split counts:\n");
-  for (int fs : {5, 17}) row(1, 512, 0, fs);
-  for (int fs : {17}) row(1, 2048, 0, fs);
-  for (int fs : {16}) row(1, 8192, 0, fs);
+      for (int batch : {1, 8, 32, 128}) row(batch, M, B, 0, trace_all);
+  std::printf("forced split counts (> 16: arrival-counter merge instead of a cluster):\n");
+  for (int fs : {4, 16}) row(1, 512, 0, fs, trace_all);
+  for (int fs : {16, 32}) row(1, 2048, 0, fs, trace_all);
+  for (int fs : {16, 32}) row(1, 8192, 0, fs, trace_all);
+  for (int fs : {2}) row(8, 2048, 0, fs, trace_all);
+  for (int fs : {2}) row(8, 8192, 64, fs, trace_all);
+  for (int fs : {2}) row(16, 2048, 0, fs, trace_all);
   return 0;
 }
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "test";
-  if (mode == "bench") {
+  if (mode == "prof") g_prof_only = true;
+  if (mode == "bench" || mode == "trace" || mode == "prof") {
     int only[4];
     if (argc > 5) {
       for (int i = 0; i < 4; ++i) only[i] = std::atoi(argv[2 + i]);
-      return run_bench(only);
+      return run_bench(only, mode == "trace");
     }
-    return run_bench(nullptr);
+    return run_bench(nullptr, mode == "trace");
   }
   const bool quick = argc > 2 && std::string(argv[2]) == "quick";
+  if (argc > 4 && std::string(argv[2]) == "slice") {
+    g_slice_k = std::atoi(argv[3]);
+    g_slice_n = std::atoi(argv[4]);
+  }
   return run_tests(quick);
 }
