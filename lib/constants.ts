@@ -16,3 +16,5 @@ export const CUDA_HEAD_DIM_MULTIPLE = 8;
 export const CUDA_GATE_INPUT_MULTIPLE = 8;
 /** Scope "global" on CUDA: at most this many heads (layers x kvHeads) share one pool (kernels/pool.cuh). */
 export const CUDA_MAX_POOL_HEADS = 1024;
+/** The CUDA decode kernel on tensor cores (fp16/bf16, sm_80+) takes up to this many query heads per KV head. */
+export const CUDA_MMA_MAX_GROUP = 8;

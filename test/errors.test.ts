@@ -528,6 +528,12 @@ describe('ERR_UNSUPPORTED: valid configurations a backend cannot run', () => {
       /scope 'global' on the CUDA backend pools at most 1024 heads per sequence \(layers x kvHeads\), got 1032/,
     );
     expect(cacheSupport('cuda', { ...CONFIG, headDim: 1024 })).toMatch(/headDim 1024 is not supported by the CUDA backend/);
+    // Query-head groups: any up to 8 on tensor cores (fp16/bf16); fp32 needs one its lane groups divide.
+    expect(cacheSupport('cuda', { ...CONFIG, qHeads: 6, kvHeads: 2, dtype: 'bf16' })).toBeNull();
+    expect(cacheSupport('cuda', { ...CONFIG, qHeads: 16, kvHeads: 2, dtype: 'fp32' })).toBeNull();
+    expect(cacheSupport('cuda', { ...CONFIG, qHeads: 6, kvHeads: 2, dtype: 'fp32' })).toMatch(
+      /qHeads \/ kvHeads = 3 is not supported by the CUDA decode kernel for fp32 at headDim 64/);
+    expect(cacheSupport('cuda', { ...CONFIG, qHeads: 24, kvHeads: 2, dtype: 'fp16', headDim: 128 })).toMatch(/= 12 is not supported/);
     expect(gateSupport('cuda', 12)).toMatch(/inputSize 12 is not supported by the CUDA gate/);
     expect(gateSupport('cpu', 12)).toBeNull();
   });

@@ -84,6 +84,13 @@ class CudaCache final : public Cache {
   explicit CudaCache(const cache_config_t& cfg) : Cache(Backend::kCuda, cfg) {
     TRIMKV_CHECK(cfg.head_dim % 8 == 0 && cfg.head_dim <= 256, code::kUnsupported, "headDim ", cfg.head_dim,
                  " is not supported by the CUDA backend (multiples of 8 up to 256)");
+    int dev = 0, major = 0;
+    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+    TRIMKV_CHECK(DecodeGroupSupported(cfg.group(), cfg.head_dim, cfg.dtype, major >= 8), code::kUnsupported,
+                 "qHeads / kvHeads = ", cfg.group(), " is not supported by the CUDA decode kernel for ", dtype_name(cfg.dtype),
+                 " at headDim ", cfg.head_dim, major >= 8 ? "" : " on this GPU",
+                 " (fp16/bf16 take groups up to 8 on sm_80+; otherwise groups of 1, 2, 4, 8 and some larger powers of two)");
     if (cfg.scope == Scope::kHead && cfg.threshold <= 0.0) {
       init_fixed();
     } else {

@@ -65,6 +65,34 @@ size_t DecodeCounterBytes(const decode_params_t& p) {
   return (bhs * sizeof(int) + 255) & ~static_cast<size_t>(255);
 }
 
+namespace {
+
+template <typename T, int DPAD>
+bool core_group_ok(int group) {
+  const int hpt = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
+  return decode_detail::traits<T, DPAD>::WORKERS % (group / hpt) == 0;
+}
+
+template <typename T>
+bool core_group_ok(int group, int head_dim) {
+  if (head_dim <= 64) return core_group_ok<T, 64>(group);
+  if (head_dim <= 128) return core_group_ok<T, 128>(group);
+  return core_group_ok<T, 256>(group);
+}
+
+}  // namespace
+
+bool DecodeGroupSupported(int group, int head_dim, DType dtype, bool tensor_cores) {
+  if (group < 1 || head_dim < 1 || head_dim > decode_detail::kMaxHeadDim) return false;
+  if (dtype != DType::kF32 && tensor_cores && group <= decode_detail::kMmaMaxGroup) return true;
+  switch (dtype) {
+    case DType::kF32: return core_group_ok<float>(group, head_dim);
+    case DType::kF16: return core_group_ok<__half>(group, head_dim);
+    case DType::kBF16: return core_group_ok<__nv_bfloat16>(group, head_dim);
+  }
+  return false;
+}
+
 cudaError_t DecodeStep(const decode_params_t& p, DType dtype, void* workspace,
                        cudaStream_t stream) {
   if (p.batch <= 0 || p.kv_heads <= 0 || p.q_heads <= 0 || p.q_heads % p.kv_heads != 0 ||

@@ -74,6 +74,12 @@ size_t DecodeWorkspaceBytes(const decode_params_t& p);
 /// Size of the counter region at the start of the workspace (see DecodeWorkspaceBytes).
 size_t DecodeCounterBytes(const decode_params_t& p);
 
+/// Whether DecodeStep can run a group of `group` query heads per KV head (host only). The
+/// tensor-core kernel takes fp16/bf16 with group <= 8 on sm_80+ (tensor_cores true); the
+/// CUDA-core kernel otherwise, which needs group / (its heads per lane group) to divide its
+/// lane groups (e.g. fp32 at head dim 128 takes groups 1, 2, 4, 8, 16, 32).
+bool DecodeGroupSupported(int group, int head_dim, DType dtype, bool tensor_cores);
+
 /// One fused decode step (attention + append + eviction) for one layer.
 /// \param p        see decode_params_t; lens/pos/lam/lognorm/k/v caches are updated in place
 /// \param dtype    storage dtype of q, k_new, v_new, caches and out
