@@ -32,6 +32,7 @@
 
 #include "../common/dtype.h"
 #include "cache_layer.cuh"
+#include "mma.cuh"
 #include "select_topk.cuh"
 #include "vec_dtypes.cuh"
 
@@ -819,20 +820,14 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
                                              smem_raw, kSmemCap, snew);
 }
 
-// ---- PTX helpers of the tensor-core kernel (sm_80+; clusters sm_90+) ----------------------
-// In their own namespace: prefill.cuh, included beside this header, has helpers of the same
-// names.
+// ---- PTX helpers of the tensor-core kernel (sm_80+; clusters sm_90+) beyond mma.cuh's ------
 namespace decode_ptx {
 namespace {
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 /// 4-byte asynchronous global -> shared copy, zero-filled when !pred (src must stay valid).
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)),
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(mma::smem_u32(smem)),
                "l"(gmem), "r"(pred ? 4 : 0));
 #else
   *static_cast<uint32_t*>(smem) = pred ? *static_cast<const uint32_t*>(gmem) : 0u;
@@ -854,18 +849,6 @@ __device__ __forceinline__ void cp_async_wait_dyn(int n) {
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 /// Transposes the 8x8 b16 matrix held as one fragment register per lane.
 __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
   uint32_t y;
@@ -873,46 +856,6 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
   return y;
 }
 
-/// d += a (16x16, row) * b (16x8, col), fp32 accumulators, 16-bit operands of type T.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                         uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
-                                                  uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-/// Two floats as one register of two T (lo in the low half), round to nearest even.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
 #endif  // __CUDA_ARCH__ >= 800
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -1211,7 +1154,7 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
   for (int ds = 0; ds < KS; ++ds) o[ds][0] = o[ds][1] = o[ds][2] = o[ds][3] = 0.f;
   unsigned long long vkey = ~0ull;
   int vslot = -1;
-  const uint32_t zero_row = decode_ptx::smem_addr(snew + 2 * D);
+  const uint32_t zero_row = mma::smem_u32(snew + 2 * D);
 
   // One 16-token slab: ka/kx = this lane's K row for ldmatrix (address, swizzle), va/vx its V
   // row (the zero row for masked tokens); valid = tokens of the slab that count (>= 1).
@@ -1223,8 +1166,8 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
     for (int ks = 0; ks < KS; ++ks) {
       if (DCONST == 0 && 16 * ks >= D) break;
       uint32_t a[4];
-      decode_ptx::ldsm_x4(ka + (((2 * ks + kc_off) ^ kx) << 4), a);
-      decode_ptx::mma_16816<T>((ks & 1) ? sd : sc, a, qf[ks][0], qf[ks][1]);
+      mma::ldsm_x4(a, ka + (((2 * ks + kc_off) ^ kx) << 4));
+      mma::mma_16816<T>((ks & 1) ? sd : sc, a, qf[ks][0], qf[ks][1]);
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) sc[i] += sd[i];
@@ -1249,8 +1192,8 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
     m_run[0] = mn0;
     m_run[1] = mn1;
     // P^T rows (tokens) x cols (heads) -> B fragments (k = tokens, n = heads).
-    const uint32_t pb0 = decode_ptx::movmatrix_trans(decode_ptx::pack2<T>(p0, p1));
-    const uint32_t pb1 = decode_ptx::movmatrix_trans(decode_ptx::pack2<T>(p2, p3));
+    const uint32_t pb0 = decode_ptx::movmatrix_trans(mma::pack2<T>(p0, p1));
+    const uint32_t pb1 = decode_ptx::movmatrix_trans(mma::pack2<T>(p2, p3));
 #pragma unroll
     for (int ds = 0; ds < KS; ++ds) {
       if (DCONST == 0 && 16 * ds >= D) break;
@@ -1259,8 +1202,8 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
       o[ds][2] *= al0;
       o[ds][3] *= al1;
       uint32_t a[4];
-      decode_ptx::ldsm_x4_trans(va + (((2 * ds + vc_off) ^ vx) << 4), a);
-      decode_ptx::mma_16816<T>(o[ds], a, pb0, pb1);
+      mma::ldsm_x4_trans(a, va + (((2 * ds + vc_off) ^ vx) << 4));
+      mma::mma_16816<T>(o[ds], a, pb0, pb1);
     }
   };
 
@@ -1272,8 +1215,8 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
     if (p.knorm) key_lognorm<T>(snew, D, fin);
     if (warp == NW - 1) {
       const int rv = (lane & 7) + (lane >> 4) * 8;
-      attend_slab(decode_ptx::smem_addr(snew), 0,
-                  rv == 0 ? decode_ptx::smem_addr(snew + D) : zero_row, 0, 1);
+      attend_slab(mma::smem_u32(snew), 0,
+                  rv == 0 ? mma::smem_u32(snew + D) : zero_row, 0, 1);
     }
   }
 
@@ -1317,7 +1260,7 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
         if (k < vkey) { vkey = k; vslot = s0 + lane; }
       }
       const int valid = hi - s0;
-      const uint32_t kb = decode_ptx::smem_addr(base), vb = kb + Tr::KV_BYTES;
+      const uint32_t kb = mma::smem_u32(base), vb = kb + Tr::KV_BYTES;
       const int rk = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
       const int rv = warp * 16 + (lane & 7) + (lane >> 4) * 8;
       const bool vok = rv - warp * 16 < valid;
@@ -1376,7 +1319,7 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
 #if __CUDA_ARCH__ >= 900
   if (use_cluster) {
     decode_ptx::cluster_wait_acquire();  // phase 0: every block of the cluster has started
-    recv = decode_ptx::cluster_map(decode_ptx::smem_addr(smem_raw + nst * Tr::STAGE_BYTES), 0);
+    recv = decode_ptx::cluster_map(mma::smem_u32(smem_raw + nst * Tr::STAGE_BYTES), 0);
   }
 #endif
   const uint32_t r_md = recv;

@@ -25,6 +25,7 @@
 
 #include "../common/dtype.h"
 #include "cache_layer.cuh"
+#include "mma.cuh"
 #include "vec_dtypes.cuh"
 
 namespace trimkv {
@@ -221,63 +222,8 @@ __device__ __forceinline__ const T* prefill_key_row(const T* cache, const T* in,
                  : in + (static_cast<size_t>(n - len) * p.kv_heads + h) * p.head_dim + col;
 }
 
-__device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* smem) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t* r, const void* smem) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-
-/// c += a * b, m16n8k16, fp32 accumulators (fragment layouts of the PTX ISA).
-template <typename T>
-__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float* c, const uint32_t* a, uint32_t b0,
-                                                  uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0,
-                                                         uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
-/// Packs two floats into one register of two T (round to nearest even), x in the low half.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float x, float y);
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float x, float y) {
-  const __half2 h = __floats2half2_rn(x, y);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
+using mma::mma_16816;
+using mma::pack2;
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -410,7 +356,7 @@ __global__ void __launch_bounds__(prefill_detail::kMmaGroupThreads * NG,
   if (QREG) {
 #pragma unroll
     for (int kk = 0; kk < (QREG ? KD : 0); ++kk)
-      ldsm_x4(qf[kk], sQ + (wq * WR + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+      mma::ldsm_x4(qf[kk], mma::smem_u32(sQ + (wq * WR + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8));
   }
   float o[MT][ND][4];
   float m[MT][2], l[MT][2];
@@ -454,14 +400,14 @@ __global__ void __launch_bounds__(prefill_detail::kMmaGroupThreads * NG,
           a[mt][2] = qf[QREG ? kk : 0][2];
           a[mt][3] = qf[QREG ? kk : 0][3];
         } else {
-          ldsm_x4(a[mt], sQ + (wq * WR + mt * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+          mma::ldsm_x4(a[mt], mma::smem_u32(sQ + (wq * WR + mt * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8));
         }
       }
 #pragma unroll
       for (int nn = 0; nn < NT / 2; ++nn) {
         uint32_t b[4];
-        ldsm_x4(b, sK + (nn * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 +
-                       ((lane >> 3) & 1) * 8);
+        mma::ldsm_x4(b, mma::smem_u32(sK + (nn * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 +
+                       ((lane >> 3) & 1) * 8));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           mma_16816<T>(s[mt][2 * nn], a[mt], b[0], b[1]);
@@ -542,8 +488,8 @@ __global__ void __launch_bounds__(prefill_detail::kMmaGroupThreads * NG,
 #pragma unroll
       for (int dd = 0; dd < ND / 2; ++dd) {
         uint32_t b[4];
-        ldsm_x4_trans(b, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dd * 16 +
-                             (lane >> 4) * 8);
+        mma::ldsm_x4_trans(b, mma::smem_u32(sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dd * 16 +
+                             (lane >> 4) * 8));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           mma_16816<T>(o[mt][2 * dd], a[mt], b[0], b[1]);
