@@ -6,7 +6,7 @@ mkdir -p .kbuild .kobj
 rm -f .kbuild/harness
 F="-gencode arch=compute_90,code=sm_90 -O3 -std=c++17 -Xcompiler -fopenmp -lineinfo -DTRIMKV_DECODE_TRACE"
 pids=""
-for s in decode decode_f32 decode_f16 decode_bf16 retention_gate harness/base/decode_base; do
+for s in decode decode_f32 decode_f16 decode_bf16 retention_gate; do
   nvcc $F -c csrc/kernels/$s.cu -o .kobj/$(basename $s).o &
   pids="$pids $!"
 done

@@ -24,7 +24,6 @@
 #include "common/dtype.h"
 #include "common/score.h"
 #include "kernels/prefill.cuh"
-#include "kernels/prefill_harness/prefill_attn_base.cuh"
 #include "kernels/select_topk.cuh"
 
 using namespace trimkv;
@@ -469,8 +468,8 @@ static std::string cfg_name(const Cfg& c) {
 // over 0 .. 1500 cached tokens. Outputs poisoned with NaN; every row must be written.
 
 /// Launches attention variant v for storage T: 0 dispatched, 1 one key group, 2 two key groups
-/// started together, 3 one key group with the small key tile, 4 the baseline kernel (before
-/// this version), 5 two key groups with the staggered start; v > 0 needs sm_80+.
+/// started together, 3 one key group with the small key tile, 4 two key groups with the
+/// staggered start; v > 0 needs sm_80+.
 template <typename T, int DPAD>
 static cudaError_t attn_variant(int v, const prefill_params_t& p) {
   using namespace prefill_detail;
@@ -487,11 +486,8 @@ static cudaError_t attn_variant(int v, const prefill_params_t& p) {
         return launch_attention_mma<T, DPAD, C::MT, C::BK, 2>(p, 0);
       case 3:
         return launch_attention_mma<T, DPAD, C::MT, C::BK_SMALL, 1>(p, 0);
-      case 5:
-        return launch_attention_mma<T, DPAD, C::MT, C::BK, 2, true>(p, 0);
       case 4:
-        return trimkv_base::launch_base_mma<T, DPAD, DPAD <= 128 ? 2 : 1, DPAD <= 128 ? 32 : 64>(
-            p, 0);
+        return launch_attention_mma<T, DPAD, C::MT, C::BK, 2, true>(p, 0);
       default:
         return cudaErrorNotSupported;
     }
@@ -690,7 +686,7 @@ static int run_attn_case(const AttnCase& c) {
   int dev = 0, major = 0;
   CK(cudaGetDevice(&dev));
   CK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  const int nvar = c.dt == DType::kF32 || major < 8 ? 1 : 6;
+  const int nvar = c.dt == DType::kF32 || major < 8 ? 1 : 5;
   std::vector<uint8_t> outraw(qraw.size());
   for (int v = 0; v < nvar; ++v) {
     CK(cudaMemset(dout, 0xff, outraw.size()));
@@ -919,8 +915,8 @@ static void benchmark(const std::vector<BenchShape>& shapes, int iters) {
     CK(attn_variant_any(0, dt, params(0)));
     CK(cudaDeviceSynchronize());
     CK(cudaMemcpy(o_ref.data(), S[0].out, o_ref.size(), cudaMemcpyDeviceToHost));
-    const char* names[7] = {"chunk", "new", "ng1", "ng2", "bksmall", "base", "stagger"};
-    for (int v = -1; v <= 5; ++v) {
+    const char* names[6] = {"chunk", "new", "ng1", "ng2", "bksmall", "stagger"};
+    for (int v = -1; v <= 4; ++v) {
       if (v == 3 && D > 128) continue;  // the small key tile is the large one there
       const float t = time_it(v);
       if (v < 0) {  // PrefillChunk appended the chunk: back to `cached` tokens for the others
