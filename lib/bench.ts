@@ -167,6 +167,18 @@ interface DecodeRig {
   dispose: () => void;
 }
 
+/** Random q, k, v and lam and an output tensor for `rows` tokens (a prefill chunk) or slots (a decode step). */
+function layerTensors(rt: Runtime, rows: number, sh: { qHeads: number; kvHeads: number; headDim: number; dtype: DType }) {
+  const { qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = sh;
+  return {
+    q: rt.fromArray(randomArray(rows * Hq * D), [rows, Hq, D], dtype),
+    k: rt.fromArray(randomArray(rows * Hkv * D), [rows, Hkv, D], dtype),
+    v: rt.fromArray(randomArray(rows * Hkv * D), [rows, Hkv, D], dtype),
+    lam: rt.fromArray(randomLam(rows * Hkv), [rows, Hkv], 'fp32'),
+    out: rt.tensor([rows, Hq, D], dtype),
+  };
+}
+
 /** A cache of `layers` layers filled to M per head by one prefill chunk per sequence. */
 function decodeRig(rt: Runtime, c: DecodeBenchCase, layers: number): DecodeRig {
   const { batch: Bt, qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = c;
@@ -175,18 +187,10 @@ function decodeRig(rt: Runtime, c: DecodeBenchCase, layers: number): DecodeRig {
   const owned: { dispose(): void }[] = [cache];
   try {
     const C = c.memory;
-    const pq = rt.fromArray(randomArray(C * Hq * D), [C, Hq, D], dtype);
-    const pk = rt.fromArray(randomArray(C * Hkv * D), [C, Hkv, D], dtype);
-    const pv = rt.fromArray(randomArray(C * Hkv * D), [C, Hkv, D], dtype);
-    const plam = rt.fromArray(randomLam(C * Hkv), [C, Hkv], 'fp32');
-    const pout = rt.tensor([C, Hq, D], dtype);
-    for (let s = 0; s < Bt; s++) for (let l = 0; l < layers; l++) cache.prefill(l, { seq: s, start: 0, q: pq, k: pk, v: pv, lam: plam, out: pout });
-    for (const t of [pq, pk, pv, plam, pout]) t.dispose();
-    const q = rt.fromArray(randomArray(Bt * Hq * D), [Bt, Hq, D], dtype);
-    const k = rt.fromArray(randomArray(Bt * Hkv * D), [Bt, Hkv, D], dtype);
-    const v = rt.fromArray(randomArray(Bt * Hkv * D), [Bt, Hkv, D], dtype);
-    const lam = rt.fromArray(randomLam(Bt * Hkv), [Bt, Hkv], 'fp32');
-    const out = rt.tensor([Bt, Hq, D], dtype);
+    const pre = layerTensors(rt, C, c);
+    for (let s = 0; s < Bt; s++) for (let l = 0; l < layers; l++) cache.prefill(l, { seq: s, start: 0, ...pre });
+    for (const t of Object.values(pre)) t.dispose();
+    const { q, k, v, lam, out } = layerTensors(rt, Bt, c);
     owned.push(q, k, v, lam, out);
     const positions = new Int32Array(Bt);
     let pos = C, steps = 0, next = 0;
@@ -313,11 +317,7 @@ export function benchPrefill(rt: Runtime, c: PrefillBenchCase, calls = 100, o: B
   const want = setsFor(rt, perSet, o);
   const layers = Math.min(want, 8), batch = Math.max(1, Math.ceil(want / layers));
   const cache = rt.createCache({ layers, batch, qHeads: Hq, kvHeads: Hkv, headDim: D, memory: c.memory, buffer: c.buffer, dtype });
-  const q = rt.fromArray(randomArray(C * Hq * D), [C, Hq, D], dtype);
-  const k = rt.fromArray(randomArray(C * Hkv * D), [C, Hkv, D], dtype);
-  const v = rt.fromArray(randomArray(C * Hkv * D), [C, Hkv, D], dtype);
-  const lam = rt.fromArray(randomLam(C * Hkv), [C, Hkv], 'fp32');
-  const out = rt.tensor([C, Hq, D], dtype);
+  const { q, k, v, lam, out } = layerTensors(rt, C, c);
   try {
     const start = new Array<number>(batch).fill(0);
     let j = 0;
@@ -382,13 +382,7 @@ export function benchPrefillAttend(rt: Runtime, c: PrefillAttendCase, calls = 30
     const cache = rt.createCache({ layers, batch, qHeads: Hq, kvHeads: Hkv, headDim: D, memory, buffer, dtype });
     owned.push(cache);
     const chunkSet = (n: number) => {
-      const t = {
-        q: rt.fromArray(randomArray(n * Hq * D), [n, Hq, D], dtype),
-        k: rt.fromArray(randomArray(n * Hkv * D), [n, Hkv, D], dtype),
-        v: rt.fromArray(randomArray(n * Hkv * D), [n, Hkv, D], dtype),
-        lam: rt.fromArray(randomLam(n * Hkv), [n, Hkv], 'fp32'),
-        out: rt.tensor([n, Hq, D], dtype),
-      };
+      const t = layerTensors(rt, n, c);
       owned.push(...Object.values(t));
       return t;
     };
@@ -493,13 +487,7 @@ export function benchStream(rt: Runtime, c: StreamCase): StreamResult {
   const chunks = Math.ceil(P / C), last = P - (chunks - 1) * C;
   const owned: { dispose(): void }[] = [];
   const set = (n: number) => {
-    const t = {
-      q: rt.fromArray(randomArray(n * Hq * D), [n, Hq, D], dtype),
-      k: rt.fromArray(randomArray(n * Hkv * D), [n, Hkv, D], dtype),
-      v: rt.fromArray(randomArray(n * Hkv * D), [n, Hkv, D], dtype),
-      lam: rt.fromArray(randomLam(n * Hkv), [n, Hkv], 'fp32'),
-      out: rt.tensor([n, Hq, D], dtype),
-    };
+    const t = layerTensors(rt, n, c);
     owned.push(...Object.values(t));
     return t;
   };
@@ -604,13 +592,9 @@ export function benchModel(rt: Runtime, c: ModelBenchCase, steps = 20): ModelBen
     const cache = rt.createCache({ layers: L, batch: Bt, qHeads: Hq, kvHeads: Hkv, headDim: D, memory: c.memory, buffer: c.buffer, dtype });
     owned.push(cache);
     const C = c.memory;
-    const pq = rt.fromArray(randomArray(C * Hq * D), [C, Hq, D], dtype);
-    const pk = rt.fromArray(randomArray(C * Hkv * D), [C, Hkv, D], dtype);
-    const pv = rt.fromArray(randomArray(C * Hkv * D), [C, Hkv, D], dtype);
-    const plam = rt.fromArray(randomLam(C * Hkv), [C, Hkv], 'fp32');
-    const pout = rt.tensor([C, Hq, D], dtype);
-    for (let s = 0; s < Bt; s++) for (let l = 0; l < L; l++) cache.prefill(l, { seq: s, start: 0, q: pq, k: pk, v: pv, lam: plam, out: pout });
-    for (const t of [pq, pk, pv, plam, pout]) t.dispose();
+    const pre = layerTensors(rt, C, c);
+    for (let s = 0; s < Bt; s++) for (let l = 0; l < L; l++) cache.prefill(l, { seq: s, start: 0, ...pre });
+    for (const t of Object.values(pre)) t.dispose();
     const x = rt.fromArray(randomArray(Bt * c.hiddenSize), [Bt, c.hiddenSize], 'bf16');
     const q = rt.fromArray(randomArray(Bt * Hq * D), [Bt, Hq, D], dtype);
     const k = rt.fromArray(randomArray(Bt * Hkv * D), [Bt, Hkv, D], dtype);
