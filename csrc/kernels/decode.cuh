@@ -33,6 +33,7 @@
 #include "../common/dtype.h"
 #include "cache_layer.cuh"
 #include "mma.cuh"
+#include "pdl.cuh"
 #include "select_topk.cuh"
 #include "vec_dtypes.cuh"
 
@@ -1033,6 +1034,11 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
   // write into another block's shared memory, long after every block arrived.
   if (use_cluster) decode_ptx::cluster_arrive_relaxed();
 #endif
+  // Launched as a programmatic dependent on sm_90 (pdl.cuh): nothing above reads global
+  // memory. Wait for the kernels before this one (q, the caches, lens may be theirs), then let
+  // the next kernel of the stream get resident while this one runs.
+  pdl_wait();
+  pdl_launch_dependents();
   TRIMKV_TRACE_AT(0);
 
   // The step's inputs, all in one round trip (no address depends on another load).
@@ -1489,6 +1495,7 @@ cudaError_t launch_decode(const decode_params_t& p, int splits, const decode_ws_
 struct mma_info_t {
   bool usable = false;   ///< the loaded image was built for sm_80+ (not JIT from older PTX)
   bool cluster = false;  ///< ... for sm_90+ on an sm_90+ device: cluster launches
+  bool pdl = false;      ///< ... the same: programmatic dependent launches (pdl.cuh)
   int max_dyn = 0;       ///< most dynamic shared memory a block may take
   int sm_smem = 0;       ///< shared memory of an SM
   int block_fixed = 0;   ///< static + reserved shared memory of a block
@@ -1526,6 +1533,7 @@ const mma_info_t& mma_info() {
       return m;
     }
     m.usable = true;
+    m.pdl = fa.ptxVersion >= 90 && major >= 9;  // the image has the griddepcontrol.wait
     m.cluster = fa.ptxVersion >= 90 && major >= 9 &&
                 cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
                     cudaSuccess;
@@ -1611,15 +1619,22 @@ cudaError_t launch_mma(const decode_params_t& p, int S, const decode_ws_t& ws,
   cfg.blockDim = dim3(Tr::kThreads);
   cfg.dynamicSmemBytes = dyn;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
+  unsigned na = 0;
   if (cl) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = S;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    attr[na].id = cudaLaunchAttributeClusterDimension;
+    attr[na].val.clusterDim.x = S;
+    attr[na].val.clusterDim.y = 1;
+    attr[na].val.clusterDim.z = 1;
+    ++na;
   }
+  if (mi.pdl) {  // start while the previous kernel finishes; the kernel waits before any read
+    attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[na].val.programmaticStreamSerializationAllowed = 1;
+    ++na;
+  }
+  cfg.attrs = attr;
+  cfg.numAttrs = na;
   return cudaLaunchKernelEx(&cfg, DecodeMmaKernel<T, DPAD, DCONST>, p, S, ws, nst, cl ? 1 : 0,
                             dyn);
 }
