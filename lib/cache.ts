@@ -85,7 +85,12 @@ export class KVCache {
     if (unsupported) throw new TrimKVError('ERR_UNSUPPORTED', unsupported);
     const cfg = { ...this.config, threshold: this.config.threshold ?? 0 };
     this.#handle = native(() => new (loadAddon().NativeCache)(BACKEND_INDEX[backend], cfg));
+    const { batch: B, qHeads: Hq, kvHeads: Hkv, headDim: D } = this.config;
+    this.#decodeShapes = [[B, Hq, D], [B, Hkv, D], [B, Hkv]];
   }
+
+  /** The shapes decode expects of q / out, k / v and lam (built once: decode is the hot path). */
+  readonly #decodeShapes: readonly [readonly number[], readonly number[], readonly number[]];
 
   get disposed(): boolean {
     return this.#handle === undefined;
@@ -110,12 +115,13 @@ export class KVCache {
     const h = this.#h();
     const l = this.#layer(layer);
     if (inputs === null || typeof inputs !== 'object') invalid('a DecodeInputs object', 'inputs', inputs);
-    const { batch: B, qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = this.config;
-    const q = expectTensor(inputs.q, 'q', this.backend, dtype, [B, Hq, D]);
-    const k = expectTensor(inputs.k, 'k', this.backend, dtype, [B, Hkv, D]);
-    const v = expectTensor(inputs.v, 'v', this.backend, dtype, [B, Hkv, D]);
-    const lam = expectTensor(inputs.lam, 'lam', this.backend, 'fp32', [B, Hkv]);
-    const out = expectTensor(inputs.out, 'out', this.backend, dtype, [B, Hq, D]);
+    const { batch: B, dtype } = this.config;
+    const [qShape, kvShape, lamShape] = this.#decodeShapes;
+    const q = expectTensor(inputs.q, 'q', this.backend, dtype, qShape);
+    const k = expectTensor(inputs.k, 'k', this.backend, dtype, kvShape);
+    const v = expectTensor(inputs.v, 'v', this.backend, dtype, kvShape);
+    const lam = expectTensor(inputs.lam, 'lam', this.backend, 'fp32', lamShape);
+    const out = expectTensor(inputs.out, 'out', this.backend, dtype, qShape);
     const p = inputs.positions;
     if (!(p instanceof Int32Array) && !Array.isArray(p)) invalid('an Int32Array or number[]', 'positions', p);
     if (p.length !== B) invalid(`${B} positions`, 'positions', p, 'ERR_SHAPE');

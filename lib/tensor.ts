@@ -31,6 +31,14 @@ export class Tensor {
     return this.#handle === undefined;
   }
 
+  /**
+   * Whether `x` was made by this class (a brand check: `instanceof` also accepts an object
+   * whose prototype merely points here, such as Object.create(Tensor.prototype)).
+   */
+  static isTensor(x: unknown): x is Tensor {
+    return typeof x === 'object' && x !== null && #handle in x;
+  }
+
   /** @internal The native handle; throws ERR_DISPOSED after dispose(). */
   handle(name = 'tensor'): NativeTensorHandle {
     if (!this.#handle) throw new TrimKVError('ERR_DISPOSED', `${name} has been disposed`);
@@ -88,7 +96,10 @@ export class Tensor {
 
 /** @internal Checks that `t` is a live Tensor of this backend. */
 export function checkTensor(t: unknown, name: string, backend: BackendName): Tensor {
-  if (!(t instanceof Tensor)) invalid('a Tensor', name, t);
+  if (!Tensor.isTensor(t)) {
+    if (t instanceof Tensor) invalidText('a Tensor', name, 'an object posing as one (not made by a Runtime)');
+    invalid('a Tensor', name, t);
+  }
   if (t.disposed) throw new TrimKVError('ERR_DISPOSED', `${name} has been disposed`);
   if (t.backend !== backend) {
     invalidText(`a tensor on the ${backend} backend`, name, `a tensor on the ${t.backend} backend`);
@@ -100,7 +111,11 @@ export function checkTensor(t: unknown, name: string, backend: BackendName): Ten
 export function expectTensor(t: unknown, name: string, backend: BackendName, dtype: DType, shape: readonly number[]): Tensor {
   const x = checkTensor(t, name, backend);
   if (x.dtype !== dtype) invalidText(`dtype ${dtype}`, name, x.dtype, 'ERR_DTYPE');
-  if (x.shape.length !== shape.length || x.shape.some((d, i) => d !== shape[i])) {
+  // A plain loop: this runs five times per decode call, where a closure per check shows up.
+  const xs = x.shape;
+  let same = xs.length === shape.length;
+  for (let i = 0; same && i < xs.length; i++) same = xs[i] === shape[i];
+  if (!same) {
     invalidText(`shape [${shape.join(', ')}]`, name, `shape [${x.shape.join(', ')}]`, 'ERR_SHAPE');
   }
   return x;

@@ -7,6 +7,7 @@
 import { describe, expect, test } from 'vitest';
 import { cacheSupport, gateSupport, openRuntime, TrimKVError, type ErrorCode, type KVCache, type Tensor } from '../lib/index.js';
 import { fromNative } from '../lib/errors.js';
+import { Tensor as TensorClass } from '../lib/tensor.js';
 import type { BackendName, CacheConfig, DecodeInputs, DType, GateSpec, PrefillInputs } from '../lib/types.js';
 import { backendsUnderTest, cudaAvailable } from './backends.js';
 import { CachePair, makeInputs, runtimeFor, tensorOf } from './harness.js';
@@ -141,6 +142,25 @@ describe.each(BACKENDS)('errors on %s', (backend) => {
       const pair = warmPair(backend);
       const inp = decodeInputs(pair);
       expectRejected(pair, () => pair.cache.decode(0, { ...inp, q: new Float32Array(512) as never }), 'ERR_INVALID_ARGUMENT', /Expected a Tensor for q but received Float32Array/, inp.out);
+      inp.all.forEach((t) => t.dispose());
+      stillWorks(pair);
+    });
+
+    test('decode and gate.run with objects posing as Tensors', () => {
+      const pair = warmPair(backend);
+      const inp = decodeInputs(pair);
+      // instanceof accepts both; neither was made by a Runtime, so neither has a native tensor.
+      const forged = Object.create(TensorClass.prototype) as Tensor;
+      const copied = Object.setPrototypeOf({ ...inp.k, shape: inp.k.shape, dtype: inp.k.dtype, backend: inp.k.backend }, TensorClass.prototype) as Tensor;
+      expectRejected(pair, () => pair.cache.decode(0, { ...inp, k: forged }), 'ERR_INVALID_ARGUMENT', /Expected a Tensor for k but received an object posing as one/, inp.out);
+      expectRejected(pair, () => pair.cache.decode(0, { ...inp, v: copied }), 'ERR_INVALID_ARGUMENT', /Expected a Tensor for v but received an object posing as one/, inp.out);
+      const rt = runtimeFor(backend);
+      const gate = rt.createGate({ kind: 'rg', activation: 'silu', inputSize: 8, intermediateSize: 4, kvHeads: 1,
+        weights: { linear1Weight: new Float32Array(32), linear1Bias: new Float32Array(4), linear2Weight: new Float32Array(4), bias: new Float32Array(1) } });
+      const lam = rt.tensor([1, 1], 'fp32');
+      expectError(() => gate.run(forged, lam), 'ERR_INVALID_ARGUMENT', /Expected a Tensor for x but received an object posing as one/);
+      gate.dispose();
+      lam.dispose();
       inp.all.forEach((t) => t.dispose());
       stillWorks(pair);
     });
