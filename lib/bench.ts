@@ -91,26 +91,64 @@ export function deviceMemoryUsed(rt: Runtime): number | null {
   return native(() => loadAddon().deviceMemoryUsed(BACKEND_INDEX[rt.backend]));
 }
 
-/** Times `n` calls of fn(i) on the runtime's backend; per-call milliseconds. */
-export function timeCalls(rt: Runtime, n: number, fn: (i: number) => void, spinMs = 20): Float64Array {
-  return native(() => loadAddon().timeCalls(BACKEND_INDEX[rt.backend], n, spinMs, fn));
+/**
+ * Times `n` calls of fn(i) on the runtime's backend; per-call milliseconds. With group > 1, one
+ * value per run of `group` back-to-back calls (its time / group): no events between the calls.
+ */
+export function timeCalls(rt: Runtime, n: number, fn: (i: number) => void, spinMs = 20, group = 1): Float64Array {
+  return native(() => loadAddon().timeCalls(BACKEND_INDEX[rt.backend], n, spinMs, fn, group));
 }
 
 /**
  * Times `n` calls like `timeCalls`, in chunks whose enqueue time stays below the spin that
  * holds the GPU back, so no timed call waits for the host (the events then measure device
  * time, not launch gaps). `hostMs` is the host cost of one call, measured during warm-up.
+ * group > 1: one value per run of `group` calls (n a multiple of group).
  */
-export function timeMany(rt: Runtime, n: number, fn: (i: number) => void, hostMs: number): Float64Array {
-  if (rt.backend !== 'cuda') return timeCalls(rt, n, fn, 0);
+export function timeMany(rt: Runtime, n: number, fn: (i: number) => void, hostMs: number, group = 1): Float64Array {
+  if (!Number.isInteger(group) || group < 1 || n % group !== 0) {
+    throw new RangeError(`Expected n (${n}) to be a multiple of group (${group})`);
+  }
+  if (rt.backend !== 'cuda') return timeCalls(rt, n, fn, 0, group);
   const per = Math.max(hostMs, 0.002);
-  const chunk = Math.max(8, Math.min(n, Math.floor(60 / per)));
-  const out = new Float64Array(n);
+  let chunk = Math.max(8, Math.min(n, Math.floor(60 / per)));
+  chunk = Math.max(group, chunk - (chunk % group));
+  const out = new Float64Array(n / group);
   for (let done = 0; done < n; done += chunk) {
     const m = Math.min(chunk, n - done);
-    out.set(timeCalls(rt, m, (i) => fn(done + i), Math.min(250, 2 * m * per + 2)), done);
+    out.set(timeCalls(rt, m, (i) => fn(done + i), Math.min(250, 2 * m * per + 2), group), done / group);
   }
   return out;
+}
+
+/**
+ * Back-to-back device time of calls: `runs` runs of `group` calls (at least 8 per run, whole
+ * multiples of `unit`, e.g. the layers of a step), one event pair per run, ms per call.
+ */
+function timeBursts(rt: Runtime, fn: (i: number) => void, hostMs: number, unit: number, calls: number): Stats {
+  const group = unit * Math.ceil(8 / unit);
+  const runs = Math.max(11, Math.ceil(calls / group));
+  return stats(timeMany(rt, runs * group, fn, hostMs, group));
+}
+
+/**
+ * Host cost of one call, microseconds: wall time of each call with the device drained (untimed)
+ * between runs of whole multiples of `unit` calls, so the launch queue never fills and blocks
+ * the host.
+ */
+function hostCost(rt: Runtime, fn: (i: number) => void, unit: number, calls = 256): Stats {
+  // Runs of at least 32 calls between drains: the first call after a drain pays a cold start
+  // (about 2x), which the median leaves out, as a model's back-to-back calls never see it.
+  const group = unit * Math.ceil(32 / unit);
+  const n = group * Math.max(1, Math.ceil(calls / group));
+  return stats(native(() => loadAddon().hostTimes(BACKEND_INDEX[rt.backend], n, group, fn)));
+}
+
+/** The CUDA runtime's own host cost per enqueue on this machine (us, medians); null on the CPU backend. */
+export function launchCost(rt: Runtime, iters = 2000): { kernelUs: number; clusterUs: number | null; streamKernelUs: number; eventUs: number; uploadUs: number } | null {
+  if (rt.backend !== 'cuda') return null;
+  const c = native(() => loadAddon().launchCost(iters));
+  return { ...c, clusterUs: Number.isFinite(c.clusterUs) ? c.clusterUs : null };
 }
 
 /** Runs `n` warm-up calls and returns the host wall time of one call (ms). */
@@ -137,8 +175,17 @@ export interface DecodeBenchResult extends DecodeBenchCase {
   bytes: number;
   /** bytes / median time, GB/s. */
   bandwidth: number;
+  /**
+   * Back-to-back: runs of whole steps (all layers, at least 8 calls) with one event pair per
+   * run and none between the calls; ms per call, median over runs.
+   */
+  burst: Stats;
+  /** bytes / burst median, GB/s. */
+  burstBandwidth: number;
   /** Host time to enqueue one decode call from TypeScript, microseconds (median of calls). */
   hostUs: number;
+  /** The same, mean (it spreads layer 0's once-a-step positions upload). */
+  hostMeanUs: number;
 }
 
 export interface BenchOptions {
@@ -225,12 +272,12 @@ export function benchDecode(rt: Runtime, c: DecodeBenchCase, calls = 200, o: Ben
     const hostMs = warmUp(warm, rig.call);
     const n = Math.max(calls, layers) - (Math.max(calls, layers) % layers);
     const ms = timeMany(rt, n, rig.call, hostMs);
-    // Host cost: enqueue-only wall time per call (the GPU keeps up or queues).
-    const hostN = layers * Math.max(1, Math.ceil(100 / layers));
-    const hostUs = warmUp(hostN, rig.call) * 1000;
+    const burst = timeBursts(rt, rig.call, hostMs, layers, calls);
+    const host = hostCost(rt, rig.call, layers);
     const bytes = decodeBytes(c, c.memory + c.buffer / 2);
     const time = stats(ms);
-    return { ...c, layers, time, bytes, bandwidth: bytes / (time.median * 1e-3) / 1e9, hostUs };
+    return { ...c, layers, time, burst, bytes, bandwidth: bytes / (time.median * 1e-3) / 1e9,
+      burstBandwidth: bytes / (burst.median * 1e-3) / 1e9, hostUs: host.median, hostMeanUs: host.mean };
   } finally {
     rig.dispose();
   }
@@ -518,6 +565,12 @@ export function benchStream(rt: Runtime, c: StreamCase): StreamResult {
 export interface GateBenchResult {
   batch: number; inputSize: number; intermediateSize: number; kvHeads: number;
   time: Stats; weightBytes: number; bandwidth: number;
+  /** Back-to-back runs of 8 calls (each a different gate, weights from DRAM), one event pair per run; ms per call. */
+  burst?: Stats;
+  /** bytes / burst median, GB/s. */
+  burstBandwidth?: number;
+  /** Host time to enqueue one call, microseconds (median). */
+  hostUs?: number;
   /** Weights + input + output bytes of one call. */
   bytes?: number;
   flops?: number;
@@ -548,9 +601,12 @@ export function benchGate(rt: Runtime, batch: number, inputSize = 2560, intermed
     const call = (i: number) => gates[i % count]!.run(x, lam);
     const hostMs = warmUp(count, call);
     const time = stats(timeMany(rt, Math.max(calls, count), call, hostMs));
+    const burst = timeBursts(rt, call, hostMs, 1, calls);
+    const hostUs = hostCost(rt, call, 8).median;
     const bytes = weightBytes + 2 * batch * inputSize + 4 * batch * kvHeads;
     const flops = 2 * batch * (intermediateSize * inputSize + kvHeads * intermediateSize);
-    return { batch, inputSize, intermediateSize, kvHeads, time, weightBytes, bandwidth: bytes / (time.median * 1e-3) / 1e9, bytes, flops };
+    return { batch, inputSize, intermediateSize, kvHeads, time, weightBytes, bandwidth: bytes / (time.median * 1e-3) / 1e9,
+      burst, burstBandwidth: bytes / (burst.median * 1e-3) / 1e9, hostUs, bytes, flops };
   } finally {
     for (const g of gates) g.dispose();
     x.dispose();

@@ -52,8 +52,15 @@ export interface NativeAddon {
   NativeGate: new (backend: number, spec: object, dtype: string, a: ArrayBufferView, b: ArrayBufferView,
     out: ArrayBufferView, bias: ArrayBufferView) => NativeGateHandle;
   NativeCache: new (backend: number, config: object) => NativeCacheHandle;
-  /** Per-call times (ms): CUDA events on the device (after a spin of spinMs), a steady clock on the CPU. */
-  timeCalls(backend: number, n: number, spinMs: number, fn: (i: number) => void): Float64Array;
+  /**
+   * Per-call times (ms): CUDA events on the device (after a spin of spinMs), a steady clock on the
+   * CPU. With group > 1, one value per run of `group` back-to-back calls (its time / group).
+   */
+  timeCalls(backend: number, n: number, spinMs: number, fn: (i: number) => void, group?: number): Float64Array;
+  /** Host wall time of each call (us); on CUDA the device is drained (untimed) every `group` calls. */
+  hostTimes(backend: number, n: number, group: number, fn: (i: number) => void): Float64Array;
+  /** The CUDA runtime's own host cost per enqueue here (us, medians); clusterUs NaN before sm_90. */
+  launchCost(iters: number): { kernelUs: number; clusterUs: number; streamKernelUs: number; eventUs: number; uploadUs: number };
   /** Device-to-device copy bandwidth in GB/s (read + write), median of iters. */
   copyBandwidth(bytes: number, iters: number): number;
   /**

@@ -3,15 +3,17 @@ import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'n
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test, vi } from 'vitest';
-import { benchSelectKernel, causalAttentionFlops, deviceMemoryUsed, stats } from '../lib/bench.js';
+import { benchSelectKernel, causalAttentionFlops, deviceMemoryUsed, stats, timeMany } from '../lib/bench.js';
 import { TrimKVError } from '../lib/errors.js';
 import { openRuntime } from '../lib/runtime.js';
 import { escapeXml, formatTick, linePlot } from '../lib/bench/svg.js';
 import { main } from '../lib/cli.js';
 import {
-  readTorch, runSuite, SCHEMA, SECTIONS, type BenchPlan, type BenchResult, type PrefillAttendRow, type SelectKernelRow, type StreamRow,
+  readTorch, runSuite, SCHEMA, SECTIONS, type BenchPlan, type BenchResult, type DecodeRow, type GateRow, type PrefillAttendRow, type SelectKernelRow,
+  type StreamRow,
 } from '../lib/bench/suite.js';
 import { writeReport } from '../lib/bench/report.js';
+import { runtimeFor } from './harness.js';
 
 describe('stats', () => {
   test('median, quantiles, mean and spread of an odd count', () => {
@@ -207,6 +209,36 @@ describe('runSuite (CPU backend, --quick, tiny sizes)', () => {
       expect(points.map((p) => p.length)).toEqual([4, 16, 32]);
       for (const p of points) expect(p.time.median).toBeGreaterThan(0);
     }
+  });
+
+  test('decode and gate rows carry back-to-back times and the host cost; no launch floor on the CPU', () => {
+    const r = res.runs[0]!;
+    expect(r.launch).toBeNull();
+    for (const row of r.decode as DecodeRow[]) {
+      // Back-to-back: at least 11 runs of whole steps (>= 8 calls each), so n counts runs.
+      expect(row.burst.n).toBeGreaterThanOrEqual(11);
+      expect(row.burst.median).toBeGreaterThan(0);
+      expect(row.burstBandwidth).toBeCloseTo(row.bytes / (row.burst.median * 1e-3) / 1e9, 6);
+      expect(row.hostUs).toBeGreaterThan(0);
+      expect(row.hostMeanUs).toBeGreaterThan(0);
+      expect(row).toMatchObject({ burstFraction: null, sdpaBurstMs: null, sdpaBurstRatio: null });
+    }
+    for (const g of r.gate as GateRow[]) {
+      expect(g.burst!.n).toBeGreaterThanOrEqual(11);
+      expect(g.burst!.median).toBeGreaterThan(0);
+      expect(g.hostUs).toBeGreaterThan(0);
+      expect(g.burstFraction).toBeNull();
+    }
+  });
+
+  test('timeMany groups whole runs of calls and refuses a count that is not a multiple of the group', () => {
+    const rt = runtimeFor('cpu');
+    let calls = 0;
+    const ms = timeMany(rt, 24, () => { calls++; }, 0.001, 8);
+    expect(ms).toHaveLength(3);
+    expect(calls).toBe(24);
+    for (const x of ms) expect(x).toBeGreaterThanOrEqual(0);
+    expect(() => timeMany(rt, 20, () => {}, 0.001, 8)).toThrow(RangeError);
   });
 
   test('the fractions of the copy ceiling are null on the CPU', () => {

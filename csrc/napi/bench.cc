@@ -11,7 +11,8 @@
 namespace trimkv::napi {
 namespace {
 
-// timeCalls(backend, n, spinMs, fn): per-call times in ms of fn(i) for i < n.
+// timeCalls(backend, n, spinMs, fn, group = 1): times in ms of fn(i) for i < n: per call, or
+// (CUDA, group > 1) one value per run of `group` back-to-back calls, its time / group.
 Napi::Value TimeCalls(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guard(env, [&]() -> Napi::Value {
@@ -22,24 +23,70 @@ Napi::Value TimeCalls(const Napi::CallbackInfo& info) {
                  "timeCalls(backend, n, spinMs, fn)");
     const double spin_ms = info[2].As<Napi::Number>().DoubleValue();
     Napi::Function fn = info[3].As<Napi::Function>();
+    const int group = info.Length() > 4 && !info[4].IsUndefined() ? static_cast<int>(int_arg(info, 4, "group")) : 1;
+    TRIMKV_CHECK(group >= 1 && n % group == 0, code::kRange, "n (", n, ") must be a multiple of group (", group, ")");
     auto call = [&](int i) {
       fn.Call({Napi::Number::New(env, i)});
       if (env.IsExceptionPending()) throw env.GetAndClearPendingException();
     };
     std::vector<double> ms;
     if (backend == Backend::kCuda) {
-      ms = cuda_time_calls(n, spin_ms, call);
+      ms = cuda_time_calls(n, spin_ms, call, group);
     } else {
-      ms.resize(n);
-      for (int i = 0; i < n; ++i) {
+      ms.resize(n / group);
+      for (int r = 0; r < n / group; ++r) {
         const auto t0 = std::chrono::steady_clock::now();
-        call(i);
-        ms[i] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        for (int i = 0; i < group; ++i) call(r * group + i);
+        ms[r] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / group;
       }
     }
     Napi::Float64Array out = Napi::Float64Array::New(env, ms.size());
     std::copy(ms.begin(), ms.end(), out.Data());
     return out;
+  });
+}
+
+// hostTimes(backend, n, group, fn): host wall time of each call fn(i), microseconds. On CUDA the
+// device is drained (untimed) after every `group` calls, so the launch queue never fills and
+// blocks the host: what is measured is the enqueue cost alone.
+Napi::Value HostTimes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guard(env, [&]() -> Napi::Value {
+    const Backend backend = static_cast<Backend>(int_arg(info, 0, "backend"));
+    const int n = static_cast<int>(int_arg(info, 1, "n"));
+    const int group = static_cast<int>(int_arg(info, 2, "group"));
+    TRIMKV_CHECK(n >= 1 && n <= 1000000 && group >= 1, code::kRange, "n must be in [1, 1e6] and group >= 1");
+    TRIMKV_CHECK(info.Length() > 3 && info[3].IsFunction(), code::kInvalidArgument, "hostTimes(backend, n, group, fn)");
+    Napi::Function fn = info[3].As<Napi::Function>();
+    Napi::Float64Array out = Napi::Float64Array::New(env, n);
+    for (int i = 0; i < n; ++i) {
+      if (backend == Backend::kCuda && i % group == 0) device_synchronize();
+      const auto t0 = std::chrono::steady_clock::now();
+      fn.Call({Napi::Number::New(env, i)});
+      const auto t1 = std::chrono::steady_clock::now();
+      if (env.IsExceptionPending()) throw env.GetAndClearPendingException();
+      out[i] = std::chrono::duration<double, std::micro>(t1 - t0).count();
+    }
+    if (backend == Backend::kCuda) device_synchronize();
+    return out;
+  });
+}
+
+// launchCost(iters): {kernelUs, clusterUs, streamKernelUs, eventUs, uploadUs}, the CUDA runtime's own host cost
+// per enqueue on this machine (ops/device.h launch_cost_t); clusterUs is NaN before sm_90.
+Napi::Value LaunchCost(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return guard(env, [&]() -> Napi::Value {
+    const int iters = static_cast<int>(int_arg(info, 0, "iters"));
+    TRIMKV_CHECK(iters >= 1 && iters <= 1000000, code::kRange, "iters must be in [1, 1e6]");
+    const launch_cost_t c = cuda_launch_cost(iters);
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("kernelUs", c.kernel_us);
+    o.Set("clusterUs", c.cluster_us);
+    o.Set("streamKernelUs", c.stream_kernel_us);
+    o.Set("eventUs", c.event_us);
+    o.Set("uploadUs", c.upload_us);
+    return o;
   });
 }
 
@@ -112,6 +159,8 @@ Napi::Value DeviceMemoryUsed(const Napi::CallbackInfo& info) {
 void register_bench(Napi::Env env, Napi::Object exports) {
   exports.Set("timeCalls", Napi::Function::New(env, TimeCalls, "timeCalls"));
   exports.Set("copyBandwidth", Napi::Function::New(env, CopyBandwidth, "copyBandwidth"));
+  exports.Set("hostTimes", Napi::Function::New(env, HostTimes, "hostTimes"));
+  exports.Set("launchCost", Napi::Function::New(env, LaunchCost, "launchCost"));
   exports.Set("selectBench", Napi::Function::New(env, SelectBench, "selectBench"));
   exports.Set("deviceMemoryUsed", Napi::Function::New(env, DeviceMemoryUsed, "deviceMemoryUsed"));
 }

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <sstream>
 
@@ -160,24 +161,124 @@ struct Events {
 
 }  // namespace
 
-std::vector<double> cuda_time_calls(int n, double spin_ms, const std::function<void(int)>& fn) {
+std::vector<double> cuda_time_calls(int n, double spin_ms, const std::function<void(int)>& fn, int group) {
   if (!cuda_status().available) fail(code::kBackendUnavailable, cuda_status().reason);
-  Events events(static_cast<size_t>(n) + 1);
+  if (group < 1 || n % group != 0) fail(code::kRange, "timed calls (", n, ") must be a multiple of the group (", group, ")");
+  const int runs = n / group;
+  Events events(static_cast<size_t>(runs) + 1);
   SpinKernel<<<1, 1>>>(static_cast<unsigned long long>(spin_ms * 1e6));
   check(cudaGetLastError(), "spin kernel launch");
   check(cudaEventRecord(events.ev[0], nullptr), "cudaEventRecord");
   for (int i = 0; i < n; ++i) {
     fn(i);
-    check(cudaEventRecord(events.ev[i + 1], nullptr), "cudaEventRecord");
+    if ((i + 1) % group == 0) check(cudaEventRecord(events.ev[(i + 1) / group], nullptr), "cudaEventRecord");
   }
-  check(cudaEventSynchronize(events.ev[n]), "cudaEventSynchronize");
-  std::vector<double> ms(n);
-  for (int i = 0; i < n; ++i) {
+  check(cudaEventSynchronize(events.ev[runs]), "cudaEventSynchronize");
+  std::vector<double> ms(runs);
+  for (int i = 0; i < runs; ++i) {
     float t = 0.f;
     check(cudaEventElapsedTime(&t, events.ev[i], events.ev[i + 1]), "cudaEventElapsedTime");
-    ms[i] = t;
+    ms[i] = static_cast<double>(t) / group;
   }
   return ms;
+}
+
+namespace {
+
+/// About the size of the decode kernel's parameters, so the probe pays the same copy.
+struct probe_params_t {
+  unsigned long long words[28];
+};
+
+__global__ void EmptyKernel(probe_params_t p) {
+  if (p.words[0] == 1 && threadIdx.x == 0) p.words[1] = 2;  // never true: keeps p alive
+}
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+/// Host microseconds of `op` (median), `iters` calls in rounds of 32 with the device drained in
+/// between (untimed), so the launch queue never fills and blocks the host.
+template <typename Op>
+double host_us(int iters, Op&& op) {
+  std::vector<double> us;
+  us.reserve(iters);
+  for (int done = 0; done < iters; done += 32) {
+    check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    for (int i = 0; i < 32 && done + i < iters; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      op();
+      us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+    }
+  }
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  return median_of(us);
+}
+
+}  // namespace
+
+launch_cost_t cuda_launch_cost(int iters) {
+  if (!cuda_status().available) fail(code::kBackendUnavailable, cuda_status().reason);
+  launch_cost_t r;
+  probe_params_t params = {};
+  r.kernel_us = host_us(iters, [&] {
+    EmptyKernel<<<1, 128>>>(params);
+    check(cudaGetLastError(), "empty kernel launch");
+  });
+  int dev = 0, major = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  if (major >= 9) {
+    r.cluster_us = host_us(iters, [&] {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(2, 1, 1);
+      cfg.blockDim = dim3(128);
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = 2;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      check(cudaLaunchKernelEx(&cfg, EmptyKernel, params), "cluster launch");
+    });
+  }
+  cudaStream_t stream = nullptr;
+  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  try {
+    r.stream_kernel_us = host_us(iters, [&] {
+      EmptyKernel<<<1, 128, 0, stream>>>(params);
+      check(cudaGetLastError(), "empty kernel launch");
+    });
+  } catch (...) {
+    cudaStreamDestroy(stream);
+    throw;
+  }
+  cudaStreamDestroy(stream);
+  Events ev(1);
+  r.event_us = host_us(iters, [&] { check(cudaEventRecord(ev.ev[0], nullptr), "cudaEventRecord"); });
+  void* host = nullptr;
+  check(cudaMallocHost(&host, 512), "cudaMallocHost");
+  void* dev_buf = nullptr;
+  const cudaError_t e = cudaMalloc(&dev_buf, 512);
+  if (e != cudaSuccess) {
+    cudaFreeHost(host);
+    check(e, "cudaMalloc");
+  }
+  try {
+    r.upload_us = host_us(iters, [&] {
+      check(cudaMemcpyAsync(dev_buf, host, 512, cudaMemcpyHostToDevice, nullptr), "cudaMemcpyAsync");
+    });
+  } catch (...) {
+    cudaFree(dev_buf);
+    cudaFreeHost(host);
+    throw;
+  }
+  cudaFree(dev_buf);
+  cudaFreeHost(host);
+  return r;
 }
 
 double cuda_copy_bandwidth(size_t bytes, int iters) {

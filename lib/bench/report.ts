@@ -89,10 +89,20 @@ function runMarkdown(r: BackendRun, plotDir: string): string {
     out.push('Steady state after a prefill to M. B = 0 evicts one token per head every step; B > 0 evicts B tokens every B-th step (the time is the median over steps). ' +
       'Bytes: K, V, position and lam of every cached token, plus q, the new k/v and out. ' +
       '"x SDPA" = PyTorch flash SDPA over the same M + 1 tokens (no eviction) / ours; "x reference" = the authors\' pipeline in PyTorch per step / ours.\n');
-    out.push(table(['batch', 'M', 'B', 'D', 'dtype', 'median (us)', 'p10-p90 (us)', 'GB/s', 'of copy', 'SDPA (us)', 'x SDPA', 'reference (us/step)', 'x reference', 'host (us/call)'],
+    out.push('"per call" brackets every call with its own event pair; "back-to-back" times runs of whole steps (every layer, at least 8 calls) with one event pair per run, ' +
+      'as a model\'s layers follow each other (median over runs, per call). SDPA is timed both ways too. "host" is the enqueue cost of one call from TypeScript (median; mean in brackets, ' +
+      'which spreads the once-a-step positions upload of layer 0).\n');
+    out.push(table(['batch', 'M', 'B', 'D', 'dtype', 'per call (us)', 'p10-p90 (us)', 'GB/s', 'of copy', 'back-to-back (us)', 'of copy', 'SDPA (us)', 'x SDPA',
+      'SDPA b2b (us)', 'x SDPA b2b', 'reference (us/step)', 'x reference', 'host (us/call)'],
       dec.map((d) => [String(d.batch), String(d.memory), String(d.buffer), String(d.headDim), d.dtype, us(d.time.median), `${us(d.time.p10)}-${us(d.time.p90)}`,
-        f(d.bandwidth, 0), f(d.fraction, 3), us(d.sdpaMs), f(d.sdpaRatio, 2), us(d.referenceMs), f(d.referenceRatio, 2), f(d.hostUs, 1)])));
+        f(d.bandwidth, 0), f(d.fraction, 3), us(d.burst?.median), f(d.burstFraction, 3), us(d.sdpaMs), f(d.sdpaRatio, 2), us(d.sdpaBurstMs), f(d.sdpaBurstRatio, 2),
+        us(d.referenceMs), f(d.referenceRatio, 2), `${f(d.hostUs, 1)} (${f(d.hostMeanUs, 1)})`])));
     out.push('');
+    if (r.launch) {
+      out.push(`Host floor on this machine, for scale (the CUDA runtime alone, medians): a kernel launch ${f(r.launch.kernelUs, 1)} us` +
+        `${r.launch.clusterUs !== null ? `, a cluster launch (cudaLaunchKernelEx) ${f(r.launch.clusterUs, 1)} us` : ''}, the same launch on a created non-blocking stream ${f(r.launch.streamKernelUs, 1)} us, an event record ${f(r.launch.eventUs, 1)} us, ` +
+        `a 512-byte upload from page-locked memory ${f(r.launch.uploadUs, 1)} us.\n`);
+    }
   }
   const sco = rows(r.scopes ?? []);
   if (sco.length) {
@@ -136,8 +146,11 @@ function runMarkdown(r: BackendRun, plotDir: string): string {
   if (gate.length) {
     const g0 = gate[0]!;
     out.push(`### Retention gate "rg" (Dm ${g0.inputSize}, I ${g0.intermediateSize}, Hkv ${g0.kvHeads}, bf16 weights)\n`);
-    out.push(table(['tokens', 'median (us)', 'p10-p90 (us)', 'GB/s', 'of copy', 'TFLOP/s'],
-      gate.map((g) => [String(g.batch), us(g.time.median), `${us(g.time.p10)}-${us(g.time.p90)}`, f(g.bandwidth, 0), f(g.fraction, 3), f((g.flops ?? 0) / (g.time.median * 1e-3) / 1e12, 3)])));
+    out.push('"per call": an event pair around every call; "back-to-back": runs of 8 calls of different layers\' gates (weights from DRAM), one event pair per run, per call. ' +
+      'Bytes: the weights plus x and lam.\n');
+    out.push(table(['tokens', 'per call (us)', 'p10-p90 (us)', 'GB/s', 'of copy', 'back-to-back (us)', 'GB/s', 'of copy', 'TFLOP/s (b2b)', 'host (us/call)'],
+      gate.map((g) => [String(g.batch), us(g.time.median), `${us(g.time.p10)}-${us(g.time.p90)}`, f(g.bandwidth, 0), f(g.fraction, 3),
+        us(g.burst?.median), f(g.burstBandwidth, 0), f(g.burstFraction, 3), f(g.burst ? (g.flops ?? 0) / (g.burst.median * 1e-3) / 1e12 : null, 3), f(g.hostUs, 1)])));
     out.push('');
   }
   const sel = rows(r.select);

@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs';
 import { cpus } from 'node:os';
 import {
   benchDecode, benchGate, benchLadder, benchModel, benchPrefill, benchPrefillAttend, benchSelect, benchSelectKernel, benchStream,
-  copyBandwidth, DTYPE_BYTES,
+  copyBandwidth, DTYPE_BYTES, launchCost,
   type BenchOptions, type DecodeBenchCase, type DecodeBenchResult, type GateBenchResult, type LadderResult,
   type ModelBenchResult, type PrefillAttendResult, type PrefillBenchResult, type SelectBenchResult, type SelectKernelCase,
   type SelectKernelResult, type SelectKeys, type Stats, type StreamResult,
@@ -118,7 +118,8 @@ export interface TorchResults {
   copyGBs: number;
   matmulTFLOPs?: number;
   shape?: Shape;
-  sdpa: { batch: number; memory: number; ms?: number; bytes?: number; bandwidth?: number; error?: string }[];
+  /** burstMs: back-to-back runs (one event pair per run of calls), ms per call. */
+  sdpa: { batch: number; memory: number; ms?: number; burstMs?: number; bytes?: number; bandwidth?: number; error?: string }[];
   full?: { batch: number; context: number; ms?: number; bytes?: number; bandwidth?: number; error?: string }[];
   reference?: { batch: number; memory: number; buffer: number; msPerStep?: number; error?: string }[];
   /** Causal prefill attention over cached + C keys (bottom-right-aligned mask), per chunk; `backend` names the SDPA path used. */
@@ -137,8 +138,12 @@ export type Row<T> = T | (Failure & Record<string, unknown>);
 
 export interface DecodeRow extends DecodeBenchResult {
   fraction: number | null;
+  /** Back-to-back bandwidth over the copy ceiling. */
+  burstFraction: number | null;
   /** PyTorch flash SDPA over the same retained tokens (M + 1), ms, and its time / ours. */
   sdpaMs: number | null; sdpaRatio: number | null;
+  /** The same, both timed back-to-back. */
+  sdpaBurstMs: number | null; sdpaBurstRatio: number | null;
   /** The reference pipeline in PyTorch (cat, SDPA, every B steps score + topk + gather), ms per step, and its time / ours. */
   referenceMs: number | null; referenceRatio: number | null;
 }
@@ -163,7 +168,7 @@ export interface StreamRow extends StreamResult {
   /** PyTorch full-cache chunked prefill of the same prompt: total ms, peak allocation growth, K/V bytes, SDPA backend. */
   torchMs: number | null; torchPeakBytes: number | null; torchBackend: string | null;
 }
-export interface GateRow extends GateBenchResult { fraction: number | null }
+export interface GateRow extends GateBenchResult { fraction: number | null; burstFraction: number | null }
 export interface SelectRow extends SelectBenchResult { decodeB0Ms: number | null }
 export interface ModelRow extends ModelBenchResult { fraction: number | null; fullCacheBytes: number; context: number }
 export interface FullCacheRow {
@@ -180,6 +185,8 @@ export interface BackendRun {
   cudaRuntime: string | null;
   /** Device-to-device copy (read + write), GB/s; null on the CPU backend. */
   copyGBs: number | null;
+  /** The CUDA runtime's own host cost per enqueue (us); null on the CPU backend. */
+  launch: ReturnType<typeof launchCost>;
   /** Compute ceiling for the prefill roofline, TFLOP/s, and where it comes from. */
   peakTFLOPs: number | null;
   peakSource: string | null;
@@ -281,7 +288,7 @@ export async function runSuite(o: SuiteOptions = {}): Promise<BenchResult> {
       device: { ...dev },
       driver: cuda ? info.cudaDriver : null,
       cudaRuntime: cuda ? info.cudaRuntime : null,
-      copyGBs: null, peakTFLOPs: null, peakSource: null, plan, sections: SECTIONS.filter((s) => only.has(s)),
+      copyGBs: null, launch: null, peakTFLOPs: null, peakSource: null, plan, sections: SECTIONS.filter((s) => only.has(s)),
       decode: [], scopes: [], prefill: [], gate: [], select: [], model: [], ladder: [], fullCache: [], prefillAttend: [], selectKernel: [], stream: [], seconds: 0,
     };
     if (cuda) {
@@ -299,6 +306,7 @@ export async function runSuite(o: SuiteOptions = {}): Promise<BenchResult> {
     const t0 = performance.now();
     o.onProgress?.({ done, total, label: `${rt.backend}: copy bandwidth` });
     run.copyGBs = finite(copyBandwidth(rt));
+    run.launch = launchCost(rt);
     for (const c of all[i]!) {
       o.onProgress?.({ done, total, label: `${rt.backend} ${c.label}` });
       await new Promise((r) => setImmediate(r));  // let the progress bar draw
@@ -349,8 +357,9 @@ function cases(rt: Runtime, plan: BenchPlan, run: BackendRun, only: Set<Section>
         const s = same ? torch?.sdpa.find((x) => x.batch === c.batch && x.memory === c.memory && x.ms) : undefined;
         const ref = same ? torch?.reference?.find((x) => x.batch === c.batch && x.memory === c.memory && x.buffer === c.buffer && x.msPerStep) : undefined;
         return {
-          ...r, fraction: frac(r.bandwidth),
+          ...r, fraction: frac(r.bandwidth), burstFraction: frac(r.burstBandwidth),
           sdpaMs: s?.ms ?? null, sdpaRatio: s?.ms ? s.ms / r.time.median : null,
+          sdpaBurstMs: s?.burstMs ?? null, sdpaBurstRatio: s?.burstMs ? s.burstMs / r.burst.median : null,
           referenceMs: ref?.msPerStep ?? null, referenceRatio: ref?.msPerStep ? ref.msPerStep / r.time.median : null,
         };
       }) });
@@ -402,7 +411,7 @@ function cases(rt: Runtime, plan: BenchPlan, run: BackendRun, only: Set<Section>
     for (const batch of g.batches) {
       out.push({ section: 'gate', label: `gate b=${batch}`, run: () => attempt(run.gate, { batch }, () => {
         const r = benchGate(rt, batch, g.hiddenSize, g.intermediate, sh.kvHeads, g.calls, bo);
-        return { ...r, fraction: frac(r.bandwidth) };
+        return { ...r, fraction: frac(r.bandwidth), burstFraction: r.burstBandwidth ? frac(r.burstBandwidth) : null };
       }) });
     }
   }
