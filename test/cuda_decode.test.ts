@@ -8,7 +8,7 @@ import { describe, expect, test } from 'vitest';
 import { openRuntime, type Runtime, type Tensor } from '../lib/index.js';
 import type { DType, Scope } from '../lib/types.js';
 import { cudaAvailable, cudaSkipReason } from './backends.js';
-import { ctx, randInt, randnArray, randomLam, relError, TOL } from './helpers.js';
+import { ctx, randInt, randnArray, randomLam, relError, TOL, uniform } from './helpers.js';
 
 if (!cudaAvailable) console.warn(`[trimkv tests] cuda_decode.test.ts skipped: ${cudaSkipReason}`);
 
@@ -89,4 +89,61 @@ describe.skipIf(!cudaAvailable)('CUDA decode vs CPU backend, long runs', () => {
     cpu.dispose();
     gpu.dispose();
   }, 900_000);
+});
+
+describe.skipIf(!cudaAvailable)('CUDA knorm_alpha: key norms equal the CPU backend bit for bit', () => {
+  // A last-bit difference in ln ||k|| flips near-tied scores, and over thousands of evictions the
+  // backends would keep different tokens: both sum the squares in one canonical order
+  // (common/score.h). Prefill and decode both append keys; the scores carry the norms.
+  test.each([
+    { dtype: 'fp32' as DType, headDim: 72 },
+    { dtype: 'fp16' as DType, headDim: 128 },
+    { dtype: 'bf16' as DType, headDim: 256 },
+    { dtype: 'bf16' as DType, headDim: 64 },
+  ])('$dtype D=$headDim: prefill 40 tokens, then 12 decode steps', ({ dtype, headDim: D }) => {
+    const cpu = openRuntime('cpu');
+    const gpu = openRuntime('cuda');
+    const cfg = { layers: 1, batch: 2, qHeads: 4, kvHeads: 2, headDim: D, memory: 64, buffer: 0, dtype, strategy: 'knorm_alpha' as const };
+    const caches = [cpu.createCache(cfg), gpu.createCache(cfg)];
+    const { batch: Bt, qHeads: Hq, kvHeads: Hkv } = cfg;
+    // Keys of very different norms (1e-2 .. 1e2 times a unit normal), one scale per key.
+    const keys = (rows: number) => {
+      const a = randnArray(rows * D);
+      for (let r = 0; r < rows; r++) {
+        const s = 10 ** uniform(-2, 2);
+        for (let d = 0; d < D; d++) a[r * D + d]! *= s;
+      }
+      return a;
+    };
+    const run = (rows: number, call: (c: typeof caches[0], t: Record<'q' | 'k' | 'v' | 'lam' | 'out', Tensor>) => void) => {
+      const data = { q: randnArray(rows * Hq * D), k: keys(rows * Hkv), v: randnArray(rows * Hkv * D), lam: randomLam(rows * Hkv) };
+      caches.forEach((c, i) => {
+        const rt = i === 0 ? cpu : gpu;
+        const t = {
+          q: rt.fromArray(data.q, [rows, Hq, D], dtype), k: rt.fromArray(data.k, [rows, Hkv, D], dtype),
+          v: rt.fromArray(data.v, [rows, Hkv, D], dtype), lam: rt.fromArray(data.lam, [rows, Hkv], 'fp32'), out: rt.tensor([rows, Hq, D], dtype),
+        };
+        call(c, t);
+        Object.values(t).forEach((x) => x.dispose());
+      });
+    };
+    for (let s = 0; s < Bt; s++) run(40, (c, t) => c.prefill(0, { seq: s, start: 0, ...t }));
+    for (let step = 0; step < 12; step++) {
+      const positions = new Int32Array(Bt).fill(40 + step);
+      run(Bt, (c, t) => c.decode(0, { ...t, positions }));
+    }
+    for (let b = 0; b < Bt; b++) {
+      for (let h = 0; h < Hkv; h++) {
+        const [want, got] = caches.map((c) => {
+          const snap = c.inspect(b, 0, h);
+          return Array.from(snap.positions, (p, i) => [p, snap.scores[i]!] as const).sort((x, y) => x[0] - y[0]);
+        });
+        expect(got!.length, ctx(`seq ${b} head ${h}: tokens`)).toBe(52);
+        // Exact: the scores are lam * age + ln ||k|| with the same lam, position and T on both.
+        expect(got, ctx(`seq ${b} head ${h}: positions and scores`)).toEqual(want);
+      }
+    }
+    cpu.dispose();
+    gpu.dispose();
+  });
 });

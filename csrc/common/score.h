@@ -1,6 +1,7 @@
 // The decayed score of SPEC section 4, shared by host code and kernels.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #ifdef __CUDACC__
@@ -16,6 +17,35 @@ namespace trimkv {
 /// (p = T - 1) has age 2, not 1: keep the +1, it changes which token loses a tie in decay.
 TRIMKV_HD float decayed_score(float lam, int32_t pos, int64_t T, float lognorm) {
   return lam * static_cast<float>(T + 1 - pos) + lognorm;
+}
+
+/// "knorm_alpha": ln(max(||k||_2, 1e-12)) from the key's sum of squares `ss`, as
+/// 0.5 ln(max(ss, 1e-24)) in double, rounded once to float32. Every backend must get the same
+/// bits (a last-bit difference flips near-tied scores, and the backends then keep different
+/// tokens), so `ss` is summed in the canonical order of key_sumsq below and the log is taken
+/// in double, where the host's and CUDA's log agree after the rounding to float.
+TRIMKV_HD float lognorm_of_sumsq(double ss) {
+  return static_cast<float>(0.5 * log(ss > 1e-24 ? ss : 1e-24));
+}
+
+/// The canonical sum of squares of a key of D elements (x(d) its d-th element as float), in
+/// double: element d goes to partial sum (d / 8) % 32, in order of d; then partials combine as
+/// p[l] + p[l ^ o] for o = 16, 8, 4, 2, 1 (a warp's xor-shuffle reduction, lane l holding
+/// p[l]), and the result is p[0]. Squares of float32 values are exact in double, so a kernel
+/// may contract x * x + s into one FMA without changing a bit.
+template <typename Load>
+inline double key_sumsq(int D, Load&& x) {
+  double p[32] = {};
+  for (int d = 0; d < D; ++d) {
+    const double v = static_cast<double>(x(d));
+    p[(d / 8) % 32] += v * v;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    double q[32];
+    for (int l = 0; l < 32; ++l) q[l] = p[l] + p[l ^ o];
+    for (int l = 0; l < 32; ++l) p[l] = q[l];
+  }
+  return p[0];
 }
 
 /// Eviction order: a token `a` ranks above `b` when its score is higher; equal scores keep

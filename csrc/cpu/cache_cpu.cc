@@ -203,13 +203,9 @@ class CpuCache final : public Cache {
     hs.lam.push_back(lam);
     float lognorm = 0.f;
     if (cfg_.strategy == Strategy::kKnormAlpha) {
-      // Norm of the key as stored (after rounding to the cache dtype), in float32.
-      float ss = 0.f;
-      for (int d = 0; d < cfg_.head_dim; ++d) {
-        const float x = load_as_float(kp, cfg_.dtype, d);
-        ss += x * x;
-      }
-      lognorm = std::log(std::max(std::sqrt(ss), 1e-12f));
+      // Norm of the key as stored (after rounding to the cache dtype), in the canonical order
+      // the CUDA kernels use too (common/score.h), so both keep the same tokens.
+      lognorm = lognorm_of_sumsq(key_sumsq(cfg_.head_dim, [&](int d) { return load_as_float(kp, cfg_.dtype, d); }));
     }
     hs.lognorm.push_back(lognorm);
     hs.len += 1;

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "../common/dtype.h"
+#include "../common/score.h"
 #include "cache_layer.cuh"
 #include "mma.cuh"
 #include "pdl.cuh"
@@ -208,19 +209,21 @@ struct fin_smem_t {
 namespace {
 
 /// ln(max(||k||_2, 1e-12)) of a key of D elements (global or shared memory), by warp 0, into
-/// fin.lognorm. The summation order is fixed, so every block gets the same bits. Caller
-/// synchronises afterwards.
+/// fin.lognorm: the canonical sum of squares of common/score.h (lane l sums the 8-element
+/// chunks l, l + 32, ...), so the bits equal the CPU backend's. Caller synchronises afterwards.
 template <typename T>
 __device__ __forceinline__ void key_lognorm(const T* k, int D, decode_detail::fin_smem_t& fin) {
   if (threadIdx.x >= 32) return;
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < D; i += 32) {
-    const float x = to_f32(k[i]);
-    ss += x * x;
+  double ss = 0.0;
+  for (int c = threadIdx.x; c * 8 < D; c += 32) {
+    for (int e = 0; e < 8 && c * 8 + e < D; ++e) {
+      const double x = static_cast<double>(to_f32(k[c * 8 + e]));
+      ss += x * x;
+    }
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (threadIdx.x == 0) fin.lognorm = logf(fmaxf(sqrtf(ss), 1e-12f));
+  if (threadIdx.x == 0) fin.lognorm = lognorm_of_sumsq(ss);
 }
 
 /// ln(max(||k_new||_2, 1e-12)) of the new key of head bh (global k_new), into fin.lognorm.
