@@ -1,4 +1,6 @@
-// CUDA retention gate: weights uploaded once in their stored dtype, one launch per call.
+// CUDA retention gate: weights uploaded once in their stored dtype (synchronously: the decode
+// kernel reads them before waiting for the previous kernel), one launch per call up to 8
+// tokens, and a workspace whose arrival counters start zeroed.
 #include <cuda_runtime.h>
 
 #include <memory>
@@ -49,10 +51,20 @@ class CudaGate final : public Gate {
     if (!workspace_ || workspace_->bytes() < ws) {
       workspace_.reset();
       workspace_ = std::make_unique<Buffer>(Backend::kCuda, ws);
+      // The arrival counters at the workspace's front must start at zero; each call leaves
+      // them zero (retention_gate.cuh). Stream order puts this before the first call.
+      const cudaError_t z = cudaMemsetAsync(workspace_->data(), 0, ws, nullptr);
+      if (z != cudaSuccess) {
+        cudaGetLastError();
+        workspace_.reset();
+        fail(code::kNative, "zeroing the retention gate workspace failed: ",
+             cudaGetErrorName(z), ": ", cudaGetErrorString(z));
+      }
     }
     cudaError_t e = RetentionGate(p, workspace_->data(), nullptr);
     if (e != cudaSuccess) {
       cudaGetLastError();
+      workspace_.reset();  // a failed call may leave counters set: the next call starts afresh
       fail(code::kNative, "retention gate kernel failed: ", cudaGetErrorName(e), ": ", cudaGetErrorString(e));
     }
   }

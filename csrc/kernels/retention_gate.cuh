@@ -2,9 +2,10 @@
 //   rg / rg2: z = W2 act(W1 x + b1) + bias
 //   rg3:      z = W_down(act(W_gate y) * (W_up y)) + bias
 // Float32 accumulation. Small n: the weights are read once per call by many blocks that split
-// in_dim, then a finishing kernel sums the partials; large n: tensor cores (x and weights both
-// fp16 or both bf16, sm_80+), the activation and W2 fused into the product's epilogue where
-// in_dim is not split.
+// in_dim; with tensor cores (x and weights both fp16 or both bf16, sm_80+) and n <= 8 the call
+// is one kernel whose last-arriving blocks finish it, otherwise a finishing kernel sums the
+// partials. Large n: tensor cores, the activation and W2 fused into the product's epilogue
+// where in_dim is not split.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -42,12 +43,29 @@ struct gate_params_t {
   float* lam = nullptr;          ///< [n, kv_heads] output, float32
 };
 
-/// Bytes of device workspace RetentionGate needs (float partial sums of the hidden layer or of
-/// z); depends on the shapes and kind only, not on the dtypes or the device.
+/// Bytes of device workspace RetentionGate needs: arrival counters at the front, then float
+/// partial sums of the hidden layer or of z. Depends on the shapes and kind only, not on the
+/// dtypes or the device.
 size_t RetentionGateWorkspaceBytes(const gate_params_t& p);
 
 /// Computes lam [n, kv_heads] = logsigmoid(z).
-/// \param workspace at least RetentionGateWorkspaceBytes(p) bytes, 16-byte aligned
+///
+/// Workspace contract. The workspace starts with arrival counters (their layout depends on
+/// inter alone, so one workspace serves every n of a gate): they must be zero before the
+/// first call (zero the whole workspace once after allocating it, and again after
+/// reallocating it larger), and every call leaves them zero again (the blocks that win an
+/// arrival reset it). So a workspace keeps its zeros across calls with any n, but a call that
+/// fails or is aborted part way may leave them non-zero: zero it again then. Calls that share
+/// a workspace must be ordered on one stream (they are on the legacy default stream the
+/// package uses); the rest of the workspace is scratch.
+///
+/// On sm_90+ the one-kernel (small-n tensor-core) call is a programmatic dependent launch: it
+/// requests its weights (W1 / W_gate / W_up, W2 / W_down, b1, bias) before waiting for the
+/// previous kernel in the stream, so the weights must not be written by work still in flight
+/// in the stream (they are uploaded once, synchronously, at gate creation); x and the
+/// workspace are read only after that wait.
+/// \param workspace at least RetentionGateWorkspaceBytes(p) bytes, 16-byte aligned, counters
+///   zero (see above)
 /// \return cudaSuccess, cudaErrorInvalidValue for unsupported shapes, or the launch error
 cudaError_t RetentionGate(const gate_params_t& p, void* workspace, cudaStream_t stream);
 

@@ -1,7 +1,9 @@
 // Standalone test and benchmark for the retention-gate kernels (SPEC.md section 3).
 //   gate_harness test    correctness vs a float64 CPU reference (exit code 1 on failure)
-//   gate_harness bench   rg / rg3 timing table vs device-to-device copy bandwidth, then a sweep
-//                        of forced launch plans (tile configuration x K splits)
+//   gate_harness bench   rg / rg3 timing table vs device-to-device copy bandwidth (lone call,
+//                        CUDA graph, burst of calls over rotating layers; one-pass vs the
+//                        two-kernel plan), then a sweep of forced launch plans (tile
+//                        configuration x K splits)
 // The kernel source is included (not linked) so that tests and the sweep can force a plan.
 #include "../retention_gate.cu"
 
@@ -31,9 +33,10 @@ static std::mt19937_64 rng(20261125);
 
 static const char* kCfgNames[] = {"skinny8", "skinny16", "skinny32", "skinny64", "big", "huge"};
 
+/// cfg/S<splits>, then /1p for one pass (nothing: hidden kernel + finishing kernel).
 static std::string plan_name(const gate_plan_t& pl) {
   return std::string(pl.cfg == kFmaCfg ? "fma" : kCfgNames[pl.cfg]) + "/S" +
-         std::to_string(pl.splits);
+         std::to_string(pl.splits) + (pl.one_pass ? "/1p" : "");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -45,12 +48,14 @@ struct Shape {
 };
 
 /// A forced plan: cfg -2 = the public API (automatic plan), kFmaCfg = the FMA path, else a
-/// tensor-core configuration; splits 0 = automatic; pdl false launches the finisher in plain
-/// stream order even on sm_90.
+/// tensor-core configuration; splits 0 = automatic; pdl false launches the finisher (or the
+/// one-pass kernel) in plain stream order even on sm_90; two_kernel forces the hidden kernel
+/// + finisher where the plan would be one pass.
 struct Force {
   int cfg = -2;
   int splits = 0;
   bool pdl = true;
+  bool two_kernel = false;
 };
 
 static int g_cc_major = 0;
@@ -93,64 +98,124 @@ static void* make_tensor(size_t cnt, DType t, double sc, std::vector<double>& va
   return d;
 }
 
-static void run_case(int kind, int act, DType xt, DType wt, int n, const Shape& s,
-                     const Force& f = Force()) {
+/// A gate under test: device weights and their stored values as double.
+struct TestGate {
+  int kind = kGateMlp, act = 0;
+  DType xt = DType::kF32, wt = DType::kF32;
+  Shape s{};
+  std::vector<double> W1, Wu, B1, W2, Bias;
+  void *dw1 = nullptr, *dwu = nullptr, *db1 = nullptr, *dw2 = nullptr, *dbias = nullptr;
+  void* ws = nullptr;  // grown (and re-zeroed) like gate_cuda.cu's
+  size_t ws_bytes = 0;
+};
+
+static TestGate make_gate(int kind, int act, DType xt, DType wt, const Shape& s) {
+  TestGate g;
+  g.kind = kind; g.act = act; g.xt = xt; g.wt = wt; g.s = s;
   const bool glu = kind == kGateGlu;
   const int in = s.in, I = s.inter, H = s.heads;
-  std::vector<double> X, W1, Wu, B1, W2, Bias;
-  void* dx = make_tensor(static_cast<size_t>(n) * in, xt, 1.0, X);
-  void* dw1 = make_tensor(static_cast<size_t>(I) * in, wt, 1.0 / std::sqrt(in), W1);
-  void* dwu = glu ? make_tensor(static_cast<size_t>(I) * in, wt, 1.0 / std::sqrt(in), Wu) : nullptr;
-  void* db1 = (!glu && s.b1) ? make_tensor(I, wt, 0.5, B1) : nullptr;
-  void* dw2 = make_tensor(static_cast<size_t>(H) * I, wt, 2.0 / std::sqrt(I), W2);
-  void* dbias = s.bias ? make_tensor(H, wt, 2.0, Bias) : nullptr;
-  float* dlam;
-  const size_t nl = static_cast<size_t>(n) * H;
-  CK(cudaMalloc(&dlam, nl * 4));
-  CK(cudaMemset(dlam, 0xff, nl * 4));  // NaN: an unwritten output fails
-  gate_params_t g;
-  g.kind = kind; g.act = act; g.n = n; g.in_dim = in; g.inter = I; g.kv_heads = H;
-  g.x = dx; g.x_dtype = xt; g.w_dtype = wt;
-  if (glu) { g.w_gate = dw1; g.w_up = dwu; g.w_down = dw2; }
-  else { g.w1 = dw1; g.b1 = db1; g.w2 = dw2; }
-  g.bias = dbias; g.lam = dlam;
-  gate_plan_t plan;
-  size_t ws_bytes = RetentionGateWorkspaceBytes(g);
-  std::string how = "auto";
-  if (f.cfg != -2) {
-    plan = f.cfg == kFmaCfg ? fma_plan(g, f.splits) : tc_plan(g, f.cfg, f.splits);
-    ws_bytes = plan.ws_bytes;
-    how = plan_name(plan);
-  }
-  void* ws;
-  CK(cudaMalloc(&ws, ws_bytes));
-  CK(cudaMemset(ws, 0xff, ws_bytes));  // NaN: a partial nobody wrote poisons lam
-  CK(f.cfg == -2 ? RetentionGate(g, ws, 0) : run_plan(g, plan, f.pdl ? g_cc_major : 8, ws, 0));
-  CK(cudaDeviceSynchronize());
-  CK(cudaGetLastError());
-  std::vector<float> lam(nl);
-  CK(cudaMemcpy(lam.data(), dlam, nl * 4, cudaMemcpyDeviceToHost));
+  g.dw1 = make_tensor(static_cast<size_t>(I) * in, wt, 1.0 / std::sqrt(in), g.W1);
+  if (glu) g.dwu = make_tensor(static_cast<size_t>(I) * in, wt, 1.0 / std::sqrt(in), g.Wu);
+  if (!glu && s.b1) g.db1 = make_tensor(I, wt, 0.5, g.B1);
+  g.dw2 = make_tensor(static_cast<size_t>(H) * I, wt, 2.0 / std::sqrt(I), g.W2);
+  if (s.bias) g.dbias = make_tensor(H, wt, 2.0, g.Bias);
+  return g;
+}
 
+static void free_gate(TestGate& g) {
+  for (void* p : {g.dw1, g.dwu, g.db1, g.dw2, g.dbias, g.ws}) cudaFree(p);
+  g = TestGate();
+}
+
+static gate_params_t params_of(const TestGate& tg, int n, const void* dx, float* dlam) {
+  gate_params_t g;
+  const bool glu = tg.kind == kGateGlu;
+  g.kind = tg.kind; g.act = tg.act; g.n = n; g.in_dim = tg.s.in; g.inter = tg.s.inter;
+  g.kv_heads = tg.s.heads; g.x = dx; g.x_dtype = tg.xt; g.w_dtype = tg.wt;
+  if (glu) { g.w_gate = tg.dw1; g.w_up = tg.dwu; g.w_down = tg.dw2; }
+  else { g.w1 = tg.dw1; g.b1 = tg.db1; g.w2 = tg.dw2; }
+  g.bias = tg.dbias; g.lam = dlam;
+  return g;
+}
+
+/// NaN-poisons the workspace past its arrival counters (a partial nobody wrote poisons lam),
+/// in stream order; the counters are left alone: they must be zero already.
+static void poison_data(const TestGate& tg, const gate_params_t& g) {
+  const size_t cb = counter_bytes(g);
+  if (tg.ws_bytes > cb)
+    CK(cudaMemsetAsync(static_cast<char*>(tg.ws) + cb, 0xff, tg.ws_bytes - cb, 0));
+}
+
+/// Makes the gate's workspace at least `bytes`, as gate_cuda.cu does (free, allocate, zero),
+/// then poisons everything past the counters.
+static void ensure_ws(TestGate& tg, const gate_params_t& g, size_t bytes) {
+  if (tg.ws != nullptr && tg.ws_bytes >= bytes) return;
+  cudaFree(tg.ws);
+  CK(cudaMalloc(&tg.ws, bytes));
+  tg.ws_bytes = bytes;
+  CK(cudaMemsetAsync(tg.ws, 0, bytes, 0));
+  poison_data(tg, g);
+}
+
+/// FAILs unless the gate's arrival counters are all zero (every call must leave them so).
+static bool counters_zero(const TestGate& tg, const gate_params_t& g, const char* what) {
+  if (tg.ws == nullptr) return true;  // never called
+  const size_t cb = std::min(counter_bytes(g), tg.ws_bytes);
+  std::vector<unsigned> c(cb / sizeof(unsigned));
+  CK(cudaMemcpy(c.data(), tg.ws, cb, cudaMemcpyDeviceToHost));
+  size_t bad = 0;
+  for (unsigned v : c) bad += v != 0;
+  if (bad) std::printf("FAIL %s: %zu arrival counters left non-zero\n", what, bad);
+  return bad == 0;
+}
+
+/// One call's input and output.
+struct TestCall {
+  int gate = 0, n = 0;
+  std::vector<double> X;
+  void* dx = nullptr;
+  float* dlam = nullptr;
+};
+
+static TestCall make_call(const TestGate& tg, int gate, int n) {
+  TestCall c;
+  c.gate = gate;
+  c.n = n;
+  c.dx = make_tensor(static_cast<size_t>(n) * tg.s.in, tg.xt, 1.0, c.X);
+  const size_t nl = static_cast<size_t>(n) * tg.s.heads;
+  CK(cudaMalloc(&c.dlam, nl * 4));
+  CK(cudaMemset(c.dlam, 0xff, nl * 4));  // NaN: an unwritten output fails
+  return c;
+}
+
+/// Compares a finished call's lam with the float64 reference; counts a pass or a FAIL.
+static bool check_call(const TestGate& tg, const TestCall& c, const std::string& how) {
+  const bool glu = tg.kind == kGateGlu;
+  const Shape& s = tg.s;
+  const int in = s.in, I = s.inter, H = s.heads, n = c.n, act = tg.act;
+  const size_t nl = static_cast<size_t>(n) * H;
+  std::vector<float> lam(nl);
+  CK(cudaMemcpy(lam.data(), c.dlam, nl * 4, cudaMemcpyDeviceToHost));
   std::vector<double> ref(nl);
 #pragma omp parallel for schedule(dynamic)
   for (int t = 0; t < n; ++t) {
-    const double* xt_ = &X[static_cast<size_t>(t) * in];
+    const double* xt_ = &c.X[static_cast<size_t>(t) * in];
     std::vector<double> a(I);
     for (int r = 0; r < I; ++r) {
-      const double* w = &W1[static_cast<size_t>(r) * in];
+      const double* w = &tg.W1[static_cast<size_t>(r) * in];
       double u = 0, u2 = 0;
       for (int i = 0; i < in; ++i) u += w[i] * xt_[i];
       if (glu) {
-        const double* wu = &Wu[static_cast<size_t>(r) * in];
+        const double* wu = &tg.Wu[static_cast<size_t>(r) * in];
         for (int i = 0; i < in; ++i) u2 += wu[i] * xt_[i];
         a[r] = act_ref(u, act) * u2;
       } else {
-        a[r] = act_ref(u + (s.b1 ? B1[r] : 0.0), act);
+        a[r] = act_ref(u + (s.b1 ? tg.B1[r] : 0.0), act);
       }
     }
     for (int h = 0; h < H; ++h) {
-      double z = s.bias ? Bias[h] : 0.0;
-      for (int r = 0; r < I; ++r) z += W2[static_cast<size_t>(h) * I + r] * a[r];
+      double z = s.bias ? tg.Bias[h] : 0.0;
+      for (int r = 0; r < I; ++r) z += tg.W2[static_cast<size_t>(h) * I + r] * a[r];
       ref[static_cast<size_t>(t) * H + h] = std::min(z, 0.0) - std::log1p(std::exp(-std::fabs(z)));
     }
   }
@@ -162,16 +227,78 @@ static void run_case(int kind, int act, DType xt, DType wt, int n, const Shape& 
     den += ref[i] * ref[i];
   }
   const double rel = std::sqrt(num / std::max(den, 1e-300));
-  const DType lt = looser(xt, wt);
+  const DType lt = looser(tg.xt, tg.wt);
   const bool ok = finite && rel <= tolerance(lt);
   if (finite) g_worst[static_cast<int>(lt)] = std::max(g_worst[static_cast<int>(lt)], rel);
   if (!ok)
     std::printf("FAIL %s act=%d x=%s w=%s n=%d in=%d I=%d H=%d b1=%d bias=%d plan=%s rel=%.3e%s\n",
-                glu ? "rg3" : "rg", act, dtype_name(xt), dtype_name(wt), n, in, I, H, s.b1,
+                glu ? "rg3" : "rg", act, dtype_name(tg.xt), dtype_name(tg.wt), n, in, I, H, s.b1,
                 s.bias, how.c_str(), rel, finite ? "" : " (non-finite output)");
   (ok ? g_pass : g_fail)++;
-  for (void* p : {dx, dw1, dwu, db1, dw2, dbias, ws}) cudaFree(p);
-  cudaFree(dlam);
+  return ok;
+}
+
+static void free_call(TestCall& c) {
+  cudaFree(c.dx);
+  cudaFree(c.dlam);
+  c = TestCall();
+}
+
+static void run_case(int kind, int act, DType xt, DType wt, int n, const Shape& s,
+                     const Force& f = Force()) {
+  TestGate tg = make_gate(kind, act, xt, wt, s);
+  TestCall c = make_call(tg, 0, n);
+  gate_params_t g = params_of(tg, n, c.dx, c.dlam);
+  gate_plan_t plan;
+  size_t ws_bytes = RetentionGateWorkspaceBytes(g);
+  std::string how = "auto";
+  if (f.cfg != -2) {
+    plan = f.cfg == kFmaCfg ? fma_plan(g, f.splits) : tc_plan(g, f.cfg, f.splits);
+    if (f.two_kernel) plan.one_pass = false;
+    ws_bytes = plan.ws_bytes;
+    how = plan_name(plan);
+  }
+  ensure_ws(tg, g, ws_bytes);
+  CK(f.cfg == -2 ? RetentionGate(g, tg.ws, 0)
+                 : run_plan(g, plan, f.pdl ? g_cc_major : 8, tg.ws, 0));
+  CK(cudaDeviceSynchronize());
+  CK(cudaGetLastError());
+  if (check_call(tg, c, how) && !counters_zero(tg, g, how.c_str())) {
+    g_pass--;
+    g_fail++;
+  }
+  free_call(c);
+  free_gate(tg);
+}
+
+/// A sequence of public-API calls (gate index, n) enqueued back to back on the legacy stream,
+/// each gate with its own workspace grown (and zeroed) as gate_cuda.cu grows it; repoison
+/// re-poisons each workspace's data (not its counters) before every call. Checks every lam,
+/// then that every gate's counters are back to zero.
+static void run_sequence(const char* name, std::vector<TestGate>& gates,
+                         const std::vector<std::pair<int, int>>& seq, bool repoison) {
+  std::vector<TestCall> calls;
+  for (const auto& [gi, n] : seq) {
+    TestGate& tg = gates[gi];
+    calls.push_back(make_call(tg, gi, n));
+    const TestCall& c = calls.back();
+    const gate_params_t g = params_of(tg, n, c.dx, c.dlam);
+    ensure_ws(tg, g, RetentionGateWorkspaceBytes(g));  // cudaFree synchronizes, as in the addon
+    if (repoison) poison_data(tg, g);
+    CK(RetentionGate(g, tg.ws, 0));
+  }
+  CK(cudaDeviceSynchronize());
+  CK(cudaGetLastError());
+  for (TestCall& c : calls) {
+    const TestGate& tg = gates[c.gate];
+    check_call(tg, c, std::string(name) + " seq gate " + std::to_string(c.gate));
+    free_call(c);
+  }
+  for (size_t i = 0; i < gates.size(); ++i) {
+    const gate_params_t g = params_of(gates[i], 1, nullptr, nullptr);
+    const bool ok = counters_zero(gates[i], g, name);
+    (ok ? g_pass : g_fail)++;
+  }
 }
 
 static void check_rejects() {
@@ -213,15 +340,42 @@ static int run_tests() {
       for (const auto& pr : pairs)
         for (int n : {1, 8, 33, 513}) run_case(kind, n % 2 ? 0 : 3, pr[0], pr[1], n, s);
   std::printf("+odd shapes: pass=%d fail=%d\n", g_pass, g_fail);
-  // Qwen3-4B rg sizes, where the automatic plan reaches the large tiles.
+  // Qwen3-4B rg sizes: every n of the bench table, the one-pass / two-kernel boundary (255 /
+  // 256) and odd token tiles; the automatic plan reaches the large tiles.
   const Shape qwen{2560, 512, 8, true, true};
   for (int kind : {kGateMlp, kGateGlu})
     for (DType dt : {DType::kBF16, DType::kF16})
-      for (int n : {1, 8, 128, 2048, 8192}) {
+      for (int n : {1, 2, 4, 7, 8, 16, 32, 33, 64, 128, 255, 256, 512, 2048, 8192}) {
         if (n == 8192 && dt == DType::kF16) continue;
         run_case(kind, 0, dt, dt, n, qwen);
       }
   std::printf("+qwen sizes: pass=%d fail=%d\n", g_pass, g_fail);
+  // The same gate twice and more, with the same and with different n (the counters must be
+  // back to zero, and the workspace grows between calls), and interleaved gates of different
+  // shapes and dtypes, all enqueued back to back (programmatic dependent launches overlapping).
+  {
+    std::vector<TestGate> gates;
+    gates.push_back(make_gate(kGateMlp, 0, DType::kBF16, DType::kBF16, qwen));
+    gates.push_back(make_gate(kGateGlu, 0, DType::kBF16, DType::kBF16, qwen));
+    gates.push_back(make_gate(kGateMlp, 2, DType::kF16, DType::kF16, {520, 136, 4, true, true}));
+    gates.push_back(make_gate(kGateGlu, 3, DType::kF16, DType::kF16, {264, 2100, 11, false, true}));
+    gates.push_back(make_gate(kGateMlp, 1, DType::kF32, DType::kBF16, {520, 136, 4, true, true}));
+    run_sequence("same gate", gates,
+                 {{0, 1}, {0, 1}, {0, 8}, {0, 8}, {0, 7}, {0, 33}, {0, 1}, {0, 128}, {0, 255},
+                  {0, 256}, {0, 8}, {0, 1}},
+                 false);
+    run_sequence("interleaved", gates,
+                 {{0, 1}, {1, 1}, {2, 1}, {3, 1}, {4, 1}, {0, 8}, {1, 8}, {2, 8}, {3, 8}, {0, 8},
+                  {1, 33}, {2, 7}, {3, 128}, {0, 255}, {1, 256}, {2, 1}, {1, 1}, {0, 64},
+                  {3, 2}, {4, 33}, {2, 255}, {0, 1}, {1, 128}, {3, 513}, {3, 1}},
+                 false);
+    run_sequence("interleaved, repoisoned", gates,
+                 {{1, 8}, {0, 8}, {3, 33}, {2, 128}, {0, 1}, {1, 7}, {2, 1}, {3, 255}, {0, 2},
+                  {4, 8}, {1, 1}, {0, 1}},
+                 true);
+    for (TestGate& g : gates) free_gate(g);
+  }
+  std::printf("+sequences: pass=%d fail=%d\n", g_pass, g_fail);
   // Every tile configuration, fused (S=1) and split, whatever the automatic choice would be.
   const Shape forced{520, 136, 3, true, true};
   for (int cfg = 0; cfg < kNumTcCfg; ++cfg)
@@ -229,6 +383,20 @@ static int run_tests() {
       for (int kind : {kGateMlp, kGateGlu})
         for (DType dt : {DType::kBF16, DType::kF16})
           for (int n : {33, 200}) run_case(kind, 2, dt, dt, n, forced, {cfg, splits, n == 33});
+  // The decode tiles as two kernels (hidden + GateFinishFewKernel), and one pass with more K
+  // tiles per slice than stages (the ring streams the rest after the wait) and many splits.
+  for (int cfg = 0; cfg < kBig; ++cfg)
+    for (int kind : {kGateMlp, kGateGlu}) {
+      run_case(kind, 0, DType::kBF16, DType::kBF16, 8, qwen, {cfg, 16, true, true});
+      for (int splits : {1, 2, 40})
+        for (int n : {1, 8, 65})
+          run_case(kind, 0, DType::kBF16, DType::kBF16, n, qwen, {cfg, splits, n != 65});
+      // Several token tiles and split counts, and inter % 4 != 0 (scalar partial sums).
+      for (int splits : {3, 7, 12, 16}) {
+        run_case(kind, 0, DType::kBF16, DType::kBF16, 8 * cfg + 5, qwen, {cfg, splits});
+        run_case(kind, 3, DType::kF16, DType::kF16, 33, {264, 90, 5, true, true}, {cfg, splits});
+      }
+    }
   for (int cfg : {static_cast<int>(kSkinny8), static_cast<int>(kBig)})
     for (int splits : {1, 3})
       for (int kind : {kGateMlp, kGateGlu})
@@ -271,7 +439,18 @@ static double median(std::vector<double> v) {
 
 struct BenchSet {
   void *w1, *wu, *b1, *w2, *bias;
+  void* ws;  // the layer's own workspace, zeroed once
 };
+
+/// Keeps the stream busy for `ns` nanoseconds (globaltimer), so that the launches enqueued
+/// behind it start back to back whatever the host's launch rate.
+__global__ void SpinKernel(unsigned long long ns) {
+  unsigned long long start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < ns);
+}
 
 static int run_bench() {
   cudaDeviceProp prop;
@@ -308,13 +487,14 @@ static int run_bench() {
   std::printf("device %s, %d SMs, L2 %d MB, copy bandwidth (read+write) %.0f GB/s\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e9);
   const int Dm = 2560, I = 512, H = 8, kMaxN = 8192;
-  const int ns[] = {1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192};
+  const int ns[] = {1, 2, 4, 8, 16, 32, 64, 128, 255, 512, 2048, 8192};
   void* x = random_bf16(static_cast<size_t>(kMaxN) * Dm, 7, 2.f);
   float* lam;
   CK(cudaMalloc(&lam, static_cast<size_t>(kMaxN) * H * 4));
   const size_t ws_cap = 256ull << 20;
-  void* ws;
+  void* ws;  // forced plans (sweep, two-kernel comparison): shared by all weight sets
   CK(cudaMalloc(&ws, ws_cap));
+  CK(cudaMemset(ws, 0, ws_cap));  // arrival counters start at zero
   CK(device_cc_major(g_cc_major));
   const std::string log_path = std::string(getenv("OUT") ? getenv("OUT") : ".") + "/sweep.txt";
   FILE* sweep_log = std::fopen(log_path.c_str(), "w");
@@ -323,9 +503,15 @@ static int run_bench() {
     const size_t wbytes = (static_cast<size_t>(I) * Dm * (glu ? 2 : 1) +
                            static_cast<size_t>(H) * I + (glu ? 0 : I) + H) * 2;
     // Rotate weight sets over >= 3x L2 so that every call reads its weights from DRAM, as a
-    // model's layers do (each has its own gate).
+    // model's layers do (each has its own gate and its own workspace).
     const int nsets =
         static_cast<int>(std::max<size_t>(2, (3 * prop.l2CacheSize + wbytes - 1) / wbytes));
+    size_t set_ws = 0;
+    for (int n : ns) {
+      gate_params_t g;
+      g.kind = kind; g.n = n; g.in_dim = Dm; g.inter = I; g.kv_heads = H;
+      set_ws = std::max(set_ws, RetentionGateWorkspaceBytes(g));
+    }
     std::vector<BenchSet> sets(nsets);
     for (int i = 0; i < nsets; ++i) {
       const float sc = 1.f / std::sqrt(static_cast<float>(Dm));
@@ -334,12 +520,14 @@ static int run_bench() {
       sets[i].b1 = glu ? nullptr : random_bf16(I, 9000 + i, 0.5f);
       sets[i].w2 = random_bf16(static_cast<size_t>(H) * I, 12000 + i, 0.1f);
       sets[i].bias = random_bf16(H, 15000 + i, 2.f);
+      CK(cudaMalloc(&sets[i].ws, set_ws));
+      CK(cudaMemset(sets[i].ws, 0, set_ws));
     }
     CK(cudaDeviceSynchronize());
     int cur = 0;
-    // One call on the next weight set; plan == nullptr: the public API; hidden_only: only the
-    // plan's hidden-layer kernel (where the time goes).
-    auto call = [&](int n, const gate_plan_t* plan, cudaStream_t st, bool hidden_only = false) {
+    // One call on the next weight set; plan == nullptr: the public API (the set's workspace),
+    // else the forced plan (the shared workspace).
+    auto call = [&](int n, const gate_plan_t* plan, cudaStream_t st) {
       const BenchSet& s = sets[cur];
       cur = (cur + 1) % nsets;
       gate_params_t g;
@@ -349,21 +537,19 @@ static int run_bench() {
       else { g.w1 = s.w1; g.b1 = s.b1; g.w2 = s.w2; }
       g.bias = s.bias; g.lam = lam;
       if (plan != nullptr) {
-        int slots;
-        CK(hidden_only ? launch_hidden(g, *plan, ws, slots, st)
-                       : run_plan(g, *plan, g_cc_major, ws, st));
+        if (plan->ws_bytes > ws_cap) { std::fprintf(stderr, "ws\n"); std::exit(2); }
+        CK(run_plan(g, *plan, g_cc_major, ws, st));
         return;
       }
-      if (RetentionGateWorkspaceBytes(g) > ws_cap) { std::fprintf(stderr, "ws\n"); std::exit(2); }
-      CK(RetentionGate(g, ws, st));
+      CK(RetentionGate(g, s.ws, st));
     };
+    const int sets_calls = nsets;
     // Device time per call: a CUDA graph of `calls` calls (rotating sets), median of replays.
-    auto graph_us = [&](int n, const gate_plan_t* plan, int calls, int reps,
-                        bool hidden_only = false) {
+    auto graph_us = [&](int n, const gate_plan_t* plan, int calls, int reps) {
       cudaGraph_t graph;
       cudaGraphExec_t gexec;
       CK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
-      for (int i = 0; i < calls; ++i) call(n, plan, cs, hidden_only);
+      for (int i = 0; i < calls; ++i) call(n, plan, cs);
       CK(cudaStreamEndCapture(cs, &graph));
       CK(cudaGraphInstantiate(&gexec, graph, 0));
       CK(cudaGraphLaunch(gexec, cs));
@@ -379,10 +565,29 @@ static int run_bench() {
       CK(cudaGraphDestroy(graph));
       return median(t);
     };
+    // A burst: `calls` consecutive calls (rotating sets) between events, per call, median of
+    // reps. queued: behind a spin kernel, so that the whole burst is enqueued before it starts
+    // (device time); else as launched (the host's launch rate included).
+    auto burst_us = [&](int n, const gate_plan_t* plan, int calls, int reps, bool queued) {
+      for (int i = 0; i < calls; ++i) call(n, plan, cs);  // warm
+      std::vector<double> t;
+      for (int r = 0; r < reps; ++r) {
+        CK(cudaStreamSynchronize(cs));
+        if (queued) SpinKernel<<<1, 1, 0, cs>>>(static_cast<unsigned long long>(calls) * 10000);
+        CK(cudaEventRecord(e0, cs));
+        for (int i = 0; i < calls; ++i) call(n, plan, cs);
+        CK(cudaEventRecord(e1, cs));
+        t.push_back(elapsed_us() / calls);
+      }
+      return median(t);
+    };
     std::printf("\n%s: Dm %d, I %d, Hkv %d, bf16 x and weights, %d weight sets of %.2f MB\n",
                 glu ? "rg3" : "rg", Dm, I, H, nsets, wbytes / 1e6);
-    std::printf("%6s %-12s %9s %9s %9s %7s %8s %9s\n", "n", "plan", "call_us", "graph_us",
-                "wGB/s", "frac", "TFLOP/s", "hidden_us");
+    std::printf("%6s %-15s %8s %8s %8s %8s %6s %6s %7s | %8s %8s %8s\n", "n", "plan", "call_us",
+                "graph_us", "burst_us", "burstq", "frac", "fracq", "TFLOP/s", "2k_graph",
+                "2k_burst", "2k_bq");
+    std::printf("(2k_*: before, the hidden kernel + GateFinishFewKernel with S16, where the plan"
+                " is one pass; frac / fracq: weight bytes / graph / queued burst time vs copy)\n");
     for (int n : ns) {
       for (int i = 0; i < 5; ++i) call(n, nullptr, cs);
       std::vector<double> t;  // a lone call: host launch included
@@ -394,45 +599,106 @@ static int run_bench() {
         t.push_back(elapsed_us());
       }
       const double us = median(t);
-      const double usg = graph_us(n, nullptr, n <= 512 ? nsets : 4, 50);
+      const int calls = n <= 512 ? sets_calls : 4;
+      const double usg = graph_us(n, nullptr, calls, 50);
+      const double usb = burst_us(n, nullptr, calls, 50, false);
+      const double usq = burst_us(n, nullptr, calls, 50, true);
       const double flops = 2.0 * n * I * Dm * (glu ? 2 : 1) + 2.0 * n * I * H;
       gate_params_t g;
       g.kind = kind; g.n = n; g.in_dim = Dm; g.inter = I; g.kv_heads = H;
       const gate_plan_t pl = tc_plan(g, -1, 0);  // the API's plan (bf16 on sm_80+)
-      const double hid = graph_us(n, &pl, n <= 512 ? nsets : 4, 50, true);
-      std::printf("%6d %-12s %9.2f %9.2f %9.0f %7.3f %8.1f %9.2f\n", n, plan_name(pl).c_str(),
-                  us, usg, wbytes / (usg * 1e-6) / 1e9, wbytes / (usg * 1e-6) / copy_bw,
-                  flops / (usg * 1e-6) / 1e12, hid);
+      std::printf("%6d %-15s %8.2f %8.2f %8.2f %8.2f %6.3f %6.3f %7.1f |", n,
+                  plan_name(pl).c_str(), us, usg, usb, usq,
+                  wbytes / (usg * 1e-6) / copy_bw, wbytes / (usq * 1e-6) / copy_bw,
+                  flops / (usg * 1e-6) / 1e12);
+      if (pl.one_pass) {  // before: the same tiles as hidden kernel + GateFinishFewKernel, S16
+        gate_plan_t two = tc_plan(g, pl.cfg, 16);
+        two.one_pass = false;
+        std::printf(" %8.2f %8.2f %8.2f\n", graph_us(n, &two, calls, 50),
+                    burst_us(n, &two, calls, 50, false), burst_us(n, &two, calls, 50, true));
+      } else {
+        std::printf(" %8s %8s %8s\n", "-", "-", "-");
+      }
+      std::fflush(stdout);
     }
-    // Forced plans: every configuration x split count; the five fastest per n are printed.
-    std::printf("sweep (%s): fastest forced plans, graph us per call\n", glu ? "rg3" : "rg");
-    for (int n : {1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192}) {
+    // Where a one-pass call's time goes: the automatic plan with parts switched off (timing
+    // only; the results are wrong), graph / queued burst us per call.
+    std::printf("one-pass diagnostics (%s): graph us (queued burst us) per call\n",
+                glu ? "rg3" : "rg");
+    for (int n : {1, 8}) {
       gate_params_t g;
       g.kind = kind; g.n = n; g.in_dim = Dm; g.inter = I; g.kv_heads = H;
+      const gate_plan_t pl = tc_plan(g, -1, 0);
+      struct Variant {
+        const char* name;
+        int diag, one_pass;
+      };
+      const Variant vs[] = {{"full", 0, 1},
+                            {"no-pdl", kDiagNoPdl, 1},
+                            {"late-weights", kDiagLateWeights, 1},
+                            {"hidden-only", kDiagHiddenOnly, 1},
+                            {"hidden-only,no-pdl", kDiagHiddenOnly | kDiagNoPdl, 1},
+                            {"no-level2", kDiagNoLevel2, 1},
+                            {"two-kernel", 0, 0}};
+      std::printf("%6d %-15s", n, plan_name(pl).c_str());
+      for (const Variant& v : vs) {
+        gate_plan_t q = pl;
+        q.diag = v.diag;
+        q.one_pass = v.one_pass == 1;
+        std::printf(" | %s %.2f (%.2f)", v.name, graph_us(n, &q, sets_calls, 30),
+                    burst_us(n, &q, sets_calls, 20, true));
+      }
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+    // Forced plans: every configuration x split count (decode sizes: one pass with either K
+    // reduction, and two kernels); the five fastest per n (graph) are printed, with their
+    // queued-burst time.
+    std::printf("sweep (%s): fastest forced plans, graph us per call (queued burst us)\n",
+                glu ? "rg3" : "rg");
+    for (int n : {1, 8, 16, 32, 64, 128, 255, 256, 512, 1024, 2048, 4096, 8192}) {
+      gate_params_t g;
+      g.kind = kind; g.n = n; g.in_dim = Dm; g.inter = I; g.kv_heads = H;
+      const int calls = n <= 512 ? sets_calls : 4;
       std::vector<std::pair<double, std::string>> res;
       for (int cfg = 0; cfg < kNumTcCfg; ++cfg) {
         const tc_shape_t sh = tc_shape(cfg, glu);
-        if (sh.bn < 64 && sh.bn < n) continue;  // a skinny tile narrower than n: never chosen
+        // Decode sizes: the one-pass tiles, any width; else a skinny tile narrower than n is
+        // never chosen.
+        if (n < kFewTokens ? sh.bm != kCtrBM : (sh.bn < 64 && sh.bn < n)) continue;
         int last = 0;
         for (int splits : {1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40}) {
-          const gate_plan_t pl = tc_plan(g, cfg, splits);
-          if (pl.splits == last || pl.ws_bytes > ws_cap) continue;
-          last = pl.splits;
-          const double u = graph_us(n, &pl, n <= 512 ? nsets : 4, 20);
-          res.push_back({u, plan_name(pl)});
-          std::fprintf(sweep_log, "%s n=%d %s %.2f\n", glu ? "rg3" : "rg", n,
-                       plan_name(pl).c_str(), u);
+          const gate_plan_t base = tc_plan(g, cfg, splits);
+          if (base.splits == last || base.ws_bytes > ws_cap) continue;
+          if (n < kFewTokens && base.splits > 16) continue;
+          last = base.splits;
+          std::vector<gate_plan_t> variants{base};
+          if (base.one_pass) {
+            gate_plan_t v = base;
+            v.one_pass = false;
+            variants.push_back(v);
+          }
+          for (const gate_plan_t& pl : variants) {
+            const double u = graph_us(n, &pl, calls, 20);
+            const double uq = burst_us(n, &pl, calls, 10, true);
+            char buf[96];
+            std::snprintf(buf, sizeof buf, "%s %.2f (%.2f)", plan_name(pl).c_str(), u, uq);
+            res.push_back({u, buf});
+            std::fprintf(sweep_log, "%s n=%d %s graph %.2f burstq %.2f\n", glu ? "rg3" : "rg",
+                         n, plan_name(pl).c_str(), u, uq);
+          }
         }
       }
       std::sort(res.begin(), res.end());
       std::printf("%6d auto %-12s %8.2f |", n, plan_name(tc_plan(g, -1, 0)).c_str(),
-                  graph_us(n, nullptr, n <= 512 ? nsets : 4, 20));
+                  graph_us(n, nullptr, calls, 20));
       for (size_t i = 0; i < std::min<size_t>(5, res.size()); ++i)
-        std::printf(" %s %.2f", res[i].second.c_str(), res[i].first);
+        std::printf(" %s", res[i].second.c_str());
       std::printf("\n");
+      std::fflush(stdout);
     }
     for (auto& s : sets)
-      for (void* p : {s.w1, s.wu, s.b1, s.w2, s.bias}) cudaFree(p);
+      for (void* p : {s.w1, s.wu, s.b1, s.w2, s.bias, s.ws}) cudaFree(p);
   }
   if (sweep_log) std::fclose(sweep_log);
   cudaFree(x);
