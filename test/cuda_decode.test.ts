@@ -147,3 +147,47 @@ describe.skipIf(!cudaAvailable)('CUDA knorm_alpha: key norms equal the CPU backe
     gpu.dispose();
   });
 });
+
+describe.skipIf(!cudaAvailable)('CUDA decode: positions in the launch (batch <= 64) and uploaded (larger batches)', () => {
+  // Up to 64 sequences the positions travel in the kernel's parameters; beyond, through a
+  // device buffer. Both must give the CPU backend's outputs and retained sets, with sequences
+  // at different positions and some inactive.
+  test.each([
+    { batch: 64, buffer: 0 },
+    { batch: 65, buffer: 0 },
+    { batch: 96, buffer: 4 },
+  ])('batch $batch, B=$buffer: 40 steps of 2 layers', ({ batch: Bt, buffer }) => {
+    const cpu = openRuntime('cpu');
+    const gpu = openRuntime('cuda');
+    const cfg = { layers: 2, batch: Bt, qHeads: 4, kvHeads: 2, headDim: 64, memory: 16, buffer, dtype: 'bf16' as DType };
+    const cc = cpu.createCache(cfg), gc = gpu.createCache(cfg);
+    const { qHeads: Hq, kvHeads: Hkv, headDim: D, layers: L } = cfg;
+    const q = pair(cpu, gpu, [Bt, Hq, D], 'bf16'), k = pair(cpu, gpu, [Bt, Hkv, D], 'bf16');
+    const v = pair(cpu, gpu, [Bt, Hkv, D], 'bf16'), lam = pair(cpu, gpu, [Bt, Hkv], 'fp32');
+    const out = pair(cpu, gpu, [Bt, Hq, D], 'bf16');
+    const offset = Array.from({ length: Bt }, () => randInt(0, 50));
+    for (let step = 0; step < 40; step++) {
+      // Every 7th sequence sits out every other step (-1: inactive, its output rows are zero).
+      const positions = Int32Array.from({ length: Bt }, (_, b) => (b % 7 === 3 && step % 2 === 1 ? -1 : offset[b]! + step));
+      for (let l = 0; l < L; l++) {
+        writeBoth(q, randnArray(Bt * Hq * D));
+        writeBoth(k, randnArray(Bt * Hkv * D));
+        writeBoth(v, randnArray(Bt * Hkv * D));
+        writeBoth(lam, randomLam(Bt * Hkv));
+        out.gpu.write(new Float32Array(Bt * Hq * D).fill(Number.NaN));
+        cc.decode(l, { q: q.cpu, k: k.cpu, v: v.cpu, lam: lam.cpu, out: out.cpu, positions });
+        gc.decode(l, { q: q.gpu, k: k.gpu, v: v.gpu, lam: lam.gpu, out: out.gpu, positions });
+        const err = relError(out.gpu.readSync(), out.cpu.readSync());
+        if (!(err <= TOL.bf16)) expect.fail(ctx(`step ${step} layer ${l}: relative error ${err} > ${TOL.bf16}`));
+      }
+    }
+    expect(Array.from(gc.lengths())).toEqual(Array.from(cc.lengths()));
+    for (let b = 0; b < Bt; b++) {
+      for (let h = 0; h < Hkv; h++) {
+        expect(Array.from(gc.inspect(b, 1, h).positions), ctx(`retained set seq ${b} head ${h}`)).toEqual(Array.from(cc.inspect(b, 1, h).positions));
+      }
+    }
+    cpu.dispose();
+    gpu.dispose();
+  });
+});

@@ -125,8 +125,15 @@ class CudaCache final : public Cache {
 
  protected:
   void do_decode(int layer, const decode_args_t& a) override {
-    if (layer == 0) ring_->upload(positions_->data(), a.positions.data, stream_);
     decode_params_t p = decode_params(layer, &a);
+    if (!pool_ && cfg_.batch <= decode_params_t::kInlinePositions) {
+      // The decode kernel is the only reader: the positions travel in its launch parameters,
+      // which saves an upload and an event record (~3.5 us of host time) per step.
+      p.positions = nullptr;
+      std::copy(a.positions.data, a.positions.data + cfg_.batch, p.pos_inline);
+    } else if (layer == 0) {
+      ring_->upload(positions_->data(), a.positions.data, stream_);  // PoolEvict reads them too
+    }
     check_cuda(DecodeStep(p, cfg_.dtype, decode_ws_->data(), stream_), "decode kernel");
     if (pool_ && (cfg_.scope != Scope::kGlobal || layer == cfg_.layers - 1)) {
       pool_params_t e = pool_params(layer, 0, cfg_.batch);

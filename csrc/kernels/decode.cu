@@ -98,7 +98,8 @@ cudaError_t DecodeStep(const decode_params_t& p, DType dtype, void* workspace,
   if (p.batch <= 0 || p.kv_heads <= 0 || p.q_heads <= 0 || p.q_heads % p.kv_heads != 0 ||
       p.memory < 1 || p.buffer < 0 || p.window < 0 || p.cap < p.memory + p.buffer ||
       p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > decode_detail::kMaxHeadDim ||
-      workspace == nullptr || (p.knorm && p.lognorm_cache == nullptr))
+      workspace == nullptr || (p.knorm && p.lognorm_cache == nullptr) ||
+      (p.positions == nullptr && p.batch > decode_params_t::kInlinePositions))
     return cudaErrorInvalidValue;
   const int splits = DecodeNumSplits(p);
   const decode_ws_t ws = decode_detail::carve_workspace(p, splits, workspace);

@@ -55,6 +55,17 @@ struct decode_params_t : cache_layer_t {
 #ifdef TRIMKV_DECODE_TRACE
   unsigned long long* trace = nullptr;  ///< harness only: [blocks][8] globaltimer records
 #endif
+  /// Most sequences whose positions travel in the launch itself.
+  static constexpr int kInlinePositions = 64;
+  /// positions == nullptr (batch <= kInlinePositions): the positions themselves, passed by
+  /// value with the launch, so a step needs no upload (the kernels take p as __grid_constant__,
+  /// which lets them index it without a copy).
+  int32_t pos_inline[kInlinePositions] = {};
+
+  /// Position of sequence b's new token (-1: inactive).
+  __host__ __device__ __forceinline__ int new_position(int b) const {
+    return positions ? positions[b] : pos_inline[b];
+  }
 };
 
 /// Workspace pointers carved out of the caller's workspace buffer.
@@ -526,7 +537,7 @@ __device__ void merge_splits_and_finalize(const decode_params_t& p, int b, int h
 /// \param ws  partial states [batch, kv_heads, splits, G, ...] when num_splits > 1
 template <typename T, int DPAD, int DCONST, int HPT>
 __global__ void __launch_bounds__(decode_detail::kThreads, 2)
-    DecodeAttendKernel(const decode_params_t p, int num_splits, decode_ws_t ws) {
+    DecodeAttendKernel(const __grid_constant__ decode_params_t p, int num_splits, decode_ws_t ws) {
   using Tr = decode_detail::traits<T, DPAD>;
   constexpr int VEC = Tr::VEC, NVEC = Tr::NVEC, BDX = Tr::BDX, E = Tr::E, TK = Tr::TK;
   constexpr int NCOL = Tr::NCOL;
@@ -576,7 +587,7 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
   }
 
 
-  const int pos_new = p.positions[b];
+  const int pos_new = p.new_position(b);
   const int len = p.lens[bh];  // loaded with positions: one round trip, not two
   const float lam_in = p.lam_new[bh];
   if (pos_new < 0) {  // inactive slot: cache untouched, output zeros
@@ -1008,7 +1019,7 @@ __device__ void mma_cluster_merge_and_finalize(const decode_params_t& p, int b, 
 /// \param dyn_smem bytes of dynamic shared memory of this launch
 template <typename T, int DPAD, int DCONST>
 __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
-    DecodeMmaKernel(const decode_params_t p, int num_splits, decode_ws_t ws, int nst, int cluster,
+    DecodeMmaKernel(const __grid_constant__ decode_params_t p, int num_splits, decode_ws_t ws, int nst, int cluster,
                     int dyn_smem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Tr = decode_detail::mma_traits<DPAD>;
@@ -1045,7 +1056,7 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
   TRIMKV_TRACE_AT(0);
 
   // The step's inputs, all in one round trip (no address depends on another load).
-  const int pos_new = p.positions[b];
+  const int pos_new = p.new_position(b);
   const int len_in = p.lens[bh];
   const int off_in = pooled ? p.head_off[bh] : 0;
   const float lam_in = p.lam_new[bh];
