@@ -5,7 +5,7 @@
  * backend is available (the GPU machine), skipped with the reason elsewhere.
  */
 import { describe, expect, test } from 'vitest';
-import { openRuntime, type Runtime, type Tensor } from '../lib/index.js';
+import { openRuntime, type KVCache, type Runtime, type Tensor } from '../lib/index.js';
 import type { DType, Scope } from '../lib/types.js';
 import { cudaAvailable, cudaSkipReason } from './backends.js';
 import { ctx, randInt, randnArray, randomLam, relError, TOL, uniform } from './helpers.js';
@@ -25,6 +25,29 @@ function writeBoth(p: Pair, data: Float32Array): void {
   p.gpu.write(data);
 }
 
+/** A layer's step inputs on both backends, and the output (GPU side NaN-poisoned before each step). */
+interface StepPairs { q: Pair; k: Pair; v: Pair; lam: Pair; out: Pair }
+
+function stepPairs(cpu: Runtime, gpu: Runtime, batch: number, qHeads: number, kvHeads: number, D: number, dtype: DType): StepPairs {
+  return {
+    q: pair(cpu, gpu, [batch, qHeads, D], dtype), k: pair(cpu, gpu, [batch, kvHeads, D], dtype), v: pair(cpu, gpu, [batch, kvHeads, D], dtype),
+    lam: pair(cpu, gpu, [batch, kvHeads], 'fp32'), out: pair(cpu, gpu, [batch, qHeads, D], dtype),
+  };
+}
+
+/** One decode call of layer l on both caches with fresh random inputs; the relative error of the GPU output. */
+function decodeBoth(cc: KVCache, gc: KVCache, l: number, t: StepPairs, positions: Int32Array): number {
+  const n = (x: Pair) => x.cpu.numel;
+  writeBoth(t.q, randnArray(n(t.q)));
+  writeBoth(t.k, randnArray(n(t.k)));
+  writeBoth(t.v, randnArray(n(t.v)));
+  writeBoth(t.lam, randomLam(n(t.lam)));
+  t.out.gpu.write(new Float32Array(n(t.out)).fill(Number.NaN));
+  cc.decode(l, { q: t.q.cpu, k: t.k.cpu, v: t.v.cpu, lam: t.lam.cpu, out: t.out.cpu, positions });
+  gc.decode(l, { q: t.q.gpu, k: t.k.gpu, v: t.v.gpu, lam: t.lam.gpu, out: t.out.gpu, positions });
+  return relError(t.out.gpu.readSync(), t.out.cpu.readSync());
+}
+
 describe.skipIf(!cudaAvailable)('CUDA decode vs CPU backend, long runs', () => {
   // Scope "head" (fixed layout) for the issue's 5,000 steps; the pooled scopes for 2,000.
   test.each([
@@ -41,9 +64,7 @@ describe.skipIf(!cudaAvailable)('CUDA decode vs CPU backend, long runs', () => {
     const gc = gpu.createCache(cfg);
     const { batch: Bt, qHeads: Hq, kvHeads: Hkv, layers: L } = cfg;
     const D = headDim;
-    const q = pair(cpu, gpu, [Bt, Hq, D], dtype), k = pair(cpu, gpu, [Bt, Hkv, D], dtype);
-    const v = pair(cpu, gpu, [Bt, Hkv, D], dtype), lam = pair(cpu, gpu, [Bt, Hkv], 'fp32');
-    const out = pair(cpu, gpu, [Bt, Hq, D], dtype);
+    const t = stepPairs(cpu, gpu, Bt, Hq, Hkv, D, dtype);
     // Sequences start at different steps and some are reset and restarted: different lengths.
     const startAt = Array.from({ length: Bt }, (_, b) => (b === 0 ? 0 : randInt(0, 300)));
     const next = new Int32Array(Bt);
@@ -61,14 +82,7 @@ describe.skipIf(!cudaAvailable)('CUDA decode vs CPU backend, long runs', () => {
         positions[b] = step >= startAt[b]! && step % 17 !== b ? next[b]!++ : -1;
       }
       for (let l = 0; l < L; l++) {
-        writeBoth(q, randnArray(Bt * Hq * D));
-        writeBoth(k, randnArray(Bt * Hkv * D));
-        writeBoth(v, randnArray(Bt * Hkv * D));
-        writeBoth(lam, randomLam(Bt * Hkv));
-        out.gpu.write(new Float32Array(Bt * Hq * D).fill(Number.NaN));
-        cc.decode(l, { q: q.cpu, k: k.cpu, v: v.cpu, lam: lam.cpu, out: out.cpu, positions });
-        gc.decode(l, { q: q.gpu, k: k.gpu, v: v.gpu, lam: lam.gpu, out: out.gpu, positions });
-        const err = relError(out.gpu.readSync(), out.cpu.readSync());
+        const err = decodeBoth(cc, gc, l, t, positions);
         worst = Math.max(worst, err);
         if (!(err <= TOL[dtype])) expect.fail(ctx(`step ${step} layer ${l}: relative error ${err} > ${TOL[dtype]}`));
       }
@@ -162,22 +176,13 @@ describe.skipIf(!cudaAvailable)('CUDA decode: positions in the launch (batch <= 
     const cfg = { layers: 2, batch: Bt, qHeads: 4, kvHeads: 2, headDim: 64, memory: 16, buffer, dtype: 'bf16' as DType };
     const cc = cpu.createCache(cfg), gc = gpu.createCache(cfg);
     const { qHeads: Hq, kvHeads: Hkv, headDim: D, layers: L } = cfg;
-    const q = pair(cpu, gpu, [Bt, Hq, D], 'bf16'), k = pair(cpu, gpu, [Bt, Hkv, D], 'bf16');
-    const v = pair(cpu, gpu, [Bt, Hkv, D], 'bf16'), lam = pair(cpu, gpu, [Bt, Hkv], 'fp32');
-    const out = pair(cpu, gpu, [Bt, Hq, D], 'bf16');
+    const t = stepPairs(cpu, gpu, Bt, Hq, Hkv, D, 'bf16');
     const offset = Array.from({ length: Bt }, () => randInt(0, 50));
     for (let step = 0; step < 40; step++) {
       // Every 7th sequence sits out every other step (-1: inactive, its output rows are zero).
       const positions = Int32Array.from({ length: Bt }, (_, b) => (b % 7 === 3 && step % 2 === 1 ? -1 : offset[b]! + step));
       for (let l = 0; l < L; l++) {
-        writeBoth(q, randnArray(Bt * Hq * D));
-        writeBoth(k, randnArray(Bt * Hkv * D));
-        writeBoth(v, randnArray(Bt * Hkv * D));
-        writeBoth(lam, randomLam(Bt * Hkv));
-        out.gpu.write(new Float32Array(Bt * Hq * D).fill(Number.NaN));
-        cc.decode(l, { q: q.cpu, k: k.cpu, v: v.cpu, lam: lam.cpu, out: out.cpu, positions });
-        gc.decode(l, { q: q.gpu, k: k.gpu, v: v.gpu, lam: lam.gpu, out: out.gpu, positions });
-        const err = relError(out.gpu.readSync(), out.cpu.readSync());
+        const err = decodeBoth(cc, gc, l, t, positions);
         if (!(err <= TOL.bf16)) expect.fail(ctx(`step ${step} layer ${l}: relative error ${err} > ${TOL.bf16}`));
       }
     }

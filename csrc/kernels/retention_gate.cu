@@ -1081,6 +1081,25 @@ cudaError_t launch_finish(const gate_params_t& p, const gate_plan_t& plan, int s
                           p.n, p.inter, p.kv_heads, plan.splits, p.act);
 }
 
+/// The kernel arguments every tensor-core launch shares (out: partials or data).
+template <typename T, bool GLU>
+tc_args_t<T> tc_args(const gate_params_t& p, const gate_plan_t& plan, float* out) {
+  tc_args_t<T> a{};
+  a.x = static_cast<const T*>(p.x);
+  a.wa = static_cast<const T*>(GLU ? p.w_gate : p.w1);
+  a.wb = static_cast<const T*>(GLU ? p.w_up : nullptr);
+  a.b1 = static_cast<const T*>(GLU ? nullptr : p.b1);
+  a.w2 = static_cast<const T*>(GLU ? p.w_down : p.w2);
+  a.out = out;
+  a.n = p.n;
+  a.in_dim = p.in_dim;
+  a.inter = p.inter;
+  a.kv_heads = p.kv_heads;
+  a.kslice = plan.kslice;
+  a.act = p.act;
+  return a;
+}
+
 /// Launches the hidden-layer kernel of a tensor-core plan; returns the number of z-partial
 /// slots it writes when fused (0 when split) through `slots`.
 template <typename T, bool GLU>
@@ -1096,19 +1115,7 @@ cudaError_t launch_tc(const gate_params_t& p, const gate_plan_t& plan, float* ws
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
       if (e != cudaSuccess) return e;
     }
-    tc_args_t<T> a{};
-    a.x = static_cast<const T*>(p.x);
-    a.wa = static_cast<const T*>(GLU ? p.w_gate : p.w1);
-    a.wb = static_cast<const T*>(GLU ? p.w_up : nullptr);
-    a.b1 = static_cast<const T*>(GLU ? nullptr : p.b1);
-    a.w2 = static_cast<const T*>(GLU ? p.w_down : p.w2);
-    a.out = ws;
-    a.n = p.n;
-    a.in_dim = p.in_dim;
-    a.inter = p.inter;
-    a.kv_heads = p.kv_heads;
-    a.kslice = plan.kslice;
-    a.act = p.act;
+    const tc_args_t<T> a = tc_args<T, GLU>(p, plan, ws);
     kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(a);
     slots = plan.splits == 1 ? static_cast<int>(grid.x) * C::WM : 0;
     return cudaGetLastError();
@@ -1145,19 +1152,7 @@ cudaError_t launch_one_pass(const gate_params_t& p, const gate_plan_t& plan, uns
             kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
         if (e != cudaSuccess) return e;
       }
-      tc_args_t<T> a{};
-      a.x = static_cast<const T*>(p.x);
-      a.wa = static_cast<const T*>(GLU ? p.w_gate : p.w1);
-      a.wb = static_cast<const T*>(GLU ? p.w_up : nullptr);
-      a.b1 = static_cast<const T*>(GLU ? nullptr : p.b1);
-      a.w2 = static_cast<const T*>(GLU ? p.w_down : p.w2);
-      a.out = data;
-      a.n = p.n;
-      a.in_dim = p.in_dim;
-      a.inter = p.inter;
-      a.kv_heads = p.kv_heads;
-      a.kslice = plan.kslice;
-      a.act = p.act;
+      tc_args_t<T> a = tc_args<T, GLU>(p, plan, data);
       a.bias = static_cast<const T*>(p.bias);
       a.lam = p.lam;
       a.counters = counters;
