@@ -4,21 +4,13 @@
  * of every head identical after every step. Parametrized over the backends under test.
  */
 import { describe, expect, test } from 'vitest';
-import { cacheSupport, type KVCache, type Tensor } from '../lib/index.js';
+import { cacheSupport, type KVCache } from '../lib/index.js';
 import type { CacheConfig, DType, Scope, Strategy } from '../lib/types.js';
 import { backendsUnderTest, cudaAvailable, cudaSkipReason } from './backends.js';
-import { CachePair, expectScoresClose, makeInputs, runtimeFor, skipIfUnsupported, tensorOf } from './harness.js';
-import { ctx, poison, randInt, rand, relError, TOL, uniform } from './helpers.js';
+import { CachePair, expectScoresClose, ioTensors, makeInputs, runtimeFor, skipIfUnsupported, type IoTensors } from './harness.js';
+import { ctx, randInt, rand, relError, TOL, uniform } from './helpers.js';
 
 const BACKENDS = backendsUnderTest();
-
-interface IoTensors {
-  q: Tensor;
-  k: Tensor;
-  v: Tensor;
-  lam: Tensor;
-  out: Tensor;
-}
 
 /** Decode `steps` steps on every slot from its current T (slots in `inactive(step)` sit out). */
 function decodeRun(pair: CachePair, steps: number, inactive: (step: number, slot: number) => boolean = () => false) {
@@ -583,14 +575,7 @@ describe.skipIf(!cudaAvailable)(`KVCache: cuda against cpu${cudaAvailable ? '' :
     const both = (rows: number, l: number, call: (cache: KVCache, t: IoTensors) => void) => {
       const inp = makeInputs(rows, qHeads, kvHeads, D, dtype, l);
       const outs = rts.map((rt, i) => {
-        const t: IoTensors = {
-          q: tensorOf(rt, [rows, qHeads, D], dtype, inp.q.data),
-          k: tensorOf(rt, [rows, kvHeads, D], dtype, inp.k.data),
-          v: tensorOf(rt, [rows, kvHeads, D], dtype, inp.v.data),
-          lam: tensorOf(rt, [rows, kvHeads], 'fp32', inp.lam),
-          out: rt.tensor([rows, qHeads, D], dtype),
-        };
-        poison(t.out);
+        const t = ioTensors(rt, rows, qHeads, kvHeads, D, dtype, inp);
         call(caches[i]!, t);
         const o = t.out.readSync();
         Object.values(t).forEach((x) => x.dispose());

@@ -10,8 +10,8 @@ import { fromNative } from '../lib/errors.js';
 import { Tensor as TensorClass } from '../lib/tensor.js';
 import type { BackendName, CacheConfig, DecodeInputs, DType, GateSpec, PrefillInputs } from '../lib/types.js';
 import { backendsUnderTest, cudaAvailable } from './backends.js';
-import { CachePair, makeInputs, runtimeFor, tensorOf } from './harness.js';
-import { hasNaN, poison } from './helpers.js';
+import { CachePair, ioTensors, makeInputs, runtimeFor } from './harness.js';
+import { hasNaN } from './helpers.js';
 
 const BACKENDS = backendsUnderTest();
 
@@ -59,13 +59,7 @@ function warmPair(backend: BackendName, config: CacheConfig = CONFIG): CachePair
 function decodeInputs(pair: CachePair, dtype: DType = pair.dtype): DecodeInputs & { all: Tensor[] } {
   const { batch: B, qHeads: Hq, kvHeads: Hkv, headDim: D } = pair.cfg;
   const rt = pair.rt;
-  const inp = makeInputs(B, Hq, Hkv, D, dtype, 0);
-  const q = tensorOf(rt, [B, Hq, D], dtype, inp.q.data);
-  const k = tensorOf(rt, [B, Hkv, D], dtype, inp.k.data);
-  const v = tensorOf(rt, [B, Hkv, D], dtype, inp.v.data);
-  const lam = tensorOf(rt, [B, Hkv], 'fp32', inp.lam);
-  const out = rt.tensor([B, Hq, D], dtype);
-  poison(out);
+  const { q, k, v, lam, out } = ioTensors(rt, B, Hq, Hkv, D, dtype, makeInputs(B, Hq, Hkv, D, dtype, 0));
   return { q, k, v, lam, out, positions: [pair.oracle.seen(0), pair.oracle.seen(1)], all: [q, k, v, lam, out] };
 }
 
@@ -73,13 +67,7 @@ function decodeInputs(pair: CachePair, dtype: DType = pair.dtype): DecodeInputs 
 function prefillInputs(pair: CachePair, seq: number, start: number, C: number): PrefillInputs & { all: Tensor[] } {
   const { qHeads: Hq, kvHeads: Hkv, headDim: D } = pair.cfg;
   const rt = pair.rt;
-  const inp = makeInputs(C, Hq, Hkv, D, pair.dtype, 0);
-  const q = tensorOf(rt, [C, Hq, D], pair.dtype, inp.q.data);
-  const k = tensorOf(rt, [C, Hkv, D], pair.dtype, inp.k.data);
-  const v = tensorOf(rt, [C, Hkv, D], pair.dtype, inp.v.data);
-  const lam = tensorOf(rt, [C, Hkv], 'fp32', inp.lam);
-  const out = rt.tensor([C, Hq, D], pair.dtype);
-  poison(out);
+  const { q, k, v, lam, out } = ioTensors(rt, C, Hq, Hkv, D, pair.dtype, makeInputs(C, Hq, Hkv, D, pair.dtype, 0));
   return { seq, start, q, k, v, lam, out, all: [q, k, v, lam, out] };
 }
 

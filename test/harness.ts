@@ -38,6 +38,22 @@ export function tensorOf(rt: Runtime, shape: number[], dtype: DType, data: Float
   return t;
 }
 
+/** The tensors of one layer call: q, k, v, lam written from `inp`, out poisoned (NaN). */
+export interface IoTensors { q: Tensor; k: Tensor; v: Tensor; lam: Tensor; out: Tensor }
+
+/** Uploads `inp` ([rows] tokens or slots) as the tensors of one layer call, out poisoned. */
+export function ioTensors(rt: Runtime, rows: number, qHeads: number, kvHeads: number, D: number, dtype: DType, inp: LayerInputs): IoTensors {
+  const t: IoTensors = {
+    q: tensorOf(rt, [rows, qHeads, D], dtype, inp.q.data),
+    k: tensorOf(rt, [rows, kvHeads, D], dtype, inp.k.data),
+    v: tensorOf(rt, [rows, kvHeads, D], dtype, inp.v.data),
+    lam: tensorOf(rt, [rows, kvHeads], 'fp32', inp.lam),
+    out: rt.tensor([rows, qHeads, D], dtype),
+  };
+  poison(t.out);
+  return t;
+}
+
 /** Random inputs of one layer call, already rounded to the cache dtype. */
 export interface LayerInputs {
   q: { data: Float32Array | Uint16Array; values: Float64Array };
@@ -145,12 +161,7 @@ export class CachePair {
   runDecodeLayer(l: number, positions: number[], inp: LayerInputs): void {
     const { batch, qHeads, kvHeads, headDim: D } = this.cfg;
     const rt = this.rt;
-    const q = tensorOf(rt, [batch, qHeads, D], this.dtype, inp.q.data);
-    const k = tensorOf(rt, [batch, kvHeads, D], this.dtype, inp.k.data);
-    const v = tensorOf(rt, [batch, kvHeads, D], this.dtype, inp.v.data);
-    const lam = tensorOf(rt, [batch, kvHeads], 'fp32', inp.lam);
-    const out = rt.tensor([batch, qHeads, D], this.dtype);
-    poison(out);
+    const { q, k, v, lam, out } = ioTensors(rt, batch, qHeads, kvHeads, D, this.dtype, inp);
     try {
       // Both accepted forms of positions, alternating by step.
       const pos = this.step % 2 === 0 ? Int32Array.from(positions) : [...positions];
@@ -184,12 +195,7 @@ export class CachePair {
     for (let l = 0; l < layers; l++) {
       const inp = makeInputs(C, qHeads, kvHeads, D, this.dtype, l, opts);
       used.push(inp);
-      const q = tensorOf(rt, [C, qHeads, D], this.dtype, inp.q.data);
-      const k = tensorOf(rt, [C, kvHeads, D], this.dtype, inp.k.data);
-      const v = tensorOf(rt, [C, kvHeads, D], this.dtype, inp.v.data);
-      const lam = tensorOf(rt, [C, kvHeads], 'fp32', inp.lam);
-      const out = rt.tensor([C, qHeads, D], this.dtype);
-      poison(out);
+      const { q, k, v, lam, out } = ioTensors(rt, C, qHeads, kvHeads, D, this.dtype, inp);
       try {
         this.cache.prefill(l, { seq, start, q, k, v, lam, out });
         const got = out.readSync();
@@ -218,12 +224,7 @@ export class CachePair {
     const what = chunks.map((c) => `seq ${c.seq} start ${c.start} C ${c.length}`).join(', ');
     for (let l = 0; l < layers; l++) {
       const inp = makeInputs(N, qHeads, kvHeads, D, this.dtype, l, opts);
-      const q = tensorOf(rt, [N, qHeads, D], this.dtype, inp.q.data);
-      const k = tensorOf(rt, [N, kvHeads, D], this.dtype, inp.k.data);
-      const v = tensorOf(rt, [N, kvHeads, D], this.dtype, inp.v.data);
-      const lam = tensorOf(rt, [N, kvHeads], 'fp32', inp.lam);
-      const out = rt.tensor([N, qHeads, D], this.dtype);
-      poison(out);
+      const { q, k, v, lam, out } = ioTensors(rt, N, qHeads, kvHeads, D, this.dtype, inp);
       try {
         this.cache.prefillBatch(l, { chunks, q, k, v, lam, out });
         const got = out.readSync();
