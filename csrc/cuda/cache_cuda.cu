@@ -96,8 +96,13 @@ class CudaCache final : public Cache {
     } else {
       init_pooled();
     }
-    positions_ = std::make_unique<Buffer>(Backend::kCuda, sizeof(int32_t) * cfg.batch);
-    ring_ = std::make_unique<PinnedRing>(sizeof(int32_t) * cfg.batch, 1024);  // deep enough never to stall the host
+    if (uploads_positions()) {
+      // Only these caches upload positions (do_decode): 1024 page-locked slots and events
+      // would be wasted on the others, whose positions travel in the launch parameters.
+      // The ring is deep enough never to stall the host.
+      positions_ = std::make_unique<Buffer>(Backend::kCuda, sizeof(int32_t) * cfg.batch);
+      ring_ = std::make_unique<PinnedRing>(sizeof(int32_t) * cfg.batch, 1024);
+    }
     // Decode's workspace is fixed by the config; its leading counters must start at zero and
     // every step leaves them at zero, so it is never shared with prefill.
     const decode_params_t p = decode_params(0, nullptr);
@@ -126,7 +131,7 @@ class CudaCache final : public Cache {
  protected:
   void do_decode(int layer, const decode_args_t& a) override {
     decode_params_t p = decode_params(layer, &a);
-    if (!pool_ && cfg_.batch <= decode_params_t::kInlinePositions) {
+    if (!uploads_positions()) {
       // The decode kernel is the only reader: the positions travel in its launch parameters,
       // which saves an upload and an event record (~3.5 us of host time) per step.
       p.positions = nullptr;
@@ -364,20 +369,22 @@ class CudaCache final : public Cache {
     if (!chunk_ring_) {
       chunk_ring_ = std::make_unique<PinnedRing>(chunk_table_bytes(), 64);
       chunk_table_ = std::make_unique<Buffer>(Backend::kCuda, chunk_table_bytes());
+      chunk_staging_.resize(chunk_table_bytes());
       prefill_segs_ = static_cast<const prefill_seg_t*>(chunk_table_->data());
       prefill_last_ = reinterpret_cast<const int32_t*>(static_cast<const char*>(chunk_table_->data()) +
                                                        sizeof(prefill_seg_t) * cfg_.batch);
     }
-    std::vector<char> table(chunk_table_bytes());
-    prefill_seg_t* segs = reinterpret_cast<prefill_seg_t*>(table.data());
-    int32_t* last = reinterpret_cast<int32_t*>(table.data() + sizeof(prefill_seg_t) * cfg_.batch);
+    // Segments past chunks.size() keep an earlier call's values: the kernels read only nseg.
+    char* table = chunk_staging_.data();
+    prefill_seg_t* segs = reinterpret_cast<prefill_seg_t*>(table);
+    int32_t* last = reinterpret_cast<int32_t*>(table + sizeof(prefill_seg_t) * cfg_.batch);
     std::fill(last, last + cfg_.batch, -1);
     for (size_t i = 0; i < chunks.size(); ++i) {
       const prefill_chunk_t& c = chunks[i];
       segs[i] = prefill_seg_t{c.seq, static_cast<int>(c.start), c.length, c.first};
       last[c.seq] = static_cast<int32_t>(c.start + c.length - 1);
     }
-    chunk_ring_->upload(chunk_table_->data(), table.data(), stream_);
+    chunk_ring_->upload(chunk_table_->data(), table, stream_);  // copies: the staging is free again
   }
   size_t chunk_table_bytes() const { return (sizeof(prefill_seg_t) + sizeof(int32_t)) * cfg_.batch; }
 
@@ -475,6 +482,10 @@ class CudaCache final : public Cache {
 
   size_t head_index(int seq, int head) const { return static_cast<size_t>(seq) * cfg_.kv_heads + head; }
 
+  // Whether decode positions go through the device buffer: PoolEvict reads them from there, and
+  // the launch parameters hold at most kInlinePositions.
+  bool uploads_positions() const { return pool_ || cfg_.batch > decode_params_t::kInlinePositions; }
+
   decode_params_t decode_params(int layer, const decode_args_t* a) {
     decode_params_t p;
     fill_layer(p, layer);
@@ -485,7 +496,7 @@ class CudaCache final : public Cache {
       p.lam_new = static_cast<const float*>(a->lam->data());
       p.out = a->out->data();
     }
-    p.positions = static_cast<const int32_t*>(positions_->data());
+    p.positions = positions_ ? static_cast<const int32_t*>(positions_->data()) : nullptr;
     return p;
   }
 
@@ -493,12 +504,13 @@ class CudaCache final : public Cache {
   cudaStream_t stream_ = nullptr;  // legacy default stream: ordered with cudaMemcpy
   std::vector<LayerStore> layers_;  // fixed layout
   std::unique_ptr<PoolStore> pool_;  // pooled layout
-  std::unique_ptr<Buffer> positions_;
-  std::unique_ptr<PinnedRing> ring_;
+  std::unique_ptr<Buffer> positions_;  // decode positions, when uploads_positions()
+  std::unique_ptr<PinnedRing> ring_;   // their staging, likewise
   std::unique_ptr<Buffer> decode_ws_;
   std::unique_ptr<Buffer> prefill_ws_;  // grown to the largest chunk seen
   std::unique_ptr<PinnedRing> chunk_ring_;  // varlen prefill: staged chunk tables
   std::unique_ptr<Buffer> chunk_table_;     // [batch] prefill_seg_t, then [batch] last positions
+  std::vector<char> chunk_staging_;         // host copy of chunk_table_, filled per varlen call
   const prefill_seg_t* prefill_segs_ = nullptr;
   const int32_t* prefill_last_ = nullptr;
 };
