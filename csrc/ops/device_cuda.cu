@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <memory>
 #include <sstream>
 
 #include "common/errors.h"
@@ -159,6 +160,18 @@ struct Events {
   }
 };
 
+/// Frees a CUDA handle through `Free` when it goes out of scope, on every exit path.
+template <auto Free>
+struct cuda_deleter_t {
+  template <typename P>
+  void operator()(P* p) const noexcept {
+    Free(p);
+  }
+};
+using stream_ptr = std::unique_ptr<CUstream_st, cuda_deleter_t<cudaStreamDestroy>>;
+using device_ptr = std::unique_ptr<void, cuda_deleter_t<cudaFree>>;
+using pinned_ptr = std::unique_ptr<void, cuda_deleter_t<cudaFreeHost>>;
+
 }  // namespace
 
 std::vector<double> cuda_time_calls(int n, double spin_ms, const std::function<void(int)>& fn, int group) {
@@ -245,39 +258,27 @@ launch_cost_t cuda_launch_cost(int iters) {
       check(cudaLaunchKernelEx(&cfg, EmptyKernel, params), "cluster launch");
     });
   }
-  cudaStream_t stream = nullptr;
-  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-  try {
+  {
+    cudaStream_t s = nullptr;
+    check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+    const stream_ptr stream(s);  // scoped: the probes below run with no extra stream alive
     r.stream_kernel_us = host_us(iters, [&] {
-      EmptyKernel<<<1, 128, 0, stream>>>(params);
+      EmptyKernel<<<1, 128, 0, stream.get()>>>(params);
       check(cudaGetLastError(), "empty kernel launch");
     });
-  } catch (...) {
-    cudaStreamDestroy(stream);
-    throw;
   }
-  cudaStreamDestroy(stream);
   Events ev(1);
   r.event_us = host_us(iters, [&] { check(cudaEventRecord(ev.ev[0], nullptr), "cudaEventRecord"); });
-  void* host = nullptr;
-  check(cudaMallocHost(&host, 512), "cudaMallocHost");
-  void* dev_buf = nullptr;
-  const cudaError_t e = cudaMalloc(&dev_buf, 512);
-  if (e != cudaSuccess) {
-    cudaFreeHost(host);
-    check(e, "cudaMalloc");
-  }
-  try {
-    r.upload_us = host_us(iters, [&] {
-      check(cudaMemcpyAsync(dev_buf, host, 512, cudaMemcpyHostToDevice, nullptr), "cudaMemcpyAsync");
-    });
-  } catch (...) {
-    cudaFree(dev_buf);
-    cudaFreeHost(host);
-    throw;
-  }
-  cudaFree(dev_buf);
-  cudaFreeHost(host);
+  void* h = nullptr;
+  check(cudaMallocHost(&h, 512), "cudaMallocHost");
+  const pinned_ptr host(h);
+  void* d = nullptr;
+  check(cudaMalloc(&d, 512), "cudaMalloc");
+  const device_ptr dev_buf(d);
+  r.upload_us = host_us(iters, [&] {
+    check(cudaMemcpyAsync(dev_buf.get(), host.get(), 512, cudaMemcpyHostToDevice, nullptr),
+          "cudaMemcpyAsync");
+  });
   return r;
 }
 
