@@ -48,30 +48,6 @@ struct pool_smem_t {
   int warp_sums[32];
 };
 
-/// Block-wide exclusive sum of one int per thread, in thread order; *total gets the sum.
-/// Every thread must call it; it synchronises the block.
-__device__ int block_exclusive_sum(int v, int* warp_sums, int* total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = (blockDim.x + 31) >> 5;
-  int x = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int t = __shfl_up_sync(0xffffffffu, x, o);
-    if (lane >= o) x += t;
-  }
-  __syncthreads();  // warp_sums may still be read by a previous call
-  if (lane == 31) warp_sums[warp] = x;
-  __syncthreads();
-  int before = 0, all = 0;
-  for (int w = 0; w < nwarps; ++w) {
-    const int c = warp_sums[w];
-    before += w < warp ? c : 0;
-    all += c;
-  }
-  *total = all;
-  return before + x - v;
-}
-
 /// Head of candidate i: the last head whose first candidate index is <= i (empty heads share
 /// their successor's start, so the last one is the non-empty head that holds i).
 __device__ __forceinline__ int head_of(const pool_smem_t& s, int nh, int i) {
@@ -114,7 +90,7 @@ __device__ void for_top(const unsigned long long* keys, int lo, int n, int64_t k
       int gt = 0;
       for (int i = tid; i < n; i += nthr) gt += keys[lo + i] > thr;
       int total;
-      block_exclusive_sum(gt, s.warp_sums, &total);
+      topk::block_exclusive_sum(gt, s.warp_sums, &total);
       need = static_cast<int>(k) - total;
     }
   }
@@ -215,7 +191,7 @@ __device__ void evict_pool(const pool_params_t& p, int nh, int total, int tcount
     }
   }
   int nlive;
-  block_exclusive_sum(live, s.warp_sums, &nlive);  // also publishes keys to the block
+  topk::block_exclusive_sum(live, s.warp_sums, &nlive);  // also publishes keys to the block
   // 2. The budget.
   if (nlive >= static_cast<int64_t>(nh) * (p.memory + p.buffer)) {
     const int64_t budget = static_cast<int64_t>(nh) * p.memory;
@@ -303,7 +279,7 @@ __device__ void make_room(const pool_params_t& p, int nh, size_t region_base, co
   }
   if (!__syncthreads_or(lacking)) return;
   int total_need;
-  block_exclusive_sum(need, s.warp_sums, &total_need);
+  topk::block_exclusive_sum(need, s.warp_sums, &total_need);
   if (total_need > p.region) {  // the host sizes regions so that this cannot happen
     if (tid == 0) *p.overflow = 1;
     return;
@@ -312,7 +288,8 @@ __device__ void make_room(const pool_params_t& p, int nh, size_t region_base, co
   int cap = 0;
   if (tid < nh) cap = need + spare / nh + (tid < spare % nh ? 1 : 0);
   int unused;
-  const int off = static_cast<int>(region_base) + block_exclusive_sum(cap, s.warp_sums, &unused);
+  const int off =
+      static_cast<int>(region_base) + topk::block_exclusive_sum(cap, s.warp_sums, &unused);
   // New offsets in s.start, new caps in s.count (both free now).
   if (tid < nh) {
     s.start[tid] = off;
@@ -360,7 +337,7 @@ __global__ void __launch_bounds__(kPoolThreads) PoolEvictKernel(const pool_param
     s.cap[tid] = p.head_cap[idx];
   }
   int total;
-  const int first = block_exclusive_sum(len, s.warp_sums, &total);
+  const int first = topk::block_exclusive_sum(len, s.warp_sums, &total);
   if (tid < nh) s.start[tid] = first;
   __syncthreads();
   // Under budget and no threshold: nothing can go (the usual B > 0 step), so the tokens are

@@ -142,16 +142,15 @@ __device__ unsigned long long block_select_kth_largest(KeyFn key_at, int n, int 
   return prefix;  // not reached
 }
 
-/// Block-wide exclusive prefix count of one flag per thread, in thread order. Returns this
-/// thread's offset; *total receives the block's count. warp_sums: 32 ints of shared memory.
-/// Every thread of the block must call it; it synchronises the block.
-__device__ __forceinline__ int block_exclusive_count(bool flag, int* warp_sums, int* total) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+/// The block-wide half of the exclusive scans below, once each warp has scanned its own
+/// values: the lane with `publish` set (one per warp) stores its warp's total in warp_sums;
+/// returns the sum of the totals of the warps before this thread's, *total the block's.
+__device__ __forceinline__ int block_warp_offset(int warp_total, bool publish, int* warp_sums,
+                                                 int* total) {
+  const int tid = threadIdx.x, warp = tid >> 5;
   const int nwarps = (blockDim.x + 31) >> 5;
-  const unsigned b = __ballot_sync(0xffffffffu, flag);
-  const int in_warp = __popc(b & ((1u << lane) - 1u));
   __syncthreads();  // warp_sums may still be read from the previous call
-  if (lane == 0) warp_sums[warp] = __popc(b);
+  if (publish) warp_sums[warp] = warp_total;
   __syncthreads();
   int before = 0, all = 0;
   for (int w = 0; w < nwarps; ++w) {
@@ -160,7 +159,30 @@ __device__ __forceinline__ int block_exclusive_count(bool flag, int* warp_sums, 
     all += c;
   }
   *total = all;
-  return before + in_warp;
+  return before;
+}
+
+/// Block-wide exclusive prefix sum of one int per thread, in thread order. Returns this
+/// thread's offset; *total receives the block's sum. warp_sums: 32 ints of shared memory.
+/// Every thread of the block must call it; it synchronises the block. Block size a multiple of 32.
+__device__ __forceinline__ int block_exclusive_sum(int v, int* warp_sums, int* total) {
+  const int lane = threadIdx.x & 31;
+  int x = v;  // inclusive sum within the warp: lane 31 holds the warp's total
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int t = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += t;
+  }
+  return block_warp_offset(x, lane == 31, warp_sums, total) + x - v;
+}
+
+/// block_exclusive_sum of one flag per thread (1 if set), with the warp's scan done by a single
+/// ballot instead of five shuffles: the compactions call it once per block-wide pass.
+__device__ __forceinline__ int block_exclusive_count(bool flag, int* warp_sums, int* total) {
+  const int tid = threadIdx.x, lane = tid & 31;
+  const unsigned b = __ballot_sync(0xffffffffu, flag);
+  const int in_warp = __popc(b & ((1u << lane) - 1u));
+  return block_warp_offset(__popc(b), lane == 0, warp_sums, total) + in_warp;
 }
 
 /// Keep flags of the top k of n keys, compacted in index order: writes the indices i with
