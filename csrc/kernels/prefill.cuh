@@ -727,27 +727,13 @@ __global__ void __launch_bounds__(prefill_detail::kSimtThreads)
 /// \param lognorm  per chunk, [kv_heads, chunk] at row offset first * kv_heads
 template <typename T>
 __global__ void PrefillLognormKernel(const prefill_params_t p, float* __restrict__ lognorm) {
-  constexpr int VEC = vec_size<T>::value;
   const prefill_seg_t sg = p.segment(blockIdx.z);
   const int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (row >= sg.chunk * p.kv_heads) return;
   const int D = p.head_dim;
   const T* kr = static_cast<const T*>(p.k) + (static_cast<size_t>(sg.first) * p.kv_heads + row) * D;
-  // The canonical sum of squares of common/score.h: lane l sums the 8-element chunks l, l + 32,
-  // ... in double, then the xor-shuffle tree; the bits equal the CPU backend's and decode's.
-  static_assert(8 % VEC == 0, "a chunk of 8 elements is whole vectors");
-  double ss = 0.0;
-  for (int c = lane; c < D / 8; c += 32) {
-#pragma unroll
-    for (int v = 0; v < 8 / VEC; ++v) {
-      float f[VEC];
-      load_vec_f32<T>(kr + c * 8 + v * VEC, f);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) ss += static_cast<double>(f[e]) * static_cast<double>(f[e]);
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  // The canonical order: the bits equal the CPU backend's and decode's.
+  const double ss = warp_key_sumsq<T>(kr, D, lane);
   if (lane == 0) {
     const int i = row / p.kv_heads, h = row - i * p.kv_heads;
     lognorm[static_cast<size_t>(sg.first) * p.kv_heads + static_cast<size_t>(h) * sg.chunk + i] =
