@@ -196,3 +196,69 @@ describe.skipIf(!cudaAvailable)('CUDA decode: positions in the launch (batch <= 
     gpu.dispose();
   });
 });
+
+describe.skipIf(!cudaAvailable)('CUDA decode: steps enqueued back to back, in any layer order', () => {
+  // A decode kernel reads its cache tiles before its dependency wait when the step enqueued just
+  // before it was another layer's (DecodeStep, prefetch_before_wait); after a step of its own layer
+  // it must not, or it reads slots that step is still writing. Every call's inputs are staged
+  // first and a long step of a large cache goes ahead, so the calls queue up and follow each
+  // other on the GPU with no copy or host wait between them. Each cache takes its layers in
+  // order; runs of calls of a one-layer cache repeat its layer back to back, and the two
+  // caches interleave at random.
+  test.each([{ buffer: 0 }, { buffer: 4 }])('B=$buffer: 6 rounds of 40 calls', ({ buffer }) => {
+    const cpu = openRuntime('cpu');
+    const gpu = openRuntime('cuda');
+    // The step ahead: 32 x 8 heads of 16,384 slots (2 GB of K/V), several hundred microseconds.
+    const big = { layers: 1, batch: 32, qHeads: 32, kvHeads: 8, headDim: 128, memory: 16384, buffer: 0, dtype: 'bf16' as DType };
+    const bigCache = gpu.createCache(big);
+    const bigIn = stepPairs(cpu, gpu, big.batch, big.qHeads, big.kvHeads, big.headDim, 'bf16');
+    const Bt = 4, Hq = 8, Hkv = 2, D = 64;
+    const base = { batch: Bt, qHeads: Hq, kvHeads: Hkv, headDim: D, memory: 16, buffer, dtype: 'bf16' as DType };
+    const caches = [{ ...base, layers: 3 }, { ...base, layers: 1 }].map((cfg) => ({ cfg, cc: cpu.createCache(cfg), gc: gpu.createCache(cfg) }));
+    const next = caches.map(() => 0);  // calls made per cache: layer = calls % layers
+    const calls = 40;
+    const t = Array.from({ length: calls }, () => stepPairs(cpu, gpu, Bt, Hq, Hkv, D, 'bf16'));
+    for (let round = 0; round < 6; round++) {
+      // Runs of 1-3 calls of a random cache.
+      const order: number[] = [];
+      while (order.length < calls) {
+        const c = randInt(0, caches.length - 1);
+        for (let r = randInt(1, 3); r > 0 && order.length < calls; r--) order.push(c);
+      }
+      const pending = order.map((ci, i) => {
+        const L = caches[ci]!.cfg.layers;
+        const l = next[ci]! % L, step = Math.floor(next[ci]! / L);
+        next[ci]!++;
+        const p = t[i]!;
+        for (const x of [p.q, p.k, p.v]) writeBoth(x, randnArray(x.cpu.numel));
+        writeBoth(p.lam, randomLam(p.lam.cpu.numel));
+        p.out.gpu.write(new Float32Array(p.out.gpu.numel).fill(Number.NaN));
+        const positions = Int32Array.from({ length: Bt }, (_, b) => 7 * b + step);
+        return { ci, l, p, positions };
+      });
+      for (const { ci, l, p, positions } of pending) {
+        caches[ci]!.cc.decode(l, { q: p.q.cpu, k: p.k.cpu, v: p.v.cpu, lam: p.lam.cpu, out: p.out.cpu, positions });
+      }
+      const g = bigIn;
+      bigCache.decode(0, { q: g.q.gpu, k: g.k.gpu, v: g.v.gpu, lam: g.lam.gpu, out: g.out.gpu, positions: Int32Array.from({ length: big.batch }, () => round) });
+      for (const { ci, l, p, positions } of pending) {
+        caches[ci]!.gc.decode(l, { q: p.q.gpu, k: p.k.gpu, v: p.v.gpu, lam: p.lam.gpu, out: p.out.gpu, positions });
+      }
+      pending.forEach(({ ci, l, p }, i) => {
+        const err = relError(p.out.gpu.readSync(), p.out.cpu.readSync());
+        if (!(err <= TOL.bf16)) expect.fail(ctx(`round ${round} call ${i} (cache ${ci} layer ${l}): relative error ${err} > ${TOL.bf16}`));
+      });
+    }
+    for (const { cfg, cc, gc } of caches) {
+      for (let l = 0; l < cfg.layers; l++) {
+        for (let b = 0; b < Bt; b++) {
+          for (let h = 0; h < Hkv; h++) {
+            expect(Array.from(gc.inspect(b, l, h).positions), ctx(`retained set layer ${l} seq ${b} head ${h}`)).toEqual(Array.from(cc.inspect(b, l, h).positions));
+          }
+        }
+      }
+    }
+    cpu.dispose();
+    gpu.dispose();
+  });
+});

@@ -14,6 +14,8 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <vector>
 
 #include "common/errors.h"
 #include "kernels/decode.cuh"
@@ -29,6 +31,21 @@ void check_cuda(cudaError_t e, const char* what) {
   cudaGetLastError();  // clear a non-sticky error so later calls are not blamed for it
   if (e == cudaErrorMemoryAllocation) fail(code::kOutOfMemory, what, ": out of GPU memory");
   fail(code::kNative, what, " failed: ", cudaGetErrorName(e), ": ", cudaGetErrorString(e));
+}
+
+/// Per device, the layer cache (its K slots) of the decode step enqueued last, for
+/// decode_params_t::prefetch_before_wait: every cache runs on the device's legacy default
+/// stream, so a step may read its cache tiles before its dependency wait unless the step
+/// enqueued last there was its own layer's (DecodeStep's contract). Callers hold the lock
+/// over the check, the launch and the record: caches may be used from several threads.
+struct LastDecode {
+  std::mutex mu;
+  std::vector<const void*> layer;  // by device ordinal
+};
+
+LastDecode& last_decode() {
+  static LastDecode l;
+  return l;
 }
 
 /// Fixed layout: one layer's slot arrays, [batch, kv_heads, M + B] slots.
@@ -84,9 +101,9 @@ class CudaCache final : public Cache {
   explicit CudaCache(const cache_config_t& cfg) : Cache(Backend::kCuda, cfg) {
     TRIMKV_CHECK(cfg.head_dim % 8 == 0 && cfg.head_dim <= 256, code::kUnsupported, "headDim ", cfg.head_dim,
                  " is not supported by the CUDA backend (multiples of 8 up to 256)");
-    int dev = 0, major = 0;
-    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+    int major = 0;
+    check_cuda(cudaGetDevice(&dev_), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev_), "cudaDeviceGetAttribute");
     TRIMKV_CHECK(DecodeGroupSupported(cfg.group(), cfg.head_dim, cfg.dtype, major >= 8), code::kUnsupported,
                  "qHeads / kvHeads = ", cfg.group(), " is not supported by the CUDA decode kernel for ", dtype_name(cfg.dtype),
                  " at headDim ", cfg.head_dim, major >= 8 ? "" : " on this GPU",
@@ -139,7 +156,14 @@ class CudaCache final : public Cache {
     } else if (layer == 0) {
       ring_->upload(positions_->data(), a.positions.data, stream_);  // PoolEvict reads them too
     }
-    check_cuda(DecodeStep(p, cfg_.dtype, decode_ws_->data(), stream_), "decode kernel");
+    {
+      LastDecode& last = last_decode();
+      std::lock_guard<std::mutex> lock(last.mu);
+      if (last.layer.size() <= static_cast<size_t>(dev_)) last.layer.resize(dev_ + 1, nullptr);
+      p.prefetch_before_wait = last.layer[dev_] != p.k_cache ? 1 : 0;
+      check_cuda(DecodeStep(p, cfg_.dtype, decode_ws_->data(), stream_), "decode kernel");
+      last.layer[dev_] = p.k_cache;
+    }
     if (pool_ && (cfg_.scope != Scope::kGlobal || layer == cfg_.layers - 1)) {
       pool_params_t e = pool_params(layer, 0, cfg_.batch);
       e.positions = static_cast<const int32_t*>(positions_->data());
@@ -501,6 +525,7 @@ class CudaCache final : public Cache {
   }
 
   int cap_ = 0;                    // fixed layout: slots per head
+  int dev_ = 0;                    // the device the cache lives on
   cudaStream_t stream_ = nullptr;  // legacy default stream: ordered with cudaMemcpy
   std::vector<LayerStore> layers_;  // fixed layout
   std::unique_ptr<PoolStore> pool_;  // pooled layout

@@ -52,6 +52,11 @@ struct decode_params_t : cache_layer_t {
   void* out = nullptr;              ///< [batch, q_heads, head_dim] dtype
   int num_splits = 0;               ///< 0 = auto; > 0 forces the split count (clamped)
   int num_sms = 0;                  ///< 0 = read from the current device
+  /// 1: the tensor-core kernel may issue its first K/V tiles (and their pos/lam/lognorm) of a
+  /// fixed-layout cache before waiting for the kernel ahead of it (a programmatic dependent
+  /// launch, pdl.cuh), so they land while that kernel finishes. Set it only when the kernel
+  /// ahead in the stream cannot be writing this layer's cache: see DecodeStep.
+  int prefetch_before_wait = 0;
 #ifdef TRIMKV_DECODE_TRACE
   unsigned long long* trace = nullptr;  ///< harness only: [blocks][8] globaltimer records
 #endif
@@ -99,6 +104,14 @@ bool DecodeGroupSupported(int group, int head_dim, DType dtype, bool tensor_core
 /// \param dtype    storage dtype of q, k_new, v_new, caches and out
 /// \param workspace at least DecodeWorkspaceBytes(p) bytes of device memory, 256-byte aligned
 /// \return cudaSuccess, cudaErrorInvalidValue for unsupported shapes, or the launch error
+///
+/// p.prefetch_before_wait is safe when the decode step enqueued last on the stream before this
+/// one was for another layer's cache and nothing between them writes this layer's cache with a
+/// programmatic dependent launch. Then, when this kernel starts, that step has passed its own
+/// griddepcontrol.wait (the decode kernel lets its dependents start only after it), so every
+/// kernel ahead of it has completed, this layer's last writer included, provided every kernel
+/// of the stream waits for the one ahead before it completes (any kernel launched without the
+/// programmatic attribute does).
 cudaError_t DecodeStep(const decode_params_t& p, DType dtype, void* workspace,
                        cudaStream_t stream);
 
@@ -109,6 +122,10 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kMinSplitTokens = 16;  ///< a split covers at least this many tokens
 constexpr int kAutoSplitTokens = 64;  ///< auto choice: at least this many tokens per split
 constexpr int kMaxSplits = 64;
+/// Test hook of the tensor-core launch (the kernel harness's A/B runs; 0 in the library):
+/// bit 0 no thread-block clusters (the arrival-counter merge), bit 1 no programmatic
+/// dependent launch.
+inline int g_launch_diag = 0;
 /// Shared memory the split merge may use (every kernel variant has at least this much).
 constexpr int kMergeSmemBytes = 96 * 1024;
 
@@ -174,6 +191,12 @@ struct mma_traits {
 constexpr int kMmaMaxGroup = 8;        ///< query heads per KV head on the tensor-core path (N)
 constexpr int kMaxClusterSplits = 16;  ///< most splits merged through a cluster (> 8: non-portable)
 constexpr int kAutoClusterSplits = 8;  ///< most splits the automatic choice makes on sm_90+
+/// Splits shorter than this (in slots) merge through a cluster at one block per SM rather
+/// than through L2 at two (DecodeNumSplits).
+constexpr int kClusterChunkTokens = 128;
+/// At two blocks per SM, clusters of up to this many blocks (larger ones lose to the
+/// arrival-counter merge there; launch_mma).
+constexpr int kPairedClusterSplits = 2;
 
 /// Shared scratch of the eviction epilogue.
 struct fin_smem_t {
@@ -220,20 +243,11 @@ struct fin_smem_t {
 namespace {
 
 /// ln(max(||k||_2, 1e-12)) of a key of D elements (global or shared memory), by warp 0, into
-/// fin.lognorm: the canonical sum of squares of common/score.h (lane l sums the 8-element
-/// chunks l, l + 32, ...), so the bits equal the CPU backend's. Caller synchronises afterwards.
+/// fin.lognorm, in the canonical order (warp_key_sumsq). Caller synchronises afterwards.
 template <typename T>
 __device__ __forceinline__ void key_lognorm(const T* k, int D, decode_detail::fin_smem_t& fin) {
   if (threadIdx.x >= 32) return;
-  double ss = 0.0;
-  for (int c = threadIdx.x; c * 8 < D; c += 32) {
-    for (int e = 0; e < 8 && c * 8 + e < D; ++e) {
-      const double x = static_cast<double>(to_f32(k[c * 8 + e]));
-      ss += x * x;
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  const double ss = warp_key_sumsq<T>(k, D, threadIdx.x);
   if (threadIdx.x == 0) fin.lognorm = lognorm_of_sumsq(ss);
 }
 
@@ -1048,33 +1062,6 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
   // write into another block's shared memory, long after every block arrived.
   if (use_cluster) decode_ptx::cluster_arrive_relaxed();
 #endif
-  // Launched as a programmatic dependent on sm_90 (pdl.cuh): nothing above reads global
-  // memory. Wait for the kernels before this one (q, the caches, lens may be theirs), then let
-  // the next kernel of the stream get resident while this one runs.
-  pdl_wait();
-  pdl_launch_dependents();
-  TRIMKV_TRACE_AT(0);
-
-  // The step's inputs, all in one round trip (no address depends on another load).
-  const int pos_new = p.new_position(b);
-  const int len_in = p.lens[bh];
-  const int off_in = pooled ? p.head_off[bh] : 0;
-  const float lam_in = p.lam_new[bh];
-  uint32_t qf[KS][2];  // B fragments of q^T: head g8, dims 16 ks + 2 q4 (+1) and + 8 (+1)
-  {
-    const int hq = g8 < G ? g8 : 0;
-    const uint32_t* qr = reinterpret_cast<const uint32_t*>(
-        static_cast<const T*>(p.q) + (static_cast<size_t>(b) * p.q_heads + h * G + hq) * D);
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-      const int d0 = 16 * ks + 2 * q4;
-      qf[ks][0] = (g8 < G && (DCONST != 0 || d0 < D)) ? qr[d0 / 2] : 0u;
-      qf[ks][1] = (g8 < G && (DCONST != 0 || d0 + 8 < D)) ? qr[(d0 + 8) / 2] : 0u;
-    }
-  }
-  for (int i = tid; i < DPAD / 8; i += NT)
-    *reinterpret_cast<uint4*>(snew + 2 * D + i * 8) = make_uint4(0, 0, 0, 0);
-
   const bool meta = !pooled && p.buffer == 0;  // B = 0: the victim search needs pos/lam
   size_t mbase = 0;
   int lo = 0, hi_spec = 0;
@@ -1107,20 +1094,10 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
   };
   int ntiles_spec = 0, pro_groups = 0;
   bool at_once = false;
-  // Prologue: k_new / v_new of the head, then as many tiles as the pipeline holds.
-  auto prologue = [&]() {
+  // Prologue, part 1: as many tiles of the split as the pipeline holds (groups of their own).
+  auto issue_tiles = [&]() {
     kc = static_cast<const T*>(p.k_cache) + mbase * D;
     vc = static_cast<const T*>(p.v_cache) + mbase * D;
-    const T* kn = static_cast<const T*>(p.k_new) + static_cast<size_t>(bh) * D;
-    const T* vn = static_cast<const T*>(p.v_new) + static_cast<size_t>(bh) * D;
-    // k_new / v_new first, in a group of their own: the new token is attended while the
-    // tiles are still in flight.
-    for (int c = tid; c < 2 * (D / 8); c += NT) {
-      const int kv = c >= D / 8 ? 1 : 0;
-      const int cc = c - kv * (D / 8);
-      cp_async16(snew + kv * D + cc * 8, (kv ? vn : kn) + cc * 8, true);
-    }
-    cp_async_commit();
     ntiles_spec = hi_spec > lo ? (hi_spec - lo + TK - 1) / TK : 0;
     at_once = ntiles_spec <= nst;
     if (at_once) {  // the whole split in one group: one round trip
@@ -1135,14 +1112,61 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
       pro_groups = nst - 1;
     }
   };
-  if (!pooled) {
-    // Fixed layout: the slots of this split are known without any load. Slots past len hold
-    // stale data; they are read (one tile at most per stage) and masked.
+  // Part 2, after the wait: k_new / v_new, one group behind the tiles (a kernel ahead may have
+  // written them). The tile loop attends the new token once this group has landed.
+  auto issue_new = [&]() {
+    const T* kn = static_cast<const T*>(p.k_new) + static_cast<size_t>(bh) * D;
+    const T* vn = static_cast<const T*>(p.v_new) + static_cast<size_t>(bh) * D;
+    for (int c = tid; c < 2 * (D / 8); c += NT) {
+      const int kv = c >= D / 8 ? 1 : 0;
+      const int cc = c - kv * (D / 8);
+      cp_async16(snew + kv * D + cc * 8, (kv ? vn : kn) + cc * 8, true);
+    }
+    cp_async_commit();
+  };
+  // Fixed layout: the slots of this split are known without any load. Slots past len hold
+  // stale data; they are read (one tile at most per stage) and masked.
+  auto fixed_tiles = [&]() {
     mbase = static_cast<size_t>(bh) * p.cap;
     const int chunk = (p.cap + S - 1) / S;
     lo = min(p.cap, split * chunk);
     hi_spec = min(p.cap, lo + chunk);
-    prologue();
+    issue_tiles();
+  };
+  // Launched as a programmatic dependent on sm_90 (pdl.cuh). Before the wait nothing reads
+  // global memory but, where the host allows it (p.prefetch_before_wait, see DecodeStep), the
+  // tiles of this layer's fixed-layout cache: no kernel that can still be running writes them.
+  // Then wait for the kernels before this one (q, k_new / v_new, lens, lam_new may be theirs)
+  // and let the next kernel of the stream get resident while this one runs.
+  const bool early = !pooled && p.prefetch_before_wait != 0;
+  if (early) fixed_tiles();
+  pdl_wait();
+  pdl_launch_dependents();
+  TRIMKV_TRACE_AT(0);
+
+  // The step's inputs, all in one round trip (no address depends on another load).
+  const int pos_new = p.new_position(b);
+  const int len_in = p.lens[bh];
+  const int off_in = pooled ? p.head_off[bh] : 0;
+  const float lam_in = p.lam_new[bh];
+  uint32_t qf[KS][2];  // B fragments of q^T: head g8, dims 16 ks + 2 q4 (+1) and + 8 (+1)
+  {
+    const int hq = g8 < G ? g8 : 0;
+    const uint32_t* qr = reinterpret_cast<const uint32_t*>(
+        static_cast<const T*>(p.q) + (static_cast<size_t>(b) * p.q_heads + h * G + hq) * D);
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const int d0 = 16 * ks + 2 * q4;
+      qf[ks][0] = (g8 < G && (DCONST != 0 || d0 < D)) ? qr[d0 / 2] : 0u;
+      qf[ks][1] = (g8 < G && (DCONST != 0 || d0 + 8 < D)) ? qr[(d0 + 8) / 2] : 0u;
+    }
+  }
+  for (int i = tid; i < DPAD / 8; i += NT)
+    *reinterpret_cast<uint4*>(snew + 2 * D + i * 8) = make_uint4(0, 0, 0, 0);
+
+  if (!pooled) {
+    if (!early) fixed_tiles();
+    issue_new();
   }
   if (pos_new < 0) {  // inactive slot: cache untouched, output zeros
     cp_async_wait<0>();
@@ -1156,7 +1180,8 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
     const int chunk = (len + S - 1) / S;
     lo = min(len, split * chunk);
     hi_spec = min(len, lo + chunk);
-    prologue();
+    issue_tiles();
+    issue_new();
   }
   TRIMKV_TRACE_AT(1);
   const int hi = min(hi_spec, len);  // cached tokens of this split: [lo, hi)
@@ -1227,18 +1252,21 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
     }
   };
 
-  if (new_block) {
-    // k_new / v_new (the oldest group) landed: attend the new token as a slab of one (every
-    // K row is k_new, V row 0 is v_new) while the tiles are still in flight.
-    decode_ptx::cp_async_wait_dyn(pro_groups);
-    __syncthreads();
+  // The new token as a slab of one (every K row is k_new, V row 0 is v_new), by the last warp
+  // of the last split, once its group has landed and a barrier made it visible.
+  auto attend_new = [&]() {
     if (p.knorm) key_lognorm<T>(snew, D, fin);
     if (warp == NW - 1) {
       const int rv = (lane & 7) + (lane >> 4) * 8;
       attend_slab(mma::smem_u32(snew), 0,
                   rv == 0 ? mma::smem_u32(snew + D) : zero_row, 0, 1);
     }
-  }
+  };
+  // Groups in flight: the prologue's tiles (pro_groups), then k_new / v_new, then one per
+  // pipelined iteration. The k_new / v_new group has landed after the wait of iteration
+  // new_it (one stage: the first wait takes every group). At once, the tiles are attended
+  // while it may still be in flight, the new token after the loop.
+  const int new_it = at_once ? ntiles : nst == 1 ? 0 : pro_groups;
 
   // Tile loop. at_once: every tile of the split is in flight already (one group). Otherwise a
   // nst-stage pipeline: wait for tile it, refill the stage freed by tile it - 1.
@@ -1247,7 +1275,7 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
     if (at_once) {
       st = it;
       if (it == 0) {
-        cp_async_wait<0>();
+        cp_async_wait<1>();  // the tiles' group; k_new / v_new's may still be in flight
         __syncthreads();
       }
     } else if (nst == 1) {
@@ -1259,13 +1287,16 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
       __syncthreads();
     } else {
       st = it % nst;
-      decode_ptx::cp_async_wait_dyn(nst - 2);
+      // Tile it is group it of the prologue (it < pro_groups) or comes after k_new / v_new;
+      // nst - 1 + 1 + it groups are committed so far.
+      decode_ptx::cp_async_wait_dyn(it < pro_groups ? nst - 1 : nst - 2);
       __syncthreads();
       const int nx = it + nst - 1;
       if (nx < ntiles) load_tile(lo + nx * TK, hi, nx % nst);
       cp_async_commit();
     }
     if (it == 0) TRIMKV_TRACE_AT(2);
+    if (new_block && it == new_it) attend_new();
     const int s0 = lo + it * TK + warp * 16;  // first token of this warp's slab
     if (s0 < hi) {
       const unsigned char* base = smem_raw + st * Tr::STAGE_BYTES;
@@ -1290,6 +1321,7 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
   }
   cp_async_wait<0>();
   __syncthreads();  // k_new / v_new landed; the pipeline buffers are free
+  if (new_block && ntiles <= new_it) attend_new();
   TRIMKV_TRACE_AT(3);
   // Per-warp sums, then the warp partials into the first stage.
 #pragma unroll
@@ -1589,9 +1621,9 @@ int mma_max_clusters(const decode_params_t& p, int S, int dyn) {
 
 /// Launches DecodeMmaKernel. Pipeline depth: every tile of a split in flight when it fits,
 /// else as many stages as the SM holds with the blocks of one wave (one block per SM when the
-/// grid fits the SMs once, two otherwise). Splits of a head form a cluster when S <= 16 and
-/// every cluster of the grid can be resident at once (fewer stages first, then no cluster:
-/// the arrival-counter merge).
+/// grid fits the SMs once, two otherwise). Splits of a head form a cluster when S <= 16, the
+/// grid holds one block per SM or S <= kPairedClusterSplits, and every cluster of the grid
+/// can be resident at once (fewer stages first, then no cluster: the arrival-counter merge).
 template <typename T, int DPAD, int DCONST>
 cudaError_t launch_mma(const decode_params_t& p, int S, const decode_ws_t& ws,
                        cudaStream_t stream, const mma_info_t& mi) {
@@ -1606,7 +1638,10 @@ cudaError_t launch_mma(const decode_params_t& p, int S, const decode_ws_t& ws,
   const long long blocks = static_cast<long long>(S) * bh;
   const int per_sm = blocks <= mi.sms ? 1 : 2;
   const int budget = std::min(mi.max_dyn, mi.sm_smem / per_sm - mi.block_fixed);
-  bool cl = mi.cluster && S > 1 && S <= kMaxClusterSplits;
+  // Clusters where the grid holds one block per SM, or pairs at two (H100, batch 8, M 8192:
+  // 4-block clusters at two blocks per SM were 2% slower than the counter merge).
+  bool cl = mi.cluster && (g_launch_diag & 1) == 0 && S > 1 && S <= kMaxClusterSplits &&
+            (per_sm == 1 || S <= kPairedClusterSplits);
   const int recv = Tr::cluster_recv_bytes(S, G);
   const int merge = S > 1 ? merge_smem_bytes(S, G, DPAD) : 0;
   auto dyn_of = [&](int n) {
@@ -1642,7 +1677,9 @@ cudaError_t launch_mma(const decode_params_t& p, int S, const decode_ws_t& ws,
     attr[na].val.clusterDim.z = 1;
     ++na;
   }
-  if (mi.pdl) {  // start while the previous kernel finishes; the kernel waits before any read
+  if (mi.pdl && (g_launch_diag & 2) == 0) {
+    // Start while the previous kernel finishes: the kernel waits before it reads anything but
+    // the tiles p.prefetch_before_wait allows.
     attr[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[na].val.programmaticStreamSerializationAllowed = 1;
     ++na;

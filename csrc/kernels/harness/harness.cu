@@ -547,6 +547,7 @@ static cudaDeviceProp g_prop;
 static int g_clock_khz = 1755000;
 static double g_copy_bw = 0;
 static bool g_prof_only = false;  // prof mode: warm-up steps only (for ncu)
+static int g_early = 1;  // p.prefetch_before_wait of bench steps (consecutive steps use other sets)
 
 /// Times batch-step graphs of `fn(i)` (i = step index): median us per step over `groups`.
 template <class Fn>
@@ -670,6 +671,7 @@ static RowResult bench_row(BenchSets& S, int batch, int M, int B, int fs, bool t
   p.memory = M; p.buffer = B; p.cap = cap; p.window = 0; p.knorm = false;
   p.scale = 1.f / std::sqrt(128.f);
   p.num_splits = fs;
+  p.prefetch_before_wait = g_early;
   const size_t wsb = I::ws_bytes(p);
   CK(cudaMalloc(&ws, wsb));
   CK(cudaMemset(ws, 0, wsb));
@@ -844,8 +846,70 @@ static int run_bench(const int* only, bool trace_all) {
   return 0;
 }
 
+/// A/B of the launch options on a few rows, variants interleaved twice (drift shows as a
+/// difference between the two rounds): base = tiles before the wait + clusters + PDL.
+static int run_ab() {
+  CK(cudaGetDeviceProperties(&g_prop, 0));
+  struct V { const char* name; int early, diag; };
+  const V vs[] = {{"base", 1, 0}, {"no-early", 0, 0}, {"no-cluster", 1, 1}, {"no-pdl", 1, 2}};
+  const int rows[][3] = {{1, 512, 0},   {1, 512, 64},  {1, 2048, 0},  {8, 512, 0},
+                         {8, 2048, 0},  {8, 8192, 0},  {8, 8192, 64}, {32, 2048, 0},
+                         {32, 8192, 0}, {128, 2048, 0}};
+  std::printf("ab: us = events around back-to-back launches / g_us = graph replay, per step\n");
+  for (const auto& r : rows) {
+    BenchSets S;
+    make_sets(S, r[0], r[1], r[2]);
+    std::printf("b%d M%d B%d:", r[0], r[1], r[2]);
+    for (int round = 0; round < 2; ++round)
+      for (const V& v : vs) {
+        g_early = v.early;
+        trimkv::decode_detail::g_launch_diag = v.diag;
+        const RowResult x = bench_row<ImplNew>(S, r[0], r[1], r[2], 0, false);
+        std::printf(" %s %.2f/%.2f", v.name, x.us, x.usg);
+      }
+    std::printf("\n");
+    std::fflush(stdout);
+  }
+  g_early = 1;
+  trimkv::decode_detail::g_launch_diag = 0;
+  return 0;
+}
+
+/// Split counts x cluster on / off for the small batches (the split policy's data), B = 0.
+static int run_sweep() {
+  CK(cudaGetDeviceProperties(&g_prop, 0));
+  struct R { int batch; std::vector<int> splits; };
+  const R rows[] = {{1, {4, 8, 16}}, {2, {4, 8, 16}}, {4, {2, 4, 8}}, {8, {2, 3, 4, 8}},
+                    {16, {1, 2}}};
+  std::printf("sweep: us = events around back-to-back launches / g_us = graph replay, per step;"
+              " cl = thread-block cluster merge, ctr = arrival-counter merge\n");
+  for (const R& r : rows)
+    for (int M : {512, 2048, 8192}) {
+      BenchSets S;
+      make_sets(S, r.batch, M, 0);
+      std::printf("b%d M%d (auto S %d):", r.batch, M, [&] {
+        trimkv::decode_params_t p;
+        p.batch = r.batch; p.q_heads = kHq; p.kv_heads = kHkv; p.head_dim = kD;
+        p.memory = M; p.buffer = 0; p.cap = M;
+        return trimkv::DecodeNumSplits(p);
+      }());
+      for (int fs : r.splits)
+        for (int diag : {0, 1}) {
+          trimkv::decode_detail::g_launch_diag = diag;
+          const RowResult x = bench_row<ImplNew>(S, r.batch, M, 0, fs, false);
+          std::printf(" S%d%s %.2f/%.2f", fs, diag ? "ctr" : "cl", x.us, x.usg);
+        }
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+  trimkv::decode_detail::g_launch_diag = 0;
+  return 0;
+}
+
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "test";
+  if (mode == "ab") return run_ab();
+  if (mode == "sweep") return run_sweep();
   if (mode == "prof") g_prof_only = true;
   if (mode == "bench" || mode == "trace" || mode == "prof") {
     int only[4];
