@@ -707,10 +707,190 @@ static int run_bench() {
   return 0;
 }
 
+// ---- Floors of any per-layer gate kernel timed back to back (`gate_harness floor`) ----------
+// chain: what every gate call must do after its dependency wait, and no more: each block reads
+// 16 B of x per thread (the previous kernel's output) and writes one float. read: the same,
+// plus the block's share of the layer's weight bytes, requested before the wait (the ideal
+// overlap: the read costs nothing beyond the chain once it hides under it). Both are
+// programmatic dependent launches that let the next launch start first thing, as the gate does.
+__global__ void FloorChainKernel(const uint4* __restrict__ x, int xv, float* __restrict__ out) {
+  pdl_launch_dependents();
+  pdl_wait();
+  const int i = threadIdx.x % xv;
+  const uint4 a = x[i];
+  float v = __uint_as_float(a.x ^ a.y ^ a.z ^ a.w);
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x == 0) out[blockIdx.x] = v;
+}
+
+/// This thread's share of w (grid-strided), four loads in flight at a time.
+__device__ __forceinline__ unsigned read_share(const uint4* __restrict__ w, size_t wv) {
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  unsigned acc = 0;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < wv; i += 4 * stride) {
+    uint4 a[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) a[j] = i + j * stride < wv ? w[i + j * stride] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc ^= a[j].x ^ a[j].y ^ a[j].z ^ a[j].w;
+  }
+  return acc;
+}
+
+__global__ void FloorReadKernel(const uint4* __restrict__ w, size_t wv, const uint4* __restrict__ x,
+                                int xv, float* __restrict__ out) {
+  pdl_launch_dependents();
+  const unsigned acc = read_share(w, wv);
+  pdl_wait();
+  const uint4 a = x[threadIdx.x % xv];
+  float v = __uint_as_float(acc ^ a.x);
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x == 0) out[blockIdx.x] = v;
+}
+
+// reduce: read, plus the one cross-block reduction every gate needs (lam mixes every hidden
+// unit): each block writes a partial, the last to arrive (acq_rel counter) sums them in block
+// order and writes the result, then resets the counter.
+__global__ void FloorReduceKernel(const uint4* __restrict__ w, size_t wv, const uint4* __restrict__ x,
+                                  int xv, float* __restrict__ part, unsigned* __restrict__ counter,
+                                  float* __restrict__ out) {
+  pdl_launch_dependents();
+  const unsigned acc = read_share(w, wv);
+  pdl_wait();
+  const uint4 a = x[threadIdx.x % xv];
+  float v = __uint_as_float(acc ^ a.x) * 1e-30f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __shared__ float red[32];
+  __shared__ bool last;
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0.f;
+    for (int i = 0; i < static_cast<int>(blockDim.x >> 5); ++i) t += red[i];
+    part[blockIdx.x] = t;
+    unsigned prev;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(counter) : "memory");
+    last = prev == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  if (threadIdx.x < 32) {
+    float t = 0.f;
+    for (int i = threadIdx.x; i < static_cast<int>(gridDim.x); i += 32) t += __ldcg(part + i);
+    for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    if (threadIdx.x == 0) { out[0] = t; *counter = 0; }
+  }
+}
+
+/// Per-call device time of the two floor kernels, CUDA graphs of consecutive launches over
+/// weight sets rotated past L2 (rg sizes), vs the copy bandwidth of the same run.
+static int run_floor() {
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  cudaStream_t cs;
+  CK(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  auto timed = [&](auto&& enqueue, int calls) {
+    cudaGraph_t graph;
+    cudaGraphExec_t gexec;
+    CK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < calls; ++i) enqueue(i);
+    CK(cudaStreamEndCapture(cs, &graph));
+    CK(cudaGraphInstantiate(&gexec, graph, 0));
+    CK(cudaGraphLaunch(gexec, cs));
+    CK(cudaStreamSynchronize(cs));
+    std::vector<double> t;
+    for (int r = 0; r < 50; ++r) {
+      CK(cudaEventRecord(e0, cs));
+      CK(cudaGraphLaunch(gexec, cs));
+      CK(cudaEventRecord(e1, cs));
+      CK(cudaEventSynchronize(e1));
+      float ms;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      t.push_back(ms * 1e3 / calls);
+    }
+    CK(cudaGraphExecDestroy(gexec));
+    CK(cudaGraphDestroy(graph));
+    return median(t);
+  };
+  const size_t big = 1ull << 30;
+  void *a, *b;
+  CK(cudaMalloc(&a, big));
+  CK(cudaMalloc(&b, big));
+  CK(cudaMemset(a, 1, big));
+  std::vector<double> tc;
+  for (int i = 0; i < 25; ++i) {
+    CK(cudaEventRecord(e0, cs));
+    CK(cudaMemcpyAsync(b, a, big, cudaMemcpyDeviceToDevice, cs));
+    CK(cudaEventRecord(e1, cs));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    if (i >= 5) tc.push_back(ms * 1e3);
+  }
+  const double copy_bw = 2.0 * big / (median(tc) * 1e-6);
+  const int Dm = 2560, I = 512, H = 8;
+  const size_t wbytes = (static_cast<size_t>(I) * Dm + static_cast<size_t>(H) * I + I + H) * 2;
+  const size_t wv = (wbytes + 15) / 16;
+  const int nsets = static_cast<int>(std::max<size_t>(2, (3 * prop.l2CacheSize) / (wv * 16) + 1));
+  std::vector<uint4*> ws(nsets);
+  for (auto& w : ws) {
+    CK(cudaMalloc(&w, wv * 16));
+    CK(cudaMemset(w, 3, wv * 16));
+  }
+  const int xv = Dm * 2 / 16;  // one token of x, bf16
+  const uint4* x = static_cast<const uint4*>(a);
+  float* out = static_cast<float*>(b);
+  const int blocks = prop.multiProcessorCount;
+  auto launch = [&](auto kern, auto... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(512);
+    cfg.stream = cs;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CK(cudaLaunchKernelEx(&cfg, kern, args...));
+  };
+  const int calls = 4 * nsets;
+  const double chain = timed([&](int) { launch(FloorChainKernel, x, xv, out); }, calls);
+  const double read = timed(
+      [&](int i) { launch(FloorReadKernel, static_cast<const uint4*>(ws[i % nsets]), wv, x, xv, out); },
+      calls);
+  float* part;
+  unsigned* counter;
+  CK(cudaMalloc(&part, blocks * sizeof(float)));
+  CK(cudaMalloc(&counter, sizeof(unsigned)));
+  CK(cudaMemset(counter, 0, sizeof(unsigned)));
+  const double reduce = timed(
+      [&](int i) {
+        launch(FloorReduceKernel, static_cast<const uint4*>(ws[i % nsets]), wv, x, xv, part,
+               counter, out + 1024);
+      },
+      calls);
+  std::printf("device %s, copy bandwidth (read+write) %.0f GB/s; rg weights %.2f MB, %d sets\n",
+              prop.name, copy_bw / 1e9, wbytes / 1e6, nsets);
+  auto frac = [&](double us) { return wbytes / (us * 1e-6) / copy_bw; };
+  std::printf("FLOOR chain_us %.2f (%.3f) read_us %.2f (%.3f) reduce_us %.2f (%.3f); in brackets: "
+              "the weight bytes over that time, of copy (at copy speed they take %.2f us)\n",
+              chain, frac(chain), read, frac(read), reduce, frac(reduce), wbytes / copy_bw * 1e6);
+  cudaFree(part);
+  cudaFree(counter);
+  for (auto* w : ws) cudaFree(w);
+  cudaFree(a);
+  cudaFree(b);
+  return 0;
+}
+
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "test";
+  if (mode == "floor") return run_floor();
   if (mode == "bench") return run_bench();
   if (mode == "test") return run_tests();
-  std::fprintf(stderr, "usage: gate_harness test|bench\n");
+  std::fprintf(stderr, "usage: gate_harness test|bench|floor\n");
   return 2;
 }
