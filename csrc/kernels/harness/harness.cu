@@ -541,6 +541,7 @@ __global__ void EmptyKernel(unsigned* out) {
 struct RowResult {
   double us = 0, usg = 0;
   int splits = 0;
+  double us1 = 0;  // an event pair around a lone call (us: back-to-back events, usg: graph)
 };
 
 static cudaDeviceProp g_prop;
@@ -711,6 +712,21 @@ static RowResult bench_row(BenchSets& S, int batch, int M, int B, int fs, bool t
   std::sort(t.begin(), t.end());
   RowResult r;
   r.us = t[t.size() / 2];
+  {  // lone calls: an event pair around each, the GPU idle in between
+    std::vector<float> t1;
+    for (int i = 0; i < 50; ++i) {
+      CK(cudaDeviceSynchronize());
+      CK(cudaEventRecord(e0));
+      step(0);
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      float ms;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      t1.push_back(ms * 1e3f);
+    }
+    std::sort(t1.begin(), t1.end());
+    r.us1 = t1[t1.size() / 2];
+  }
   r.usg = graph_time(per, groups, [&](int, cudaStream_t st) { step(st); });
   r.splits = I::splits(p);
   if constexpr (has_trace<P>::value) {
@@ -851,11 +867,11 @@ static int run_bench(const int* only, bool trace_all) {
 static int run_ab() {
   CK(cudaGetDeviceProperties(&g_prop, 0));
   struct V { const char* name; int early, diag; };
-  const V vs[] = {{"base", 1, 0}, {"no-early", 0, 0}, {"no-cluster", 1, 1}, {"no-pdl", 1, 2}};
-  const int rows[][3] = {{1, 512, 0},   {1, 512, 64},  {1, 2048, 0},  {8, 512, 0},
-                         {8, 2048, 0},  {8, 8192, 0},  {8, 8192, 64}, {32, 2048, 0},
-                         {32, 8192, 0}, {128, 2048, 0}};
-  std::printf("ab: us = events around back-to-back launches / g_us = graph replay, per step\n");
+  const V vs[] = {{"base", 1, 0},   {"no-early", 0, 0}, {"no-cluster", 1, 1},
+                  {"no-pdl", 1, 2}, {"cl-all", 1, 4},   {"cl-all-no-pdl", 1, 6}};
+  const int rows[][3] = {{1, 512, 0},  {8, 512, 0},  {8, 2048, 0},  {8, 4096, 0},
+                         {8, 8192, 0}, {8, 8192, 64}, {4, 8192, 0}, {32, 2048, 0}};
+  std::printf("ab: lone call (event pair) / back-to-back events / graph replay, us per step\n");
   for (const auto& r : rows) {
     BenchSets S;
     make_sets(S, r[0], r[1], r[2]);
@@ -865,7 +881,7 @@ static int run_ab() {
         g_early = v.early;
         trimkv::decode_detail::g_launch_diag = v.diag;
         const RowResult x = bench_row<ImplNew>(S, r[0], r[1], r[2], 0, false);
-        std::printf(" %s %.2f/%.2f", v.name, x.us, x.usg);
+        std::printf(" %s %.2f/%.2f/%.2f", v.name, x.us1, x.us, x.usg);
       }
     std::printf("\n");
     std::fflush(stdout);
