@@ -2,8 +2,9 @@
 //
 // The hidden layer is a matrix product U = W x^T ([inter, in_dim] x [in_dim, n]); everything
 // after it (bias, act, GLU product, W2, logsigmoid) is small. Four regimes:
-// - decode, rows kernel (n <= kRowsTokens, any dtypes and device, where rows_automatic: with
-//   tensor-core dtypes only up to kRowsTcTokens*): ONE kernel per call, GateRowsKernel, no K
+// - decode, rows kernel (automatic where rows_automatic: rg3 on tensor cores up to
+//   kRowsTcTokensGlu tokens; any dtypes and device, n <= kRowsTokens, when a plan is forced):
+//   ONE kernel per call, GateRowsKernel, no K
 //   split. Block b owns R <= kRowsMax whole hidden rows (R = ceil(inter / kRowsBlockTarget):
 //   about one block per SM; GLU: those rows of W_gate and W_up). Before griddepcontrol.wait it
 //   requests its weight rows into shared memory (cp.async) and its W2 columns / b1 / bias;
@@ -101,11 +102,12 @@ constexpr int kRowsTokens = 8;       // tokens: the live rows of one m16 mma til
 constexpr int kRowsBlockTarget = 128;    // blocks wanted (~one per SM of an H100): R rows each
 constexpr int kRowsSmem = 96 * 1024;     // dynamic shared memory budget: fits every sm_80+ part
 constexpr int kRowsStaticSmem = 1024;    // margin for static shared memory under the opt-in cap
-// Where the one-pass tensor-core kernel applies (x and weights both fp16 or both bf16, sm_80+),
-// the rows kernel is automatic only up to these token counts: each of its blocks reads the
-// whole of x from L2 (all blocks at once), which costs ~1.1 us at n 1 and ~2.6 us at n 8 for
-// Qwen3-4B (H100, NOTES.md), so beyond them the one-pass kernel (x in K slices) is faster.
-constexpr int kRowsTcTokensMlp = 1;
+// The rows kernel is automatic only where it measured faster (H100, NOTES.md): rg3 with x and
+// weights both fp16 or both bf16 on sm_80+, up to this many tokens. Each of its blocks reads
+// the whole of x from L2 (all blocks at once), ~1.1 us at n 1 and ~2.6 us at n 8 for Qwen3-4B,
+// so beyond it, and for rg (a tie at n 1), the one-pass kernel (x in K slices) is as fast or
+// faster. Other dtypes and devices keep the FMA path and its finisher, against which the rows
+// kernel was not timed; forced plans test it there.
 constexpr int kRowsTcTokensGlu = 4;
 constexpr int kRowsSlices = 16;          // last block: slices of the blocks summed in parallel
 constexpr int kRowsLoads = 8;            // last block: partial loads in flight per thread
@@ -1401,12 +1403,10 @@ cudaError_t device_smem_optin(int& bytes) {
   return e;
 }
 
-/// Whether RetentionGate picks the rows kernel (where its shared memory fits): n <=
-/// kRowsTokens, and where the one-pass tensor-core kernel applies, n <= kRowsTcTokens*.
+/// Whether RetentionGate picks the rows kernel (where its shared memory fits): rg3 on tensor
+/// cores up to kRowsTcTokensGlu tokens (see there).
 bool rows_automatic(const gate_params_t& p, int cc_major) {
-  const bool tc = tc_dtypes(p) && cc_major >= 8;
-  const int limit = !tc ? kRowsTokens : p.kind == kGateGlu ? kRowsTcTokensGlu : kRowsTcTokensMlp;
-  return p.n <= limit;
+  return tc_dtypes(p) && cc_major >= 8 && p.kind == kGateGlu && p.n <= kRowsTcTokensGlu;
 }
 
 /// The plan RetentionGate runs: the rows kernel where rows_automatic and its shared memory

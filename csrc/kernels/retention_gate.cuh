@@ -1,12 +1,11 @@
 // Retention-gate kernels (SPEC.md section 3): lam = logsigmoid(z) per token and KV head.
 //   rg / rg2: z = W2 act(W1 x + b1) + bias
 //   rg3:      z = W_down(act(W_gate y) * (W_up y)) + bias
-// Float32 accumulation. Decode (n <= 8): one kernel per call. The rows kernel (each block owns
-// a few whole hidden rows, one cross-block reduction) wherever it applies, except with tensor
-// cores (x and weights both fp16 or both bf16, sm_80+) beyond a few tokens, where the one-pass
-// kernel (in_dim split over blocks, two levels of last-block elections) is faster. Other small
-// n: the weights are read once per call by many blocks that split in_dim and a finishing
-// kernel sums the partials. Large n: tensor cores, the activation and W2 fused into the
+// Float32 accumulation. Decode with tensor cores (x and weights both fp16 or both bf16, sm_80+,
+// n <= 8): one kernel per call, the rows kernel (each block owns a few whole hidden rows, one
+// cross-block reduction) for rg3 up to 4 tokens, else the one-pass kernel (in_dim split over
+// blocks, two levels of last-block elections). Other small n: the weights are read once per
+// call by many blocks that split in_dim and a finishing kernel sums the partials. Large n: tensor cores, the activation and W2 fused into the
 // product's epilogue where in_dim is not split.
 #pragma once
 
