@@ -1,11 +1,12 @@
 // Retention-gate kernels (SPEC.md section 3): lam = logsigmoid(z) per token and KV head.
 //   rg / rg2: z = W2 act(W1 x + b1) + bias
 //   rg3:      z = W_down(act(W_gate y) * (W_up y)) + bias
-// Float32 accumulation. Small n: the weights are read once per call by many blocks that split
-// in_dim; with tensor cores (x and weights both fp16 or both bf16, sm_80+) and n <= 8 the call
-// is one kernel whose last-arriving blocks finish it, otherwise a finishing kernel sums the
-// partials. Large n: tensor cores, the activation and W2 fused into the product's epilogue
-// where in_dim is not split.
+// Float32 accumulation. Decode with tensor cores (x and weights both fp16 or both bf16, sm_80+,
+// n <= 8): one kernel per call, the rows kernel (each block owns a few whole hidden rows, one
+// cross-block reduction) for rg3 up to 4 tokens, else the one-pass kernel (in_dim split over
+// blocks, two levels of last-block elections). Other small n: the weights are read once per
+// call by many blocks that split in_dim and a finishing kernel sums the partials. Large n: tensor cores, the activation and W2 fused into the
+// product's epilogue where in_dim is not split.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -59,9 +60,9 @@ size_t RetentionGateWorkspaceBytes(const gate_params_t& p);
 /// a workspace must be ordered on one stream (they are on the legacy default stream the
 /// package uses); the rest of the workspace is scratch.
 ///
-/// On sm_90+ the one-kernel (small-n tensor-core) call is a programmatic dependent launch: it
-/// requests its weights (W1 / W_gate / W_up, W2 / W_down, b1, bias) before waiting for the
-/// previous kernel in the stream, so the weights must not be written by work still in flight
+/// On sm_90+ the one-kernel (decode) calls are programmatic dependent launches: they request
+/// their weights (W1 / W_gate / W_up, W2 / W_down, b1, bias) before waiting for the previous
+/// kernel in the stream, so the weights must not be written by work still in flight
 /// in the stream (they are uploaded once, synchronously, at gate creation); x and the
 /// workspace are read only after that wait.
 /// \param workspace at least RetentionGateWorkspaceBytes(p) bytes, 16-byte aligned, counters

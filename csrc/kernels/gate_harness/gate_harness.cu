@@ -1,9 +1,11 @@
 // Standalone test and benchmark for the retention-gate kernels (SPEC.md section 3).
 //   gate_harness test    correctness vs a float64 CPU reference (exit code 1 on failure)
 //   gate_harness bench   rg / rg3 timing table vs device-to-device copy bandwidth (lone call,
-//                        CUDA graph, burst of calls over rotating layers; one-pass vs the
-//                        two-kernel plan), then a sweep of forced launch plans (tile
-//                        configuration x K splits)
+//                        CUDA graph, burst of calls over rotating layers; the rows kernel vs
+//                        the former one-pass plan), then a sweep of forced launch plans (tile
+//                        configuration x K splits, rows per block); `bench decode`: decode
+//                        sizes only
+//   gate_harness floor   floors of any per-layer gate kernel timed back to back
 // The kernel source is included (not linked) so that tests and the sweep can force a plan.
 #include "../retention_gate.cu"
 
@@ -33,8 +35,10 @@ static std::mt19937_64 rng(20261125);
 
 static const char* kCfgNames[] = {"skinny8", "skinny16", "skinny32", "skinny64", "big", "huge"};
 
-/// cfg/S<splits>, then /1p for one pass (nothing: hidden kernel + finishing kernel).
+/// rows/R<rows per block>; else cfg/S<splits>, then /1p for one pass (nothing: hidden kernel +
+/// finishing kernel).
 static std::string plan_name(const gate_plan_t& pl) {
+  if (pl.cfg == kRowsCfg) return "rows/R" + std::to_string(pl.rows);
   return std::string(pl.cfg == kFmaCfg ? "fma" : kCfgNames[pl.cfg]) + "/S" +
          std::to_string(pl.splits) + (pl.one_pass ? "/1p" : "");
 }
@@ -47,10 +51,12 @@ struct Shape {
   bool b1, bias;
 };
 
-/// A forced plan: cfg -2 = the public API (automatic plan), kFmaCfg = the FMA path, else a
-/// tensor-core configuration; splits 0 = automatic; pdl false launches the finisher (or the
-/// one-pass kernel) in plain stream order even on sm_90; two_kernel forces the hidden kernel
-/// + finisher where the plan would be one pass.
+/// A forced plan: cfg -2 = the public API (automatic plan), kFmaCfg = the FMA path, kRowsCfg =
+/// the rows kernel (splits > 0: rows per block), kTcAuto = the automatic tensor-core plan (at
+/// n <= 8 the former automatic one-pass plan), else a tensor-core configuration; splits 0 =
+/// automatic; pdl false launches the finisher (or the one-pass / rows kernel) in plain stream
+/// order even on sm_90; two_kernel forces the hidden kernel + finisher where the plan would be
+/// one pass.
 struct Force {
   int cfg = -2;
   int splits = 0;
@@ -58,7 +64,10 @@ struct Force {
   bool two_kernel = false;
 };
 
+constexpr int kTcAuto = -1;  // Force::cfg: tc_plan's automatic choice
+
 static int g_cc_major = 0;
+static int g_smem_optin = 0;
 
 static int g_pass = 0, g_fail = 0;
 static double g_worst[3] = {0, 0, 0};  // by the looser of the two dtypes
@@ -251,12 +260,30 @@ static void run_case(int kind, int act, DType xt, DType wt, int n, const Shape& 
   gate_params_t g = params_of(tg, n, c.dx, c.dlam);
   gate_plan_t plan;
   size_t ws_bytes = RetentionGateWorkspaceBytes(g);
-  std::string how = "auto";
-  if (f.cfg != -2) {
-    plan = f.cfg == kFmaCfg ? fma_plan(g, f.splits) : tc_plan(g, f.cfg, f.splits);
+  std::string how;
+  if (f.cfg == -2) {
+    // The public API's plan: the rows kernel wherever rows_automatic (its shared memory fits
+    // every shape here).
+    const gate_plan_t ap = auto_plan(g, g_cc_major, g_smem_optin);
+    how = "auto " + plan_name(ap);
+    if (rows_automatic(g, g_cc_major) && ap.cfg != kRowsCfg) {
+      std::printf("FAIL automatic plan at n=%d is %s, not the rows kernel\n", n, how.c_str());
+      g_fail++;
+    }
+  } else {
+    plan = f.cfg == kFmaCfg    ? fma_plan(g, f.splits)
+           : f.cfg == kRowsCfg ? rows_plan(g, kRowsSmem, f.splits)
+                               : tc_plan(g, f.cfg, f.splits);
     if (f.two_kernel) plan.one_pass = false;
     ws_bytes = plan.ws_bytes;
-    how = plan_name(plan);
+    how = plan_name(plan) + (f.pdl ? "" : "/nopdl");
+    if (f.cfg == kRowsCfg && plan.rows == 0) {
+      std::printf("FAIL rows plan does not apply (n=%d in=%d)\n", n, s.in);
+      g_fail++;
+      free_call(c);
+      free_gate(tg);
+      return;
+    }
   }
   ensure_ws(tg, g, ws_bytes);
   CK(f.cfg == -2 ? RetentionGate(g, tg.ws, 0)
@@ -319,6 +346,7 @@ static void check_rejects() {
 static int run_tests() {
   const DType dts[] = {DType::kF32, DType::kF16, DType::kBF16};
   CK(device_cc_major(g_cc_major));
+  CK(device_smem_optin(g_smem_optin));
   check_rejects();
   // Every arch x activation x dtype pair x token count (auto plans: FMA for fp32 / mixed,
   // tensor cores for 16-bit pairs, split K at small n, fused epilogue at large n).
@@ -405,6 +433,31 @@ static int run_tests() {
   for (int splits : {1, 3})
     for (int kind : {kGateMlp, kGateGlu})
       run_case(kind, 0, DType::kF32, DType::kF16, 33, forced, {kFmaCfg, splits, true});
+  // The former automatic plans at n <= 8, still reachable when forced: the one-pass tensor-core
+  // kernel (16-bit pairs) and the FMA path + finisher (other dtypes).
+  for (int kind : {kGateMlp, kGateGlu})
+    for (int n : {1, 2, 7, 8}) {
+      for (DType dt : {DType::kBF16, DType::kF16}) {
+        run_case(kind, n % 4, dt, dt, n, qwen, {kTcAuto, 0, n != 7});
+        run_case(kind, 3 - n % 4, dt, dt, n, base, {kTcAuto, 0, true});
+      }
+      run_case(kind, n % 4, DType::kF32, DType::kF32, n, base, {kFmaCfg, 0, true});
+      run_case(kind, 1, DType::kBF16, DType::kF32, n, {264, 100, 3, false, false},
+               {kFmaCfg, 0, true});
+    }
+  // The rows kernel with every rows-per-block count (blocks ragged at inter's end), with and
+  // without programmatic dependent launch, mixed dtypes (the FMA product) and 16-bit pairs
+  // (the mma product), n 1..8.
+  for (int rows = 1; rows <= kRowsMax; ++rows)
+    for (int kind : {kGateMlp, kGateGlu}) {
+      run_case(kind, rows - 1, DType::kBF16, DType::kBF16, rows * 2, qwen, {kRowsCfg, rows});
+      run_case(kind, 0, DType::kF16, DType::kF16, 9 - rows, {264, 2100, 11, true, true},
+               {kRowsCfg, rows, rows % 2 == 0});
+      run_case(kind, 2, DType::kF32, DType::kF16, rows, {136, 72, 1, true, false},
+               {kRowsCfg, rows, rows % 2 == 1});
+      run_case(kind, 3, DType::kBF16, DType::kF32, 3 + rows, {264, 100, 3, false, false},
+               {kRowsCfg, rows});
+    }
   std::printf("+forced plans: pass=%d fail=%d\n", g_pass, g_fail);
   std::printf("TEST %s pass=%d fail=%d (worst rel: fp32 %.2e, fp16 %.2e, bf16 %.2e)\n",
               g_fail ? "FAILED" : "OK", g_pass, g_fail, g_worst[0], g_worst[1], g_worst[2]);
@@ -452,7 +505,8 @@ __global__ void SpinKernel(unsigned long long ns) {
   } while (now - start < ns);
 }
 
-static int run_bench() {
+/// decode: only the decode sizes (n <= 16 in the table, n 1 and 8 in the sweep).
+static int run_bench(bool decode) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   cudaEvent_t e0, e1;
@@ -487,7 +541,12 @@ static int run_bench() {
   std::printf("device %s, %d SMs, L2 %d MB, copy bandwidth (read+write) %.0f GB/s\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e9);
   const int Dm = 2560, I = 512, H = 8, kMaxN = 8192;
-  const int ns[] = {1, 2, 4, 8, 16, 32, 64, 128, 255, 512, 2048, 8192};
+  const std::vector<int> ns = decode ? std::vector<int>{1, 2, 4, 8, 16}
+                                     : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128, 255, 512,
+                                                        2048, 8192};
+  const std::vector<int> sweep_ns =
+      decode ? std::vector<int>{1, 8}
+             : std::vector<int>{1, 8, 16, 32, 64, 128, 255, 256, 512, 1024, 2048, 4096, 8192};
   void* x = random_bf16(static_cast<size_t>(kMaxN) * Dm, 7, 2.f);
   float* lam;
   CK(cudaMalloc(&lam, static_cast<size_t>(kMaxN) * H * 4));
@@ -496,6 +555,7 @@ static int run_bench() {
   CK(cudaMalloc(&ws, ws_cap));
   CK(cudaMemset(ws, 0, ws_cap));  // arrival counters start at zero
   CK(device_cc_major(g_cc_major));
+  CK(device_smem_optin(g_smem_optin));
   const std::string log_path = std::string(getenv("OUT") ? getenv("OUT") : ".") + "/sweep.txt";
   FILE* sweep_log = std::fopen(log_path.c_str(), "w");
   for (int kind : {kGateMlp, kGateGlu}) {
@@ -584,10 +644,11 @@ static int run_bench() {
     std::printf("\n%s: Dm %d, I %d, Hkv %d, bf16 x and weights, %d weight sets of %.2f MB\n",
                 glu ? "rg3" : "rg", Dm, I, H, nsets, wbytes / 1e6);
     std::printf("%6s %-15s %8s %8s %8s %8s %6s %6s %7s | %8s %8s %8s\n", "n", "plan", "call_us",
-                "graph_us", "burst_us", "burstq", "frac", "fracq", "TFLOP/s", "2k_graph",
-                "2k_burst", "2k_bq");
-    std::printf("(2k_*: before, the hidden kernel + GateFinishFewKernel with S16, where the plan"
-                " is one pass; frac / fracq: weight bytes / graph / queued burst time vs copy)\n");
+                "graph_us", "burst_us", "burstq", "frac", "fracq", "TFLOP/s", "1p_graph",
+                "1p_burst", "1p_bq");
+    std::printf("(1p_*: before, the former automatic plan (one-pass tensor cores, skinny8/S12), "
+                "where the plan is the rows kernel; frac / fracq: weight bytes / graph / queued "
+                "burst time vs copy)\n");
     for (int n : ns) {
       for (int i = 0; i < 5; ++i) call(n, nullptr, cs);
       std::vector<double> t;  // a lone call: host launch included
@@ -606,16 +667,16 @@ static int run_bench() {
       const double flops = 2.0 * n * I * Dm * (glu ? 2 : 1) + 2.0 * n * I * H;
       gate_params_t g;
       g.kind = kind; g.n = n; g.in_dim = Dm; g.inter = I; g.kv_heads = H;
-      const gate_plan_t pl = tc_plan(g, -1, 0);  // the API's plan (bf16 on sm_80+)
+      g.x_dtype = DType::kBF16; g.w_dtype = DType::kBF16;
+      const gate_plan_t pl = auto_plan(g, g_cc_major, g_smem_optin);  // the API's plan
       std::printf("%6d %-15s %8.2f %8.2f %8.2f %8.2f %6.3f %6.3f %7.1f |", n,
                   plan_name(pl).c_str(), us, usg, usb, usq,
                   wbytes / (usg * 1e-6) / copy_bw, wbytes / (usq * 1e-6) / copy_bw,
                   flops / (usg * 1e-6) / 1e12);
-      if (pl.one_pass) {  // before: the same tiles as hidden kernel + GateFinishFewKernel, S16
-        gate_plan_t two = tc_plan(g, pl.cfg, 16);
-        two.one_pass = false;
-        std::printf(" %8.2f %8.2f %8.2f\n", graph_us(n, &two, calls, 50),
-                    burst_us(n, &two, calls, 50, false), burst_us(n, &two, calls, 50, true));
+      if (pl.cfg == kRowsCfg) {  // before: the former automatic plan (one pass)
+        const gate_plan_t prev = tc_plan(g, -1, 0);
+        std::printf(" %8.2f %8.2f %8.2f\n", graph_us(n, &prev, calls, 50),
+                    burst_us(n, &prev, calls, 50, false), burst_us(n, &prev, calls, 50, true));
       } else {
         std::printf(" %8s %8s %8s\n", "-", "-", "-");
       }
@@ -623,6 +684,49 @@ static int run_bench() {
     }
     // Where a one-pass call's time goes: the automatic plan with parts switched off (timing
     // only; the results are wrong), graph / queued burst us per call.
+    std::printf("rows kernel (%s): graph us (queued burst us) per call: rows per block R, "
+                "then R%d variants (timing only: parts switched off or altered)\n",
+                glu ? "rg3" : "rg", kRowsMax);
+    for (int n : {1, 2, 4, 8}) {
+      gate_params_t g;
+      g.kind = kind; g.n = n; g.in_dim = Dm; g.inter = I; g.kv_heads = H;
+      g.x_dtype = DType::kBF16; g.w_dtype = DType::kBF16;
+      std::printf("%6d", n);
+      for (int rows = 1; rows <= kRowsMax; ++rows) {
+        gate_plan_t q = rows_plan(g, kRowsSmem, rows);
+        if (q.rows == 0) continue;
+        std::printf(" | R%d %.2f (%.2f)", rows, graph_us(n, &q, sets_calls, 30),
+                    burst_us(n, &q, sets_calls, 20, true));
+      }
+      std::printf("\n");
+      if (n != 1 && n != 8) continue;
+      struct Variant {
+        const char* name;
+        int diag, threads;
+      };
+      const Variant vs[] = {{"full", kDiagCarveDefault, 0},
+                            {"carve-max", kDiagCarveMax, 0},
+                            {"no-pdl", kDiagNoPdl | kDiagCarveDefault, 0},
+                            {"late-weights", kDiagLateWeights | kDiagCarveDefault, 0},
+                            {"hidden-only", kDiagHiddenOnly | kDiagCarveDefault, 0},
+                            {"no-election", kDiagNoLevel2 | kDiagCarveDefault, 0},
+                            {"no-x", kDiagNoX | kDiagCarveDefault, 0},
+                            {"stagger-x", kDiagStaggerX | kDiagCarveDefault, 0},
+                            {"t128", kDiagCarveDefault, 128},
+                            {"t512", kDiagCarveDefault, 512},
+                            {"t128,carve-max", kDiagCarveMax, 128},
+                            {"full", kDiagCarveDefault, 0}};
+      std::printf("      ");
+      for (const Variant& v : vs) {
+        gate_plan_t q = rows_plan(g, kRowsSmem);
+        q.diag = v.diag;
+        q.threads = v.threads;
+        std::printf(" | %s %.2f (%.2f)", v.name, graph_us(n, &q, sets_calls, 30),
+                    burst_us(n, &q, sets_calls, 20, true));
+      }
+      std::printf("\n");
+      std::fflush(stdout);
+    }
     std::printf("one-pass diagnostics (%s): graph us (queued burst us) per call\n",
                 glu ? "rg3" : "rg");
     for (int n : {1, 8}) {
@@ -656,7 +760,7 @@ static int run_bench() {
     // queued-burst time.
     std::printf("sweep (%s): fastest forced plans, graph us per call (queued burst us)\n",
                 glu ? "rg3" : "rg");
-    for (int n : {1, 8, 16, 32, 64, 128, 255, 256, 512, 1024, 2048, 4096, 8192}) {
+    for (int n : sweep_ns) {
       gate_params_t g;
       g.kind = kind; g.n = n; g.in_dim = Dm; g.inter = I; g.kv_heads = H;
       const int calls = n <= 512 ? sets_calls : 4;
@@ -689,8 +793,22 @@ static int run_bench() {
           }
         }
       }
+      for (int rows = 1; rows <= kRowsMax && n <= kRowsTokens; ++rows) {
+        g.x_dtype = DType::kBF16; g.w_dtype = DType::kBF16;
+        const gate_plan_t pl = rows_plan(g, kRowsSmem, rows);
+        if (pl.rows == 0) continue;
+        const double u = graph_us(n, &pl, calls, 20);
+        const double uq = burst_us(n, &pl, calls, 10, true);
+        char buf[96];
+        std::snprintf(buf, sizeof buf, "%s %.2f (%.2f)", plan_name(pl).c_str(), u, uq);
+        res.push_back({u, buf});
+        std::fprintf(sweep_log, "%s n=%d %s graph %.2f burstq %.2f\n", glu ? "rg3" : "rg", n,
+                     plan_name(pl).c_str(), u, uq);
+      }
       std::sort(res.begin(), res.end());
-      std::printf("%6d auto %-12s %8.2f |", n, plan_name(tc_plan(g, -1, 0)).c_str(),
+      g.x_dtype = DType::kBF16; g.w_dtype = DType::kBF16;
+      std::printf("%6d auto %-12s %8.2f |", n,
+                  plan_name(auto_plan(g, g_cc_major, g_smem_optin)).c_str(),
                   graph_us(n, nullptr, calls, 20));
       for (size_t i = 0; i < std::min<size_t>(5, res.size()); ++i)
         std::printf(" %s", res[i].second.c_str());
@@ -889,8 +1007,8 @@ static int run_floor() {
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "test";
   if (mode == "floor") return run_floor();
-  if (mode == "bench") return run_bench();
+  if (mode == "bench") return run_bench(argc > 2 && std::string(argv[2]) == "decode");
   if (mode == "test") return run_tests();
-  std::fprintf(stderr, "usage: gate_harness test|bench|floor\n");
+  std::fprintf(stderr, "usage: gate_harness test|bench [decode]|floor\n");
   return 2;
 }
