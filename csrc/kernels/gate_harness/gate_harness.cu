@@ -505,6 +505,34 @@ __global__ void SpinKernel(unsigned long long ns) {
   } while (now - start < ns);
 }
 
+/// Device-to-device copy bandwidth (read + write bytes per second): 1 GiB, median of 20 after 5
+/// warm-up copies.
+static double copy_bandwidth(cudaStream_t cs) {
+  const size_t n = 1ull << 30;
+  void *a, *b;
+  CK(cudaMalloc(&a, n));
+  CK(cudaMalloc(&b, n));
+  CK(cudaMemset(a, 1, n));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::vector<double> t;
+  for (int i = 0; i < 25; ++i) {
+    CK(cudaEventRecord(e0, cs));
+    CK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, cs));
+    CK(cudaEventRecord(e1, cs));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    if (i >= 5) t.push_back(ms * 1e3);
+  }
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * n / (median(t) * 1e-6);
+}
+
 /// decode: only the decode sizes (n <= 16 in the table, n 1 and 8 in the sweep).
 static int run_bench(bool decode) {
   cudaDeviceProp prop;
@@ -520,24 +548,7 @@ static int run_bench(bool decode) {
     CK(cudaEventElapsedTime(&ms, e0, e1));
     return ms * 1e3;
   };
-  double copy_bw;  // 1 GiB device-to-device, read + write bytes
-  {
-    const size_t n = 1ull << 30;
-    void *a, *b;
-    CK(cudaMalloc(&a, n));
-    CK(cudaMalloc(&b, n));
-    CK(cudaMemset(a, 1, n));
-    std::vector<double> t;
-    for (int i = 0; i < 25; ++i) {
-      CK(cudaEventRecord(e0, cs));
-      CK(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, cs));
-      CK(cudaEventRecord(e1, cs));
-      if (i >= 5) t.push_back(elapsed_us());
-    }
-    copy_bw = 2.0 * n / (median(t) * 1e-6);
-    cudaFree(a);
-    cudaFree(b);
-  }
+  const double copy_bw = copy_bandwidth(cs);
   std::printf("device %s, %d SMs, L2 %d MB, copy bandwidth (read+write) %.0f GB/s\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e9);
   const int Dm = 2560, I = 512, H = 8, kMaxN = 8192;
@@ -933,22 +944,11 @@ static int run_floor() {
     CK(cudaGraphDestroy(graph));
     return median(t);
   };
-  const size_t big = 1ull << 30;
-  void *a, *b;
-  CK(cudaMalloc(&a, big));
-  CK(cudaMalloc(&b, big));
-  CK(cudaMemset(a, 1, big));
-  std::vector<double> tc;
-  for (int i = 0; i < 25; ++i) {
-    CK(cudaEventRecord(e0, cs));
-    CK(cudaMemcpyAsync(b, a, big, cudaMemcpyDeviceToDevice, cs));
-    CK(cudaEventRecord(e1, cs));
-    CK(cudaEventSynchronize(e1));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    if (i >= 5) tc.push_back(ms * 1e3);
-  }
-  const double copy_bw = 2.0 * big / (median(tc) * 1e-6);
+  const double copy_bw = copy_bandwidth(cs);
+  void *a, *b;  // x (one token), the outputs
+  CK(cudaMalloc(&a, 1 << 20));
+  CK(cudaMalloc(&b, 1 << 20));
+  CK(cudaMemset(a, 1, 1 << 20));
   const int Dm = 2560, I = 512, H = 8;
   const size_t wbytes = (static_cast<size_t>(I) * Dm + static_cast<size_t>(H) * I + I + H) * 2;
   const size_t wv = (wbytes + 15) / 16;

@@ -381,6 +381,7 @@ static void run_gate_case(int kind, int act, DType xt, DType wt, int n) {
   g.bias = dbias; g.lam = dlam;
   void* ws;
   CK(cudaMalloc(&ws, RetentionGateWorkspaceBytes(g)));
+  CK(cudaMemset(ws, 0, RetentionGateWorkspaceBytes(g)));  // the arrival counters start at zero
   cudaError_t e = RetentionGate(g, ws, 0);
   CK(e);
   CK(cudaDeviceSynchronize());
