@@ -83,6 +83,31 @@ describe.each(BACKENDS)('RetentionGate on %s', (backend) => {
       gate.dispose();
     });
 
+    // Decode sizes with an intermediate size that is not a multiple of the blocks' rows: on CUDA
+    // the rows kernel (rg3, 16-bit, up to 4 tokens) and the one-pass kernel (otherwise).
+    test.each([
+      { kind: 'rg3' as GateKind, dtype: 'bf16' as DType },
+      { kind: 'rg3' as GateKind, dtype: 'fp16' as DType },
+      { kind: 'rg' as GateKind, dtype: 'bf16' as DType },
+    ])('decode sizes: $kind $dtype, 1 to 8 tokens, intermediate size 520', ({ kind, dtype }) => {
+      const rt = runtimeFor(backend);
+      const dims = kind === 'rg' ? { inputSize: 384, intermediateSize: 520, kvHeads: 8 } : { inputSize: 2 * 2 * 64, intermediateSize: 520, kvHeads: 2 };
+      const spec = randomGateSpec(kind, 'silu', dtype, dims);
+      const gate = rt.createGate(spec);
+      for (const n of [1, 2, 4, 5, 8]) {
+        const x = quantize(randnArray(n * spec.inputSize), dtype);
+        const xt = tensorOf(rt, [n, spec.inputSize], dtype, x.data);
+        const lam = rt.tensor([n, spec.kvHeads], 'fp32');
+        poison(lam);
+        gate.run(xt, lam);
+        const err = relError(lam.readSync(), gateForward(spec, x.values, n));
+        expect(err, ctx(`${kind} ${dtype} n=${n}: relative error ${err}`)).toBeLessThanOrEqual(TOL_FP32);
+        xt.dispose();
+        lam.dispose();
+      }
+      gate.dispose();
+    });
+
     test.each(DT)('weights given as fp32 WeightArray, x in %s (the x dtype is independent of the weights)', (xDtype) => {
       const rt = runtimeFor(backend);
       const spec = randomGateSpec('rg', 'silu', 'fp32', { inputSize: 64, intermediateSize: 48, kvHeads: 8 });
