@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/errors.h"
+#include "cuda/launch_order.h"
 #include "kernels/decode.cuh"
 #include "kernels/pool.cuh"
 #include "kernels/prefill.cuh"
@@ -31,21 +32,6 @@ void check_cuda(cudaError_t e, const char* what) {
   cudaGetLastError();  // clear a non-sticky error so later calls are not blamed for it
   if (e == cudaErrorMemoryAllocation) fail(code::kOutOfMemory, what, ": out of GPU memory");
   fail(code::kNative, what, " failed: ", cudaGetErrorName(e), ": ", cudaGetErrorString(e));
-}
-
-/// Per device, the layer cache (its K slots) of the decode step enqueued last, for
-/// decode_params_t::prefetch_before_wait: every cache runs on the device's legacy default
-/// stream, so a step may read its cache tiles before its dependency wait unless the step
-/// enqueued last there was its own layer's (DecodeStep's contract). Callers hold the lock
-/// over the check, the launch and the record: caches may be used from several threads.
-struct LastDecode {
-  std::mutex mu;
-  std::vector<const void*> layer;  // by device ordinal
-};
-
-LastDecode& last_decode() {
-  static LastDecode l;
-  return l;
 }
 
 /// Fixed layout: one layer's slot arrays, [batch, kv_heads, M + B] slots.
@@ -157,12 +143,16 @@ class CudaCache final : public Cache {
       ring_->upload(positions_->data(), a.positions.data, stream_);  // PoolEvict reads them too
     }
     {
-      LastDecode& last = last_decode();
-      std::lock_guard<std::mutex> lock(last.mu);
-      if (last.layer.size() <= static_cast<size_t>(dev_)) last.layer.resize(dev_ + 1, nullptr);
-      p.prefetch_before_wait = last.layer[dev_] != p.k_cache ? 1 : 0;
+      // The kernel reads its cache tiles before its dependency wait only right after another
+      // layer's decode step: safe then (DecodeStep's contract) and it pays there. After a gate
+      // call it would compete with the gate's latency-bound tail: the whole-model steps of
+      // 8144d3d, which prefetched there too, were 2-18% slower on the H100 (the likely cause).
+      LaunchOrder& order = launch_order();
+      std::lock_guard<std::mutex> lock(order.mu);
+      const void*& last = order.of(dev_);
+      p.prefetch_before_wait = last != nullptr && last != gate_launch_tag() && last != p.k_cache;
       check_cuda(DecodeStep(p, cfg_.dtype, decode_ws_->data(), stream_), "decode kernel");
-      last.layer[dev_] = p.k_cache;
+      last = p.k_cache;
     }
     if (pool_ && (cfg_.scope != Scope::kGlobal || layer == cfg_.layers - 1)) {
       pool_params_t e = pool_params(layer, 0, cfg_.batch);

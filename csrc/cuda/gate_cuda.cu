@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "common/errors.h"
+#include "cuda/launch_order.h"
 #include "kernels/retention_gate.cuh"
 #include "ops/gate.h"
 
@@ -17,6 +18,11 @@ class CudaGate final : public Gate {
   CudaGate(const gate_spec_t& spec, const gate_weights_t& w) : Gate(Backend::kCuda, spec), wdtype_(w.dtype) {
     TRIMKV_CHECK(spec.input_size % 8 == 0, code::kUnsupported, "inputSize ", spec.input_size,
                  " is not supported by the CUDA gate (a multiple of 8 is needed)");
+    const cudaError_t d = cudaGetDevice(&dev_);
+    if (d != cudaSuccess) {
+      cudaGetLastError();
+      fail(code::kNative, "cudaGetDevice failed: ", cudaGetErrorName(d), ": ", cudaGetErrorString(d));
+    }
     a_ = upload(w.a);
     b_ = upload(w.b);
     out_ = upload(w.out);
@@ -61,7 +67,13 @@ class CudaGate final : public Gate {
              cudaGetErrorName(z), ": ", cudaGetErrorString(z));
       }
     }
-    cudaError_t e = RetentionGate(p, workspace_->data(), nullptr);
+    cudaError_t e;
+    {
+      LaunchOrder& order = launch_order();  // cuda/launch_order.h: decode steps read it
+      std::lock_guard<std::mutex> lock(order.mu);
+      e = RetentionGate(p, workspace_->data(), nullptr);
+      if (e == cudaSuccess) order.of(dev_) = gate_launch_tag();
+    }
     if (e != cudaSuccess) {
       cudaGetLastError();
       workspace_.reset();  // a failed call may leave counters set: the next call starts afresh
@@ -77,6 +89,7 @@ class CudaGate final : public Gate {
   }
 
   DType wdtype_;
+  int dev_ = 0;  // the device the gate lives on
   std::unique_ptr<Buffer> a_, b_, out_, bias_, workspace_;
 };
 

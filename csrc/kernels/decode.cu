@@ -36,19 +36,11 @@ int DecodeNumSplits(const decode_params_t& p) {
   // bytes must come through as many SMs as possible.
   const int auto_max = std::max(1, (p.cap + kAutoSplitTokens - 1) / kAutoSplitTokens);
   int s = std::min(std::min(max_splits, auto_max), std::max(1, 2 * sms / bh));
-  if (cached_major >= 9) {
-    // sm_90+: where the grid holds one block per SM, a head's splits merge through a
-    // thread-block cluster, far cheaper than the arrival-counter merge through L2. Clusters
-    // of up to 8 always fit the GPCs; 16 (twice the SMs streaming) pay off once each split
-    // still holds 256 tokens or more.
+  // sm_90+: a head's splits merge through a thread-block cluster (launch_mma), far cheaper
+  // than the arrival-counter merge through L2. Clusters of up to 8 always fit the GPCs; 16
+  // (twice the SMs streaming) pay off once each split still holds 256 tokens or more.
+  if (cached_major >= 9)
     s = std::min(s, p.cap >= kMaxClusterSplits * 256 ? kMaxClusterSplits : kAutoClusterSplits);
-    // At two blocks per SM launch_mma merges through L2 (clusters of more than two blocks then
-    // cost more than they save), which short splits do not repay: below kClusterChunkTokens
-    // per split, one block per SM and the cluster merge instead (H100, batch 4, M 512: 7.3 us
-    // a step against 9.7).
-    const int one = sms / bh;
-    if (s > one && one >= 2 && (p.cap + s - 1) / s < kClusterChunkTokens) s = one;
-  }
   return std::max(1, s);
 }
 

@@ -191,11 +191,10 @@ struct mma_traits {
 constexpr int kMmaMaxGroup = 8;        ///< query heads per KV head on the tensor-core path (N)
 constexpr int kMaxClusterSplits = 16;  ///< most splits merged through a cluster (> 8: non-portable)
 constexpr int kAutoClusterSplits = 8;  ///< most splits the automatic choice makes on sm_90+
-/// Splits shorter than this (in slots) merge through a cluster at one block per SM rather
-/// than through L2 at two (DecodeNumSplits).
-constexpr int kClusterChunkTokens = 128;
-/// At two blocks per SM, clusters of up to this many blocks (larger ones lose to the
-/// arrival-counter merge there; launch_mma).
+/// After another layer's decode step (p.prefetch_before_wait) at two blocks per SM, splits of
+/// at least this many slots merge through L2 unless a cluster has at most
+/// kPairedClusterSplits blocks (launch_mma).
+constexpr int kCounterChunkTokens = 128;
 constexpr int kPairedClusterSplits = 2;
 
 /// Shared scratch of the eviction epilogue.
@@ -1626,9 +1625,9 @@ int mma_max_clusters(const decode_params_t& p, int S, int dyn) {
 
 /// Launches DecodeMmaKernel. Pipeline depth: every tile of a split in flight when it fits,
 /// else as many stages as the SM holds with the blocks of one wave (one block per SM when the
-/// grid fits the SMs once, two otherwise). Splits of a head form a cluster when S <= 16, the
-/// grid holds one block per SM or S <= kPairedClusterSplits, and every cluster of the grid
-/// can be resident at once (fewer stages first, then no cluster: the arrival-counter merge).
+/// grid fits the SMs once, two otherwise). Splits of a head form a cluster when S <= 16 (but
+/// see below for the steps that follow another layer's) and every cluster of the grid can be
+/// resident at once (fewer stages first, then no cluster: the arrival-counter merge).
 template <typename T, int DPAD, int DCONST>
 cudaError_t launch_mma(const decode_params_t& p, int S, const decode_ws_t& ws,
                        cudaStream_t stream, const mma_info_t& mi) {
@@ -1643,10 +1642,16 @@ cudaError_t launch_mma(const decode_params_t& p, int S, const decode_ws_t& ws,
   const long long blocks = static_cast<long long>(S) * bh;
   const int per_sm = blocks <= mi.sms ? 1 : 2;
   const int budget = std::min(mi.max_dyn, mi.sm_smem / per_sm - mi.block_fixed);
-  // Clusters where the grid holds one block per SM, or pairs at two (H100, batch 8, M 8192:
-  // 4-block clusters at two blocks per SM were 2% slower than the counter merge).
-  bool cl = mi.cluster && (g_launch_diag & 1) == 0 && S > 1 && S <= kMaxClusterSplits &&
-            (per_sm == 1 || S <= kPairedClusterSplits || (g_launch_diag & 4) != 0);
+  // Clusters merge the splits wherever they fit, except right after another layer's decode
+  // step at two blocks per SM: with the tiles requested before the wait, the counter merge
+  // was faster there for splits of kCounterChunkTokens or more, clusters of more than two
+  // blocks slower (H100 back to back, batch 8, M 8192: 99.4 against 102.3 us a step; batch
+  // 4, M 512, 72-slot splits: clusters 7.8 against 9.7 us). Elsewhere (a lone step, or after
+  // a gate) clusters are 1.5-2.5 us a step faster at batch 8.
+  bool cl = mi.cluster && (g_launch_diag & 1) == 0 && S > 1 && S <= kMaxClusterSplits;
+  if (cl && per_sm == 2 && S > kPairedClusterSplits && p.prefetch_before_wait != 0 &&
+      !p.pooled() && (p.cap + S - 1) / S >= kCounterChunkTokens && (g_launch_diag & 4) == 0)
+    cl = false;
   const int recv = Tr::cluster_recv_bytes(S, G);
   const int merge = S > 1 ? merge_smem_bytes(S, G, DPAD) : 0;
   auto dyn_of = [&](int n) {
