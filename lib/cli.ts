@@ -30,7 +30,7 @@ Commands:
   bench [options]      the benchmark suite: decode, prefill, gate, selection, whole-model
                        step, long generation; copy ceiling and roofline fractions; JSON,
                        Markdown and SVG plots
-    --quick            small sweeps (under a minute on an H100)
+    --quick            small sweeps (about a minute on the GPU)
     --only <list>      sections, comma-separated: ${SECTIONS.join(',')}
     --backend <list>   auto | cpu | cuda, or several comma-separated (e.g. cuda,cpu)
     --out <dir>        where bench.json, bench.md and the SVGs go (default bench-out)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on the GPU machine (see ../shared/gpu/README.md): build the addon there (16 cores),
+# One call on the GPU machine (see ../shared/gpu/README.md; pack the kit with scripts/gpu-pack.sh): build the addon there (16 cores),
 # run the whole test suite with CUDA required, compute-sanitizer on the CUDA suites, and the
 # benchmark suite with the PyTorch comparison. Logs and JSON go to $OUT.
 #   (after entering the GPU kit, ../shared/gpu/README.md) bash scripts/gpu-suite.sh [build|fixtures|test|sanitize|bench]... [--quick] [--results bench/RESULTS.md]
@@ -12,6 +12,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/trimkv-out}
 mkdir -p "$OUT"
+# The GPU copy of the tree has no .git: scripts/gpu-pack.sh packs the commit in .trimkv-commit.
+if [ -z "${TRIMKV_COMMIT:-}" ] && [ -s .trimkv-commit ]; then export TRIMKV_COMMIT=$(cat .trimkv-commit); fi
+echo "commit: ${TRIMKV_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 steps=()
 RESULTS=""
 while [ $# -gt 0 ]; do
