@@ -1,7 +1,7 @@
 /** The memory-bounded KV cache of TRIM-KV for a batch of sequences (SPEC sections 4-7). */
 import { native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeCacheHandle } from './native.js';
-import { CUDA_HEAD_DIM_MULTIPLE, CUDA_MAX_HEAD_DIM, CUDA_MAX_POOL_HEADS, CUDA_MMA_MAX_GROUP, DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
+import { CUDA_HEAD_DIM_MULTIPLE, CUDA_MAX_HEAD_DIM, CUDA_MAX_POOL_HEADS, CUDA_MMA_MAX_GROUP, DTYPE_BYTES, DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
 import { expectTensor } from './tensor.js';
 import type { BackendName, CacheConfig, DecodeInputs, DType, HeadSnapshot, PrefillBatchInputs, PrefillChunk, PrefillInputs } from './types.js';
 import { integerIn, invalid, numberIn, oneOf } from './validate.js';
@@ -234,7 +234,7 @@ export class KVCache {
   /** Bytes a full (unbounded) cache would hold for the same tokens seen. */
   fullCacheBytes(): number {
     const { batch, layers, kvHeads, headDim, dtype } = this.config;
-    const per = 2 * headDim * (dtype === 'fp32' ? 4 : 2);
+    const per = 2 * headDim * DTYPE_BYTES[dtype];
     let tokens = 0;
     for (let b = 0; b < batch; b++) tokens += this.seen(b);
     return tokens * layers * kvHeads * per;
