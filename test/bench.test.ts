@@ -7,7 +7,7 @@ import { benchSelectKernel, causalAttentionFlops, deviceMemoryUsed, stats, timeM
 import { TrimKVError } from '../lib/errors.js';
 import { openRuntime } from '../lib/runtime.js';
 import { escapeXml, formatTick, linePlot } from '../lib/bench/svg.js';
-import { main } from '../lib/cli.js';
+import { main } from '../lib/cli/index.js';
 import {
   readTorch, runSuite, SCHEMA, SECTIONS, type BenchPlan, type BenchResult, type DecodeRow, type GateRow, type PrefillAttendRow, type SelectKernelRow,
   type StreamRow,

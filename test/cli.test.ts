@@ -6,7 +6,7 @@ import { describe, expect, test } from 'vitest';
 import { spawnSync } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { main } from '../lib/cli.js';
+import { main } from '../lib/cli/index.js';
 import { backends, FORCE_CPU_ENV, openRuntime } from '../lib/index.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');

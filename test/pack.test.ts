@@ -35,7 +35,7 @@ describe.skipIf(!hasCache)('npm pack and an offline install', () => {
       const json = JSON.parse(packed.stdout.slice(packed.stdout.lastIndexOf('\n[') + 1));
       const files: string[] = json[0].files.map((f: { path: string }) => f.path);
       // What users need, and nothing of the development tree.
-      for (const need of ['dist/index.js', 'dist/index.d.ts', 'dist/cli.js', 'bin/trimkv.js', 'scripts/install.mjs',
+      for (const need of ['dist/index.js', 'dist/index.d.ts', 'dist/cli/index.js', 'bin/trimkv.js', 'scripts/install.mjs',
         'CMakeLists.txt', 'binding.gyp', 'csrc/ops/cache.h', 'csrc/kernels/decode.cuh', 'package.json', 'README.md']) {
         expect(files, `tarball lacks ${need}`).toContain(need);
       }

@@ -3,12 +3,12 @@ import { parseArgs } from 'node:util';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { SingleBar, Presets } from 'cli-progress';
-import { backends, buildInfo, openRuntime } from './runtime.js';
-import type { BackendRequest, DType } from './types.js';
-import { TrimKVError } from './errors.js';
+import { backends, buildInfo, openRuntime } from '../runtime.js';
+import type { BackendRequest, DType } from '../types.js';
+import { TrimKVError } from '../errors.js';
 import { runDemo, type DemoOptions } from './demo.js';
-import { readTorch, runSuite, SECTIONS, type Section } from './bench/suite.js';
-import { writeReport } from './bench/report.js';
+import { readTorch, runSuite, SECTIONS, type Section } from '../bench/suite.js';
+import { writeReport } from '../bench/report.js';
 
 const USAGE = `Usage: trimkv <command> [options]
 
