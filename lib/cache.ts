@@ -35,9 +35,9 @@ export function resolveCacheConfig(config: CacheConfig): ResolvedCacheConfig {
 
 /**
  * Why a backend cannot run a (valid) cache configuration, or null when it can. The CPU runs
- * every configuration; the CUDA kernels cover scope 'head' without threshold, with head dims
- * that are multiples of 8 up to 256 (pooled scopes and threshold on CUDA come with the
- * selection kernels of the prefill issue).
+ * every configuration; the CUDA kernels run every scope (a 'global' pool of at most
+ * CUDA_MAX_POOL_HEADS heads per sequence) and threshold, with head dims that are multiples of
+ * 8 up to 256 and the query groups per KV head that the decode kernel takes.
  * @throws {TrimKVError} for an invalid configuration, as `resolveCacheConfig`
  */
 export function cacheSupport(backend: BackendName, config: CacheConfig | ResolvedCacheConfig): string | null {
