@@ -375,7 +375,7 @@ def main():
            "copyGBs": copy_bandwidth(), "matmulTFLOPs": matmul_tflops(), "sdpa": [], "full": [], "reference": [],
            "prefill": [], "stream": [], "prefillPaths": []}
     print(f"copy {res['copyGBs']:.0f} GB/s, bf16 matmul {res['matmulTFLOPs']:.0f} TFLOP/s", flush=True)
-    # The same grids as `trimkv bench` (lib/bench/suite.ts defaultPlan).
+    # The same grids as `trimkv bench` (bench/plan.ts defaultPlan).
     if tiny:
         batches, memories, contexts, cycles, iters = [1], [16], [64, 128], 1, 5
     elif quick:
@@ -384,7 +384,7 @@ def main():
         batches, memories, contexts, cycles, iters = [1, 8, 32, 128], [512, 1024, 2048, 4096, 8192], \
             [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], 2, 100
     buffers = [0, 64] if not tiny else [0, 4]
-    # prefill: cached x chunk; stream: prompts in chunks (lib/bench/suite.ts prefill.attend, stream)
+    # prefill: cached x chunk; stream: prompts in chunks (bench/plan.ts prefill.attend, stream)
     if tiny:
         cached_list, chunks, prefill_iters, prompts, stream_chunk = [0, 16], [16], 3, [64], 16
     elif quick:

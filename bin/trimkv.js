@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import('../dist/cli.js')
+import('../dist/lib/cli/index.js')
   .then((m) => m.main(process.argv.slice(2)))
   .then((code) => process.exit(code ?? 0))
   .catch((e) => {

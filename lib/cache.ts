@@ -1,7 +1,7 @@
 /** The memory-bounded KV cache of TRIM-KV for a batch of sequences (SPEC sections 4-7). */
 import { native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeCacheHandle } from './native.js';
-import { CUDA_HEAD_DIM_MULTIPLE, CUDA_MAX_HEAD_DIM, CUDA_MAX_POOL_HEADS, CUDA_MMA_MAX_GROUP, DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
+import { CUDA_HEAD_DIM_MULTIPLE, CUDA_MAX_HEAD_DIM, CUDA_MAX_POOL_HEADS, CUDA_MMA_MAX_GROUP, DTYPE_BYTES, DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
 import { expectTensor } from './tensor.js';
 import type { BackendName, CacheConfig, DecodeInputs, DType, HeadSnapshot, PrefillBatchInputs, PrefillChunk, PrefillInputs } from './types.js';
 import { integerIn, invalid, numberIn, oneOf } from './validate.js';
@@ -35,9 +35,9 @@ export function resolveCacheConfig(config: CacheConfig): ResolvedCacheConfig {
 
 /**
  * Why a backend cannot run a (valid) cache configuration, or null when it can. The CPU runs
- * every configuration; the CUDA kernels cover scope 'head' without threshold, with head dims
- * that are multiples of 8 up to 256 (pooled scopes and threshold on CUDA come with the
- * selection kernels of the prefill issue).
+ * every configuration; the CUDA kernels run every scope (a 'global' pool of at most
+ * CUDA_MAX_POOL_HEADS heads per sequence) and threshold, with head dims that are multiples of
+ * 8 up to 256 and the query groups per KV head that the decode kernel takes.
  * @throws {TrimKVError} for an invalid configuration, as `resolveCacheConfig`
  */
 export function cacheSupport(backend: BackendName, config: CacheConfig | ResolvedCacheConfig): string | null {
@@ -234,7 +234,7 @@ export class KVCache {
   /** Bytes a full (unbounded) cache would hold for the same tokens seen. */
   fullCacheBytes(): number {
     const { batch, layers, kvHeads, headDim, dtype } = this.config;
-    const per = 2 * headDim * (dtype === 'fp32' ? 4 : 2);
+    const per = 2 * headDim * DTYPE_BYTES[dtype];
     let tokens = 0;
     for (let b = 0; b < batch; b++) tokens += this.seen(b);
     return tokens * layers * kvHeads * per;

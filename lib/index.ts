@@ -24,4 +24,4 @@ export {
   type LoadCheckpointOptions,
   type SafetensorsFile,
   type TorchStateDict,
-} from './checkpoint.js';
+} from './checkpoint/index.js';

@@ -3,7 +3,7 @@
  * (prebuilds/<platform>-<arch>/) first, then a local build (build/Release/).
  */
 import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { existsSync } from 'node:fs';
 import { TrimKVError } from './errors.js';
@@ -80,8 +80,9 @@ export interface AddonOrigin {
   path: string;
 }
 
-/** The package root: lib/ (sources, under vitest) and dist/ (published) are one level down. */
-export const packageRoot: string = join(dirname(fileURLToPath(import.meta.url)), '..');
+const here = dirname(fileURLToPath(import.meta.url));
+/** The package root: lib/ (sources, under vitest) is one level down, dist/lib/ (published) two. */
+export const packageRoot: string = join(here, basename(dirname(here)) === 'dist' ? '../..' : '..');
 
 let addon: NativeAddon | undefined;
 let origin: AddonOrigin | undefined;

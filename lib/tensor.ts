@@ -1,11 +1,8 @@
 /** Tensors owned by a runtime: host memory on the CPU backend, device memory on CUDA. */
 import { fromNative, native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeTensorHandle } from './native.js';
-import { DTYPES } from './constants.js';
-import type { BackendName, DType } from './types.js';
+import { DTYPE_BYTES, DTYPES, type BackendName, type DType } from './constants.js';
 import { integerIn, invalid, invalidText, oneOf } from './validate.js';
-
-const BYTES: Record<DType, number> = { fp32: 4, fp16: 2, bf16: 2 };
 
 export class Tensor {
   readonly shape: readonly number[];
@@ -23,7 +20,7 @@ export class Tensor {
     this.shape = Object.freeze([...shape]);
     this.backend = backend;
     this.numel = shape.reduce((a, b) => a * b, 1);
-    this.byteLength = this.numel * BYTES[dtype];
+    this.byteLength = this.numel * DTYPE_BYTES[dtype];
     this.#handle = native(() => new (loadAddon().NativeTensor)(BACKEND_INDEX[backend], dtype, [...shape]));
   }
 

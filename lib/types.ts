@@ -1,32 +1,15 @@
 /**
  * Public types of trimkv. Names follow ../SPEC (memory, buffer, lam, strategy, scope).
- * Every value list here is mirrored by the native `DISPATCH_*` tables (csrc/common/config.h),
- * so `lib/` rejects unsupported values before any native call.
+ * The string-literal types are derived from the value lists of constants.ts, which mirror the
+ * native name parsers, so `lib/` rejects unsupported values before any native call.
  */
+import type { Activation, BackendName, DType, GateKind, Scope, Strategy } from './constants.js';
+import type { Tensor } from './tensor.js';
 
-/** Storage dtypes of tensors and of the KV cache. Compute is always float32. */
-export type DType = 'fp32' | 'fp16' | 'bf16';
-
-/** Backends the addon can run on. */
-export type BackendName = 'cpu' | 'cuda';
+export type { Activation, BackendName, DType, GateKind, Scope, Strategy };
 
 /** What `openRuntime` accepts: `'auto'` picks CUDA when usable, else the CPU. */
 export type BackendRequest = BackendName | 'auto';
-
-/** Decayed score of SPEC section 4. */
-export type Strategy = 'alpha' | 'knorm_alpha';
-
-/** Budget scope of SPEC section 7. */
-export type Scope = 'head' | 'layer' | 'global';
-
-/** Retention-gate variants of SPEC section 3. */
-export type GateKind = 'rg' | 'rg2' | 'rg3';
-
-/**
- * Gate activations (Hugging Face `hidden_act` names). Qwen3, Llama and Phi-3 use `silu`.
- * `gelu` is the exact erf form; `gelu_pytorch_tanh` / `gelu_new` the tanh approximation.
- */
-export type Activation = 'silu' | 'swish' | 'gelu' | 'gelu_new' | 'gelu_pytorch_tanh' | 'relu';
 
 /** Availability of one backend, as `backends()` reports it. */
 export interface BackendInfo {
@@ -126,17 +109,17 @@ export interface CacheConfig {
 /** Inputs of one decode step of one layer: one new token for every sequence slot. */
 export interface DecodeInputs {
   /** [batch, qHeads, headDim], cache dtype */
-  q: import('./tensor.js').Tensor;
+  q: Tensor;
   /** [batch, kvHeads, headDim], cache dtype, already rotated */
-  k: import('./tensor.js').Tensor;
+  k: Tensor;
   /** [batch, kvHeads, headDim], cache dtype */
-  v: import('./tensor.js').Tensor;
+  v: Tensor;
   /** [batch, kvHeads] fp32 log-retention (<= 0) */
-  lam: import('./tensor.js').Tensor;
+  lam: Tensor;
   /** Position of each slot's new token; -1 marks an inactive slot (skipped, output rows zeroed). */
   positions: Int32Array | readonly number[];
   /** [batch, qHeads, headDim], cache dtype: written by the call */
-  out: import('./tensor.js').Tensor;
+  out: Tensor;
 }
 
 /** Inputs of one prefill chunk of one sequence for one layer. */
@@ -146,15 +129,15 @@ export interface PrefillInputs {
   /** Position of the chunk's first token. */
   start: number;
   /** [C, qHeads, headDim] */
-  q: import('./tensor.js').Tensor;
+  q: Tensor;
   /** [C, kvHeads, headDim] */
-  k: import('./tensor.js').Tensor;
+  k: Tensor;
   /** [C, kvHeads, headDim] */
-  v: import('./tensor.js').Tensor;
+  v: Tensor;
   /** [C, kvHeads] fp32 */
-  lam: import('./tensor.js').Tensor;
+  lam: Tensor;
   /** [C, qHeads, headDim]: written by the call */
-  out: import('./tensor.js').Tensor;
+  out: Tensor;
 }
 
 /** One sequence's chunk in a `prefillBatch` call. */
@@ -174,15 +157,15 @@ export interface PrefillChunk {
 export interface PrefillBatchInputs {
   chunks: readonly PrefillChunk[];
   /** [N, qHeads, headDim] */
-  q: import('./tensor.js').Tensor;
+  q: Tensor;
   /** [N, kvHeads, headDim] */
-  k: import('./tensor.js').Tensor;
+  k: Tensor;
   /** [N, kvHeads, headDim] */
-  v: import('./tensor.js').Tensor;
+  v: Tensor;
   /** [N, kvHeads] fp32 */
-  lam: import('./tensor.js').Tensor;
+  lam: Tensor;
   /** [N, qHeads, headDim]: written by the call */
-  out: import('./tensor.js').Tensor;
+  out: Tensor;
 }
 
 /** What `inspect` reports for one (sequence, layer, KV head): tokens sorted by position. */

@@ -1,18 +1,22 @@
-/** The benchmark suite (lib/bench.ts, lib/bench/): stats, the SVG writer, and a tiny CPU run end to end. */
+/** The benchmark suite (bench/): stats, the SVG writer, and a tiny CPU run end to end. */
 import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test, vi } from 'vitest';
-import { benchSelectKernel, causalAttentionFlops, deviceMemoryUsed, stats, timeMany } from '../lib/bench.js';
+import { deviceMemoryUsed, stats, timeMany } from '../bench/timing.js';
+import { causalAttentionFlops, type PrefillAttendRow } from '../bench/cases/prefill.js';
+import { benchSelectKernel, type SelectKernelRow } from '../bench/cases/select.js';
+import type { DecodeRow } from '../bench/cases/decode.js';
+import type { GateRow } from '../bench/cases/gate.js';
+import type { StreamRow } from '../bench/cases/stream.js';
 import { TrimKVError } from '../lib/errors.js';
 import { openRuntime } from '../lib/runtime.js';
-import { escapeXml, formatTick, linePlot } from '../lib/bench/svg.js';
-import { main } from '../lib/cli.js';
-import {
-  readTorch, runSuite, SCHEMA, SECTIONS, type BenchPlan, type BenchResult, type DecodeRow, type GateRow, type PrefillAttendRow, type SelectKernelRow,
-  type StreamRow,
-} from '../lib/bench/suite.js';
-import { writeReport } from '../lib/bench/report.js';
+import { escapeXml, formatTick, linePlot } from '../bench/svg.js';
+import { main } from '../lib/cli/index.js';
+import { SECTIONS, type BenchPlan } from '../bench/plan.js';
+import { runSuite, SCHEMA, type BenchResult } from '../bench/suite.js';
+import { readTorch } from '../bench/torch.js';
+import { writeReport } from '../bench/report.js';
 import { runtimeFor } from './harness.js';
 
 describe('stats', () => {

@@ -22,7 +22,7 @@ import {
   parseCheckpoint,
   readSafetensors,
   type Checkpoint,
-} from '../lib/checkpoint.js';
+} from '../lib/checkpoint/index.js';
 import { TrimKVError } from '../lib/errors.js';
 import type { Activation, DType, GateKind, GateSpec, GluGateWeights, MlpGateWeights, WeightArray, WeightInput } from '../lib/types.js';
 import { decodeBits, numberToBf16Bits, numberToFp16Bits } from './helpers.js';

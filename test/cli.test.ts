@@ -6,7 +6,7 @@ import { describe, expect, test } from 'vitest';
 import { spawnSync } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { main } from '../lib/cli.js';
+import { main } from '../lib/cli/index.js';
 import { backends, FORCE_CPU_ENV, openRuntime } from '../lib/index.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
@@ -78,7 +78,7 @@ describe('trimkv demo', () => {
 describe(`${FORCE_CPU_ENV}`, () => {
   test('makes CUDA unavailable with the reason, and auto opens the CPU', () => {
     const r = spawnSync(process.execPath, ['--input-type=module', '-e', `
-      const { backends, openRuntime } = await import(${JSON.stringify(join(root, 'dist', 'index.js'))});
+      const { backends, openRuntime } = await import(${JSON.stringify(join(root, 'dist', 'lib', 'index.js'))});
       const cuda = backends().find((b) => b.name === 'cuda');
       console.log(JSON.stringify({ available: cuda.available, reason: cuda.reason, auto: openRuntime('auto').backend }));
     `], { env: { ...process.env, [FORCE_CPU_ENV]: '1' }, encoding: 'utf8' });

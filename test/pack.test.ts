@@ -14,7 +14,7 @@
  * holds plays no part.
  */
 import { describe, expect, test } from 'vitest';
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { spawn } from 'node:child_process';
@@ -56,11 +56,17 @@ describe('npm pack and an offline install', () => {
       const json = JSON.parse(packed.stdout.slice(packed.stdout.lastIndexOf('\n[') + 1));
       const files: string[] = json[0].files.map((f: { path: string }) => f.path);
       // What users need, and nothing of the development tree.
-      for (const need of ['dist/index.js', 'dist/index.d.ts', 'dist/cli.js', 'bin/trimkv.js', 'scripts/install.mjs',
+      for (const need of ['dist/lib/index.js', 'dist/lib/index.d.ts', 'dist/lib/cli/index.js', 'dist/bench/cli.js', 'dist/bench/suite.js', 'bin/trimkv.js', 'scripts/install.mjs',
         'CMakeLists.txt', 'binding.gyp', 'csrc/ops/cache.h', 'csrc/kernels/decode.cuh', 'package.json', 'README.md']) {
         expect(files, `tarball lacks ${need}`).toContain(need);
       }
-      for (const f of files) expect(f, `tarball ships ${f}`).not.toMatch(/^(test|lib|node_modules|build)\/|^\.|harness\//);
+      // Sources, tests, the benchmark's results, plots and Python baseline stay in the repository.
+      for (const f of files) expect(f, `tarball ships ${f}`).not.toMatch(/^(test|lib|bench|node_modules|build)\/|^\.|harness\//);
+      // package.json's entry points name files that the tarball has.
+      const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
+      for (const entry of [pkg.main, pkg.types, pkg.exports['.'].import, pkg.exports['.'].types, pkg.bin.trimkv]) {
+        expect(files, `package.json names ${entry}, which the tarball lacks`).toContain(entry.replace(/^\.\//, ''));
+      }
       const tarball = join(dir, readdirSync(dir).find((f) => f.endsWith('.tgz'))!);
       const common = { npm_config_cache: join(dir, 'npm-cache'), npm_config_audit: 'false', npm_config_fund: 'false',
         npm_config_update_notifier: 'false' };

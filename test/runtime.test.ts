@@ -108,7 +108,7 @@ describe('ERR_ADDON_LOAD', () => {
       cpSync(join(root, 'package.json'), join(dir, 'package.json'));
       symlinkSync(join(root, 'node_modules'), join(dir, 'node_modules'));
       const r = spawnSync(process.execPath, ['--input-type=module', '-e', `
-        const { backends } = await import(${JSON.stringify(join(dir, 'dist', 'index.js'))});
+        const { backends } = await import(${JSON.stringify(join(dir, 'dist', 'lib', 'index.js'))});
         try { backends(); console.log('loaded'); } catch (e) { console.log(JSON.stringify({ name: e.name, code: e.code, message: e.message })); }
       `], { encoding: 'utf8' });
       expect(r.status, r.stderr).toBe(0);

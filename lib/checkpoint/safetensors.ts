@@ -6,11 +6,11 @@
  */
 import { endianness } from 'node:os';
 import { TrimKVError } from '../errors.js';
+import { DTYPE_BYTES } from '../constants.js';
 import type { DType, WeightArray } from '../types.js';
 
 const DTYPES: Readonly<Record<string, DType>> = { F32: 'fp32', F16: 'fp16', BF16: 'bf16' };
 const NAMES: Readonly<Record<DType, string>> = { fp32: 'F32', fp16: 'F16', bf16: 'BF16' };
-const ITEM_SIZE: Readonly<Record<DType, number>> = { fp32: 4, fp16: 2, bf16: 2 };
 /** The reference implementation's limit on the header size. */
 const MAX_HEADER = 100_000_000;
 
@@ -106,7 +106,7 @@ export function readSafetensors(bytes: Uint8Array, file: string): SafetensorsFil
         if (dtype === undefined) {
           throw new TrimKVError('ERR_CHECKPOINT_DTYPE', `${file}: tensor '${key}' has dtype ${e.dtype}; supported are F32, F16 and BF16`);
         }
-        const size = ITEM_SIZE[dtype];
+        const size = DTYPE_BYTES[dtype];
         const numel = e.shape.reduce((a, b) => a * b, 1);
         if (e.end - e.begin !== numel * size) {
           throw formatError(file, `tensor '${key}' of shape [${e.shape.join(', ')}] ${e.dtype} spans ${e.end - e.begin} bytes, expected ${numel * size}`);

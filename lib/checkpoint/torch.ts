@@ -12,6 +12,7 @@
 import { endianness } from 'node:os';
 import { unzipSync, type UnzipFileInfo } from 'fflate';
 import { TrimKVError } from '../errors.js';
+import { DTYPE_BYTES } from '../constants.js';
 import type { DType, WeightArray } from '../types.js';
 import { PyDict, TorchTensor, unpickle } from './pickle.js';
 
@@ -22,7 +23,6 @@ export const STORAGE_DTYPES: Readonly<Record<string, DType>> = {
   BFloat16Storage: 'bf16',
 };
 
-const ITEM_SIZE: Readonly<Record<DType, number>> = { fp32: 4, fp16: 2, bf16: 2 };
 
 /** More entries than any state dict needs: guards against a central directory that lies. */
 const MAX_ENTRIES = 1 << 20;
@@ -154,7 +154,7 @@ export function readTorchStateDict(bytes: Uint8Array, file: string): TorchStateD
 /** Copies the strided view `t` of `blob` into a fresh contiguous array of the stored dtype. */
 function materialize(t: TorchTensor, blob: Uint8Array, swap: boolean, file: string, key: string): WeightArray {
   const dtype = STORAGE_DTYPES[t.storage.typeName]!;
-  const size = ITEM_SIZE[dtype];
+  const size = DTYPE_BYTES[dtype];
   if (blob.length !== t.storage.numel * size) {
     throw formatError(
       file,

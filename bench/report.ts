@@ -1,9 +1,12 @@
 /** The suite's outputs: Markdown tables, SVG plots, and the files they are written to. */
 import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, relative } from 'node:path';
-import type { LadderResult } from '../bench.js';
+import { isRow, type Row } from './case.js';
+import type { LadderResult } from './cases/ladder.js';
+import type { SelectKernelRow } from './cases/select.js';
+import type { BackendRun, BenchResult } from './suite.js';
 import { linePlot, type Series } from './svg.js';
-import { isRow, type BackendRun, type BenchResult, type Row, type SelectKernelRow, type TorchResults } from './suite.js';
+import type { TorchResults } from './torch.js';
 
 const f = (x: number | null | undefined, d = 1): string => (x === null || x === undefined || !Number.isFinite(x) ? '-' : x.toFixed(d));
 const us = (ms: number | null | undefined, d = 1) => f(ms === null || ms === undefined ? null : ms * 1000, d);

@@ -3,8 +3,8 @@
  * workload of `trimkv demo`. Inputs are random (no model weights), so the numbers measure the
  * cache and attention, not a language model.
  */
-import type { Runtime } from './runtime.js';
-import type { DType } from './types.js';
+import type { Runtime } from '../runtime.js';
+import type { DType } from '../types.js';
 
 export interface DemoOptions {
   layers: number; qHeads: number; kvHeads: number; headDim: number;

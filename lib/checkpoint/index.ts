@@ -21,16 +21,16 @@
 import { readFile, readdir, stat } from 'node:fs/promises';
 import { readFileSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { ACTIVATIONS, GATE_KINDS, STRATEGIES } from './constants.js';
-import { TrimKVError } from './errors.js';
-import type { Activation, CacheConfig, GateKind, GateSpec, GluGateWeights, MlpGateWeights, Strategy, WeightArray } from './types.js';
-import { readSafetensors } from './checkpoint/safetensors.js';
-import { readTorchStateDict } from './checkpoint/torch.js';
+import { ACTIVATIONS, GATE_KINDS, STRATEGIES } from '../constants.js';
+import { TrimKVError } from '../errors.js';
+import type { Activation, CacheConfig, GateKind, GateSpec, GluGateWeights, MlpGateWeights, Strategy, WeightArray } from '../types.js';
+import { readSafetensors } from './safetensors.js';
+import { readTorchStateDict } from './torch.js';
 
-export { encodeSafetensors, readSafetensors } from './checkpoint/safetensors.js';
-export type { SafetensorsFile } from './checkpoint/safetensors.js';
-export { readTorchStateDict } from './checkpoint/torch.js';
-export type { TorchStateDict } from './checkpoint/torch.js';
+export { encodeSafetensors, readSafetensors } from './safetensors.js';
+export type { SafetensorsFile } from './safetensors.js';
+export { readTorchStateDict } from './torch.js';
+export type { TorchStateDict } from './torch.js';
 
 /** Cache settings config.json carries, as `CacheConfig` fields (add `batch` to build a cache). */
 export type CheckpointCacheDefaults = Partial<
