@@ -40,7 +40,7 @@ const QWEN3_4B: Shape = { qHeads: 32, kvHeads: 8, headDim: 128, dtype: 'bf16' };
 const SCOPE_CASES: { scope: Scope; floor: number }[] = [{ scope: 'head', floor: 0 }, { scope: 'layer', floor: 0 }, { scope: 'global', floor: 0.25 }];
 const pow2 = (from: number, to: number) => { const r: number[] = []; for (let x = from; x <= to; x *= 2) r.push(x); return r; };
 
-/** The default sweeps: sized for an H100 (whole suite, torch script included, ~6 min) and the CPU. */
+/** The default sweeps: sized for the H200 of the GPU machine (whole suite, torch script included, a few minutes) and the CPU. */
 export function defaultPlan(backend: BackendName, quick: boolean): BenchPlan {
   const model = { layers: 36, hiddenSize: 2560, gateIntermediate: 512, context: 32768 };
   if (backend === 'cuda') {

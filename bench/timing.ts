@@ -8,7 +8,7 @@ import { native } from '../lib/errors.js';
 import { BACKEND_INDEX, loadAddon } from '../lib/native.js';
 import type { Runtime } from '../lib/runtime.js';
 
-/** Bytes the inputs of one measured family should span so that L2 (50 MB on H100) cannot hold them. */
+/** Bytes the inputs of one measured family should span so that L2 (50 MB on H100 / H200) cannot hold them. */
 export const ROTATE_BYTES = 256 * 2 ** 20;
 /** The same on the CPU backend: past the last-level cache of a typical server socket. */
 export const CPU_ROTATE_BYTES = 32 * 2 ** 20;
