@@ -5,7 +5,7 @@ import { CUDA_HEAD_DIM_MULTIPLE, CUDA_MAX_HEAD_DIM, CUDA_MAX_POOL_HEADS, CUDA_MM
 import { checkTensor, expectTensor, released } from './tensor.js';
 import { types } from 'node:util';
 import type { BackendName, CacheConfig, DecodeInputs, DType, HeadSnapshot, PrefillBatchInputs, PrefillChunk, PrefillInputs } from './types.js';
-import { arrayOf, integerIn, invalid, numberIn, oneOf } from './validate.js';
+import { arrayOf, integerIn, invalid, isArgObject, numberIn, oneOf } from './validate.js';
 
 /** The smallest positive normal and the largest finite float32. */
 const FLOAT32_MIN_NORMAL = 2 ** -126;
@@ -16,7 +16,7 @@ export type ResolvedCacheConfig = Readonly<Required<Omit<CacheConfig, 'threshold
 
 /** Validates a configuration and fills in the defaults. @throws {TrimKVError} */
 export function resolveCacheConfig(config: CacheConfig): ResolvedCacheConfig {
-  if (config === null || typeof config !== 'object') invalid('a CacheConfig object', 'config', config);
+  if (!isArgObject(config)) invalid('a CacheConfig object', 'config', config);
   const c = config;
   const layers = integerIn(c.layers, 'layers', 1, 4096);
   const batch = integerIn(c.batch, 'batch', 1, 65536);
@@ -48,6 +48,7 @@ export function resolveCacheConfig(config: CacheConfig): ResolvedCacheConfig {
  * @throws {TrimKVError} for an invalid configuration, as `resolveCacheConfig`
  */
 export function cacheSupport(backend: BackendName, config: CacheConfig | ResolvedCacheConfig): string | null {
+  oneOf(backend, 'backend', ['cpu', 'cuda'] as const);
   const c = resolveCacheConfig(config as CacheConfig);
   if (backend === 'cpu') return null;
   if (c.scope === 'global' && c.layers * c.kvHeads > CUDA_MAX_POOL_HEADS) {
@@ -121,7 +122,7 @@ export class KVCache {
   decode(layer: number, inputs: DecodeInputs): void {
     const h = this.#h();
     const l = this.#layer(layer);
-    if (inputs === null || typeof inputs !== 'object') invalid('a DecodeInputs object', 'inputs', inputs);
+    if (!isArgObject(inputs)) invalid('a DecodeInputs object', 'inputs', inputs);
     const { batch: B, dtype } = this.config;
     const [qShape, kvShape, lamShape] = this.#decodeShapes;
     const q = expectTensor(inputs.q, 'q', this.backend, dtype, qShape);
@@ -152,7 +153,7 @@ export class KVCache {
   prefill(layer: number, inputs: PrefillInputs): void {
     this.#h();
     this.#layer(layer);
-    if (inputs === null || typeof inputs !== 'object') invalid('a PrefillInputs object', 'inputs', inputs);
+    if (!isArgObject(inputs)) invalid('a PrefillInputs object', 'inputs', inputs);
     const C = checkTensor(inputs.q, 'q', this.backend).shape[0] ?? 0;
     if (C < 1) invalid('a q tensor of shape [C >= 1, qHeads, headDim]', 'q', inputs.q, 'ERR_SHAPE');
     const seq = integerIn(inputs.seq, 'seq', 0, this.config.batch - 1);
@@ -171,12 +172,12 @@ export class KVCache {
   prefillBatch(layer: number, inputs: PrefillBatchInputs): void {
     this.#h();
     this.#layer(layer);
-    if (inputs === null || typeof inputs !== 'object') invalid('a PrefillBatchInputs object', 'inputs', inputs);
+    if (!isArgObject(inputs)) invalid('a PrefillBatchInputs object', 'inputs', inputs);
     const list: unknown = inputs.chunks;
     const what = `an array of 1 to ${this.config.batch} chunks`;
     if (!Array.isArray(list) || types.isProxy(list) || list.length < 1 || list.length > this.config.batch) invalid(what, 'chunks', list);
     const chunks = arrayOf(list, 'chunks', what, (c, name) => {
-      if (c === null || typeof c !== 'object' || types.isProxy(c)) invalid('a { seq, start, length } object', name, c);
+      if (!isArgObject(c)) invalid('a { seq, start, length } object', name, c);
       const { seq, start, length } = c as PrefillChunk;
       return [
         integerIn(seq, `${name}.seq`, 0, this.config.batch - 1),

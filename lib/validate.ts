@@ -71,6 +71,14 @@ export function oneOf<T extends string>(v: unknown, name: string, allowed: reado
 }
 
 /**
+ * A plain argument object: not null, not a function, not a Proxy (whose traps could run
+ * arbitrary code and throw anything).
+ */
+export function isArgObject(v: unknown): v is object {
+  return v !== null && typeof v === 'object' && !types.isProxy(v);
+}
+
+/**
  * An array read index by index (holes are undefined, so they fail `item`); refuses Proxies,
  * whose traps could run arbitrary code, and arrays longer than `maxLength` before reading any
  * element. ERR_SHAPE for the length when `length` is given and differs.
