@@ -1,6 +1,7 @@
 /** The suite's outputs: Markdown tables, SVG plots, and the files they are written to. */
 import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, relative } from 'node:path';
+import { DTYPE_BYTES } from '../lib/constants.js';
 import { isRow, type Row } from './case.js';
 import type { LadderResult } from './cases/ladder.js';
 import type { SelectKernelRow } from './cases/select.js';
@@ -42,7 +43,7 @@ export function plots(run: BackendRun, torch: TorchResults | null): PlotFile[] {
         xLabel: 'generated length T (tokens per sequence)', yLabel: 'time per token per layer (us)', xLog: true, yLog: true, series }) });
     const L = run.plan.ladder.modelLayers;
     const lengths = [...new Set([...ladder.flatMap((l) => l.points.map((p) => p.length)), ...tf.map((x) => x.context)])].sort((x, y) => x - y);
-    const perTok = batch * L * sh.kvHeads * 2 * sh.headDim * (sh.dtype === 'fp32' ? 4 : 2);
+    const perTok = batch * L * sh.kvHeads * 2 * sh.headDim * DTYPE_BYTES[sh.dtype];
     const mem: Series[] = ladder.filter((l) => l.memory !== null).map((l) => ({ name: name(l), points: l.points.map((p) => [p.length, (p.cacheBytesPerLayer * L) / 2 ** 20] as const) }));
     mem.push({ name: 'full cache (K and V of every token)', dashed: true, points: lengths.map((t) => [t, (t * perTok) / 2 ** 20] as const) });
     out.push({ name: `${b}-memory.svg`, title: 'Cache memory vs generated length', series: mem.length,

@@ -2,16 +2,21 @@
 import { native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeCacheHandle } from './native.js';
 import { CUDA_HEAD_DIM_MULTIPLE, CUDA_MAX_HEAD_DIM, CUDA_MAX_POOL_HEADS, CUDA_MMA_MAX_GROUP, DTYPE_BYTES, DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
-import { expectTensor } from './tensor.js';
+import { checkTensor, expectTensor, released } from './tensor.js';
+import { types } from 'node:util';
 import type { BackendName, CacheConfig, DecodeInputs, DType, HeadSnapshot, PrefillBatchInputs, PrefillChunk, PrefillInputs } from './types.js';
-import { integerIn, invalid, numberIn, oneOf } from './validate.js';
+import { arrayOf, integerIn, invalid, isArgObject, numberIn, oneOf } from './validate.js';
+
+/** The smallest positive normal and the largest finite float32. */
+const FLOAT32_MIN_NORMAL = 2 ** -126;
+const FLOAT32_MAX = (2 - 2 ** -23) * 2 ** 127;
 
 /** A cache configuration with every default filled in (`threshold: null` = none). */
 export type ResolvedCacheConfig = Readonly<Required<Omit<CacheConfig, 'threshold'>> & { threshold: number | null }>;
 
 /** Validates a configuration and fills in the defaults. @throws {TrimKVError} */
 export function resolveCacheConfig(config: CacheConfig): ResolvedCacheConfig {
-  if (config === null || typeof config !== 'object') invalid('a CacheConfig object', 'config', config);
+  if (!isArgObject(config)) invalid('a CacheConfig object', 'config', config);
   const c = config;
   const layers = integerIn(c.layers, 'layers', 1, 4096);
   const batch = integerIn(c.batch, 'batch', 1, 65536);
@@ -29,7 +34,9 @@ export function resolveCacheConfig(config: CacheConfig): ResolvedCacheConfig {
   const threshold = c.threshold === undefined || c.threshold === null
     ? null
     : numberIn(c.threshold, 'threshold', 0, 1, { minOpen: true });
-  const scale = c.scale === undefined ? 1 / Math.sqrt(headDim) : numberIn(c.scale, 'scale', 0, Number.MAX_VALUE, { minOpen: true });
+  // The native side holds scale as a float32 (0 there means "the default"): a value outside
+  // float32's normal range would silently become 0 or infinity, so it is refused.
+  const scale = c.scale === undefined ? 1 / Math.sqrt(headDim) : numberIn(c.scale, 'scale', FLOAT32_MIN_NORMAL, FLOAT32_MAX);
   return Object.freeze({ layers, batch, qHeads, kvHeads, headDim, memory, buffer, dtype, strategy, window, scope, floor, threshold, scale });
 }
 
@@ -41,6 +48,7 @@ export function resolveCacheConfig(config: CacheConfig): ResolvedCacheConfig {
  * @throws {TrimKVError} for an invalid configuration, as `resolveCacheConfig`
  */
 export function cacheSupport(backend: BackendName, config: CacheConfig | ResolvedCacheConfig): string | null {
+  oneOf(backend, 'backend', ['cpu', 'cuda'] as const);
   const c = resolveCacheConfig(config as CacheConfig);
   if (backend === 'cpu') return null;
   if (c.scope === 'global' && c.layers * c.kvHeads > CUDA_MAX_POOL_HEADS) {
@@ -114,7 +122,7 @@ export class KVCache {
   decode(layer: number, inputs: DecodeInputs): void {
     const h = this.#h();
     const l = this.#layer(layer);
-    if (inputs === null || typeof inputs !== 'object') invalid('a DecodeInputs object', 'inputs', inputs);
+    if (!isArgObject(inputs)) invalid('a DecodeInputs object', 'inputs', inputs);
     const { batch: B, dtype } = this.config;
     const [qShape, kvShape, lamShape] = this.#decodeShapes;
     const q = expectTensor(inputs.q, 'q', this.backend, dtype, qShape);
@@ -122,10 +130,18 @@ export class KVCache {
     const v = expectTensor(inputs.v, 'v', this.backend, dtype, kvShape);
     const lam = expectTensor(inputs.lam, 'lam', this.backend, 'fp32', lamShape);
     const out = expectTensor(inputs.out, 'out', this.backend, dtype, qShape);
-    const p = inputs.positions;
-    if (!(p instanceof Int32Array) && !Array.isArray(p)) invalid('an Int32Array or number[]', 'positions', p);
-    if (p.length !== B) invalid(`${B} positions`, 'positions', p, 'ERR_SHAPE');
-    const positions = p instanceof Int32Array ? p : Int32Array.from(p.map((x, i) => integerIn(x, `positions[${i}]`, -1, 2 ** 31 - 2)));
+    const p: unknown = inputs.positions;
+    let positions: Int32Array;
+    if (types.isInt32Array(p)) {
+      if (p.length !== B) invalid(`${B} positions`, 'positions', p, 'ERR_SHAPE');
+      positions = p;
+    } else {
+      if (!Array.isArray(p) || types.isProxy(p)) invalid('an Int32Array or number[]', 'positions', p);
+      // Index by index: a hole is undefined and refused (map would skip it and leave a 0).
+      positions = Int32Array.from(
+        arrayOf(p, 'positions', 'an Int32Array or number[]', (x, n) => integerIn(x, n, -1, 2 ** 31 - 2), { length: B, maxLength: B }),
+      );
+    }
     native(() => h.decode(l, q.handle('q'), k.handle('k'), v.handle('v'), lam.handle('lam'), out.handle('out'), positions));
   }
 
@@ -137,10 +153,9 @@ export class KVCache {
   prefill(layer: number, inputs: PrefillInputs): void {
     this.#h();
     this.#layer(layer);
-    if (inputs === null || typeof inputs !== 'object') invalid('a PrefillInputs object', 'inputs', inputs);
-    const q0 = inputs.q;
-    const C = q0 && typeof q0 === 'object' && 'shape' in q0 ? (q0.shape[0] ?? 0) : 0;
-    if (C < 1) invalid('a q tensor of shape [C >= 1, qHeads, headDim]', 'q', q0, 'ERR_SHAPE');
+    if (!isArgObject(inputs)) invalid('a PrefillInputs object', 'inputs', inputs);
+    const C = checkTensor(inputs.q, 'q', this.backend).shape[0] ?? 0;
+    if (C < 1) invalid('a q tensor of shape [C >= 1, qHeads, headDim]', 'q', inputs.q, 'ERR_SHAPE');
     const seq = integerIn(inputs.seq, 'seq', 0, this.config.batch - 1);
     const start = integerIn(inputs.start, 'start', 0, 2 ** 31 - 2);
     this.#prefill(layer, Int32Array.of(seq, start, C), C, inputs);
@@ -157,20 +172,21 @@ export class KVCache {
   prefillBatch(layer: number, inputs: PrefillBatchInputs): void {
     this.#h();
     this.#layer(layer);
-    if (inputs === null || typeof inputs !== 'object') invalid('a PrefillBatchInputs object', 'inputs', inputs);
-    const list = inputs.chunks;
-    if (!Array.isArray(list) || list.length < 1 || list.length > this.config.batch) {
-      invalid(`an array of 1 to ${this.config.batch} chunks`, 'chunks', list);
-    }
-    const triples = new Int32Array(3 * list.length);
-    let total = 0;
-    list.forEach((c: PrefillChunk, i: number) => {
-      if (c === null || typeof c !== 'object') invalid('a { seq, start, length } object', `chunks[${i}]`, c);
-      triples[3 * i] = integerIn(c.seq, `chunks[${i}].seq`, 0, this.config.batch - 1);
-      triples[3 * i + 1] = integerIn(c.start, `chunks[${i}].start`, 0, 2 ** 31 - 2);
-      triples[3 * i + 2] = integerIn(c.length, `chunks[${i}].length`, 1, 2 ** 24);
-      total += triples[3 * i + 2]!;
-    });
+    if (!isArgObject(inputs)) invalid('a PrefillBatchInputs object', 'inputs', inputs);
+    const list: unknown = inputs.chunks;
+    const what = `an array of 1 to ${this.config.batch} chunks`;
+    if (!Array.isArray(list) || types.isProxy(list) || list.length < 1 || list.length > this.config.batch) invalid(what, 'chunks', list);
+    const chunks = arrayOf(list, 'chunks', what, (c, name) => {
+      if (!isArgObject(c)) invalid('a { seq, start, length } object', name, c);
+      const { seq, start, length } = c as PrefillChunk;
+      return [
+        integerIn(seq, `${name}.seq`, 0, this.config.batch - 1),
+        integerIn(start, `${name}.start`, 0, 2 ** 31 - 2),
+        integerIn(length, `${name}.length`, 1, 2 ** 24),
+      ];
+    }, { maxLength: this.config.batch });
+    const triples = Int32Array.from(chunks.flat());
+    const total = chunks.reduce((a, c) => a + c[2]!, 0);
     this.#prefill(layer, triples, total, inputs);
   }
 
@@ -243,6 +259,7 @@ export class KVCache {
   dispose(): void {
     this.#handle?.dispose();
     this.#handle = undefined;
+    released(this);
   }
 
   [Symbol.dispose](): void {

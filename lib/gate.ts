@@ -2,23 +2,31 @@
 import { native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeGateHandle } from './native.js';
 import { ACTIVATIONS, CUDA_GATE_INPUT_MULTIPLE, DTYPES, GATE_KINDS } from './constants.js';
-import { checkTensor, expectTensor, type Tensor } from './tensor.js';
+import { checkTensor, expectTensor, released, type Tensor } from './tensor.js';
 import type { BackendName, DType, GateKind, GateSpec, GluGateWeights, MlpGateWeights, WeightInput } from './types.js';
-import { integerIn, invalid, invalidText, oneOf } from './validate.js';
+import { integerIn, invalid, invalidText, isArgObject, oneOf, shapeOf } from './validate.js';
+import { types } from 'node:util';
 
 function weightParts(w: WeightInput, name: string): { dtype: DType; data: Float32Array | Uint16Array; shape?: number[] } {
-  if (w instanceof Float32Array) return { dtype: 'fp32', data: w };
-  if (w === null || typeof w !== 'object') invalid('a Float32Array or a { dtype, shape, data } weight', name, w);
+  // Brand checks, not instanceof: a Proxy around a typed array passes instanceof.
+  if (types.isFloat32Array(w)) return { dtype: 'fp32', data: w };
+  if (!isArgObject(w)) invalid('a Float32Array or a { dtype, shape, data } weight', name, w);
   const dtype = oneOf(w.dtype, `${name}.dtype`, DTYPES);
-  const data = w.data;
-  if (dtype === 'fp32' ? !(data instanceof Float32Array) : !(data instanceof Uint16Array)) {
+  const data: unknown = w.data;
+  if (dtype === 'fp32' ? !types.isFloat32Array(data) : !types.isUint16Array(data)) {
     invalid(dtype === 'fp32' ? 'a Float32Array' : 'a Uint16Array of raw bits', `${name}.data`, data, 'ERR_DTYPE');
   }
-  return { dtype, data, shape: w.shape };
+  const shape = w.shape === undefined ? undefined : shapeOf(w.shape, `${name}.shape`).shape;
+  return { dtype, data: data as Float32Array | Uint16Array, shape };
 }
 
-/** Why a backend cannot run a gate of this input size, or null when it can. */
+/**
+ * Why a backend cannot run a gate of this input size, or null when it can.
+ * @throws {TrimKVError} ERR_INVALID_ARGUMENT / ERR_RANGE for an unknown backend or a bad size
+ */
 export function gateSupport(backend: BackendName, inputSize: number): string | null {
+  oneOf(backend, 'backend', ['cpu', 'cuda'] as const);
+  integerIn(inputSize, 'inputSize', 1, 2 ** 20);
   if (backend === 'cuda' && inputSize % CUDA_GATE_INPUT_MULTIPLE !== 0) {
     return `inputSize ${inputSize} is not supported by the CUDA gate (a multiple of ${CUDA_GATE_INPUT_MULTIPLE} is needed)`;
   }
@@ -37,7 +45,7 @@ export class RetentionGate {
 
   /** @internal Use `Runtime.createGate`. @throws {TrimKVError} */
   constructor(backend: BackendName, spec: GateSpec) {
-    if (spec === null || typeof spec !== 'object') invalid('a GateSpec object', 'spec', spec);
+    if (!isArgObject(spec)) invalid('a GateSpec object', 'spec', spec);
     this.backend = backend;
     this.kind = oneOf(spec.kind, 'spec.kind', GATE_KINDS);
     const activation = oneOf(spec.activation, 'spec.activation', ACTIVATIONS);
@@ -45,7 +53,7 @@ export class RetentionGate {
     this.intermediateSize = integerIn(spec.intermediateSize, 'spec.intermediateSize', 1, 2 ** 20);
     this.kvHeads = integerIn(spec.kvHeads, 'spec.kvHeads', 1, 1024);
     const w = spec.weights as Partial<MlpGateWeights & GluGateWeights> | undefined;
-    if (w === null || typeof w !== 'object') invalid('a weights object', 'spec.weights', w);
+    if (!isArgObject(w)) invalid('a weights object', 'spec.weights', w);
     const I = this.intermediateSize, In = this.inputSize, H = this.kvHeads;
     const glu = this.kind === 'rg3';
     const names = glu
@@ -57,7 +65,7 @@ export class RetentionGate {
       if (value === undefined) invalid('a weight', `spec.weights.${n}`, value);
       const p = weightParts(value, `spec.weights.${n}`);
       if (p.data.length !== sizes[i]) invalid(`${sizes[i]} values`, `spec.weights.${n}`, p.data, 'ERR_SHAPE');
-      if (p.shape && p.shape.reduce((a, b) => a * b, 1) !== sizes[i]) {
+      if (p.shape && shapeOf(p.shape, `spec.weights.${n}.shape`).numel !== sizes[i]) {
         invalid(`a shape of ${sizes[i]} elements`, `spec.weights.${n}.shape`, p.shape, 'ERR_SHAPE');
       }
       return p;
@@ -102,6 +110,7 @@ export class RetentionGate {
   dispose(): void {
     this.#handle?.dispose();
     this.#handle = undefined;
+    released(this);
   }
 
   [Symbol.dispose](): void {

@@ -4,7 +4,7 @@ import { loadAddon, addonOrigin, type AddonOrigin } from './native.js';
 import { DTYPES } from './constants.js';
 import { KVCache } from './cache.js';
 import { RetentionGate } from './gate.js';
-import { Tensor } from './tensor.js';
+import { onRelease, Tensor } from './tensor.js';
 import type { BackendInfo, BackendName, BackendRequest, CacheConfig, DType, GateSpec } from './types.js';
 import { oneOf } from './validate.js';
 import { cpus } from 'node:os';
@@ -66,8 +66,10 @@ export class Runtime {
     if (this.#disposed) throw new TrimKVError('ERR_DISPOSED', 'the runtime has been disposed');
   }
 
+  /** Keeps `x` until it is disposed (then forgets it) or the runtime is. */
   #own<T extends { dispose(): void }>(x: T): T {
     this.#owned.add(x);
+    onRelease(x, () => this.#owned.delete(x));
     return x;
   }
 
@@ -111,7 +113,7 @@ export class Runtime {
 
   /** Disposes every tensor, gate and cache this runtime created. */
   dispose(): void {
-    for (const x of this.#owned) x.dispose();
+    for (const x of [...this.#owned]) x.dispose();
     this.#owned.clear();
     this.#disposed = true;
   }

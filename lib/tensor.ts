@@ -2,7 +2,31 @@
 import { fromNative, native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeTensorHandle } from './native.js';
 import { DTYPE_BYTES, DTYPES, type BackendName, type DType } from './constants.js';
-import { integerIn, invalid, invalidText, oneOf } from './validate.js';
+import { constants } from 'node:buffer';
+import { types } from 'node:util';
+import { invalid, invalidText, oneOf, shapeOf } from './validate.js';
+
+/** The longest typed array this Node.js can make (2^32 on Node 20). */
+const MAX_TYPED_ARRAY_LENGTH = constants.MAX_LENGTH;
+
+/**
+ * @internal What to do when an object is disposed: its runtime forgets it (Runtime keeps the
+ * live objects only, so that a long-lived runtime does not grow with every object ever made).
+ */
+const releaseHooks = new WeakMap<object, () => void>();
+
+/** @internal Calls `fn` once, when `x` is disposed. */
+export function onRelease(x: object, fn: () => void): void {
+  releaseHooks.set(x, fn);
+}
+
+/** @internal Runs and drops the hook of a disposed object. */
+export function released(x: object): void {
+  const fn = releaseHooks.get(x);
+  if (fn === undefined) return;
+  releaseHooks.delete(x);
+  fn();
+}
 
 export class Tensor {
   readonly shape: readonly number[];
@@ -14,14 +38,13 @@ export class Tensor {
 
   /** @internal Use `Runtime.tensor` or `Runtime.fromArray`. @throws {TrimKVError} */
   constructor(backend: BackendName, shape: readonly number[], dtype: DType) {
-    if (!Array.isArray(shape)) invalid('an array of dimensions', 'shape', shape);
-    shape.forEach((d, i) => integerIn(d, `shape[${i}]`, 0, 2 ** 40));
+    const { shape: dims, numel } = shapeOf(shape, 'shape');
     this.dtype = oneOf(dtype, 'dtype', DTYPES);
-    this.shape = Object.freeze([...shape]);
+    this.shape = Object.freeze(dims);
     this.backend = backend;
-    this.numel = shape.reduce((a, b) => a * b, 1);
+    this.numel = numel;
     this.byteLength = this.numel * DTYPE_BYTES[dtype];
-    this.#handle = native(() => new (loadAddon().NativeTensor)(BACKEND_INDEX[backend], dtype, [...shape]));
+    this.#handle = native(() => new (loadAddon().NativeTensor)(BACKEND_INDEX[backend], dtype, dims));
   }
 
   get disposed(): boolean {
@@ -49,13 +72,14 @@ export class Tensor {
    */
   write(data: Float32Array | Uint16Array): this {
     const h = this.handle();
-    if (!(data instanceof Float32Array) && !(data instanceof Uint16Array)) {
+    // Brand checks, not instanceof: a Proxy around a typed array passes instanceof.
+    if (!types.isFloat32Array(data) && !types.isUint16Array(data)) {
       invalid('a Float32Array or Uint16Array', 'data', data);
     }
     if (data.length !== this.numel) {
       invalid(`${this.numel} values (shape [${this.shape.join(', ')}])`, 'data', data, 'ERR_SHAPE');
     }
-    if (data instanceof Uint16Array && this.dtype === 'fp32') {
+    if (types.isUint16Array(data) && this.dtype === 'fp32') {
       invalid('a Float32Array (raw 16-bit data needs an fp16 or bf16 tensor)', 'data', data, 'ERR_DTYPE');
     }
     native(() => h.write(data));
@@ -65,6 +89,7 @@ export class Tensor {
   /** Reads all elements as float32, without blocking the event loop. @throws {TrimKVError} */
   async read(): Promise<Float32Array> {
     const h = this.handle();
+    this.#checkHostCopy();
     return native(() => h.read()).catch((e: unknown) => {
       throw fromNative(e);
     });
@@ -73,13 +98,26 @@ export class Tensor {
   /** Reads all elements as float32, synchronously. @throws {TrimKVError} */
   readSync(): Float32Array {
     const h = this.handle();
+    this.#checkHostCopy();
     return native(() => h.readSync());
+  }
+
+  /** A read returns one Float32Array: refuse before the addon tries to allocate more than one can hold. */
+  #checkHostCopy(): void {
+    if (this.numel > MAX_TYPED_ARRAY_LENGTH) {
+      throw new TrimKVError(
+        'ERR_OUT_OF_MEMORY',
+        `out of host memory: reading ${this.toString()} needs a Float32Array of ${this.numel} elements, ` +
+          `more than the ${MAX_TYPED_ARRAY_LENGTH} a typed array can hold`,
+      );
+    }
   }
 
   /** Frees the memory now (idempotent). Pending reads finish first. */
   dispose(): void {
     this.#handle?.dispose();
     this.#handle = undefined;
+    released(this);
   }
 
   [Symbol.dispose](): void {

@@ -3,15 +3,36 @@
  * "Expected <what> for <name> but received <value>"; the native layer re-checks as an
  * internal assertion.
  */
+import { types } from 'node:util';
 import { TrimKVError, type ErrorCode } from './errors.js';
 
-export function describe(value: unknown): string {
-  if (typeof value === 'string') return JSON.stringify(value);
-  if (value === null || value === undefined) return String(value);
-  if (Array.isArray(value)) return `[${value.map(describe).join(', ')}]`;
-  if (ArrayBuffer.isView(value)) return `${value.constructor.name}(${(value as unknown as { length: number }).length})`;
-  if (typeof value === 'object') return (value as object).constructor?.name ?? 'object';
-  return String(value);
+/** How much of a value `describe` shows: hostile values (cyclic, deep, huge, Proxies) stay cheap. */
+const DESCRIBE_DEPTH = 3;
+const DESCRIBE_ITEMS = 8;
+
+/** A short description of any value for error messages; bounded in depth and length, never throws. */
+export function describe(value: unknown, depth = 0): string {
+  try {
+    if (typeof value === 'string') return JSON.stringify(value.length > 64 ? `${value.slice(0, 64)}...` : value);
+    if (value === null || value === undefined) return String(value);
+    if (typeof value === 'symbol') return value.toString();
+    if (typeof value === 'function') return 'a function';
+    if (typeof value !== 'object') return String(value);
+    if (types.isProxy(value)) return 'a Proxy';
+    if (Array.isArray(value)) {
+      if (depth >= DESCRIBE_DEPTH) return `Array(${value.length})`;
+      const n = Math.min(value.length, DESCRIBE_ITEMS);
+      const items: string[] = [];
+      for (let i = 0; i < n; i++) items.push(i in value ? describe(value[i], depth + 1) : '<hole>');
+      if (value.length > n) items.push(`... ${value.length - n} more`);
+      return `[${items.join(', ')}]`;
+    }
+    if (ArrayBuffer.isView(value)) return `${value.constructor.name}(${(value as unknown as { length: number }).length})`;
+    const name = (value as object).constructor?.name;
+    return typeof name === 'string' && name !== '' ? name : 'object';
+  } catch {
+    return 'a value that cannot be described';
+  }
 }
 
 export function invalid(what: string, name: string, value: unknown, code: ErrorCode = 'ERR_INVALID_ARGUMENT'): never {
@@ -47,4 +68,46 @@ export function oneOf<T extends string>(v: unknown, name: string, allowed: reado
     invalid(`one of ${allowed.map((a) => `'${a}'`).join(', ')}`, name, v);
   }
   return v as T;
+}
+
+/**
+ * A plain argument object: not null, not a function, not a Proxy (whose traps could run
+ * arbitrary code and throw anything).
+ */
+export function isArgObject(v: unknown): v is object {
+  return v !== null && typeof v === 'object' && !types.isProxy(v);
+}
+
+/**
+ * An array read index by index (holes are undefined, so they fail `item`); refuses Proxies,
+ * whose traps could run arbitrary code, and arrays longer than `maxLength` before reading any
+ * element. ERR_SHAPE for the length when `length` is given and differs.
+ */
+export function arrayOf<T>(v: unknown, name: string, what: string, item: (x: unknown, name: string) => T,
+  opts: { maxLength?: number; length?: number } = {}): T[] {
+  if (!Array.isArray(v) || types.isProxy(v)) invalid(what, name, v);
+  if (opts.length !== undefined && v.length !== opts.length) invalid(`${opts.length} entries`, name, v, 'ERR_SHAPE');
+  const max = opts.maxLength ?? 64;
+  if (v.length > max) invalid(`${what} of at most ${max} entries`, name, v, 'ERR_SHAPE');
+  const out = new Array<T>(v.length);
+  for (let i = 0; i < v.length; i++) out[i] = item(v[i], `${name}[${i}]`);
+  return out;
+}
+
+/** Largest element count of a tensor or weight shape (the native layer has the same bound). */
+export const MAX_ELEMENTS = 2 ** 40;
+
+/**
+ * A shape: at most 16 dimensions, each an integer in [0, MAX_ELEMENTS], with at most
+ * MAX_ELEMENTS elements in all (ERR_RANGE). Returns a copy and its element count.
+ */
+export function shapeOf(v: unknown, name: string): { shape: number[]; numel: number } {
+  const shape = arrayOf(v, name, 'an array of dimensions', (d, n) => integerIn(d, n, 0, MAX_ELEMENTS), { maxLength: 16 });
+  // A zero anywhere makes the tensor empty; otherwise every prefix product stays within the bound.
+  let numel = shape.includes(0) ? 0 : 1;
+  for (let i = 0; numel > 0 && i < shape.length; i++) {
+    numel *= shape[i]!;
+    if (numel > MAX_ELEMENTS) invalid(`at most ${MAX_ELEMENTS} elements`, name, v, 'ERR_RANGE');
+  }
+  return { shape, numel };
 }

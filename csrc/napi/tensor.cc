@@ -1,4 +1,5 @@
 // Tensor handles: create, write from typed arrays, read (Promise or sync), dispose.
+#include <cstdlib>
 #include <memory>
 
 #include "common/config.h"
@@ -6,6 +7,23 @@
 
 namespace trimkv::napi {
 namespace {
+
+/// The smallest typed-array length limit of the Node.js versions we support (2^32 on Node
+/// 20, larger later): v8 aborts the process instead of throwing past it.
+constexpr size_t kMaxFloat32ArrayLength = size_t{1} << 32;
+
+/// Refuses a host copy of n floats that v8 could not allocate. v8::ArrayBuffer::New aborts the
+/// process when its allocation fails, so the memory is tried (and given back) first: if
+/// malloc cannot have it, neither can v8, and the caller gets ERR_OUT_OF_MEMORY instead.
+void check_host_copy(size_t n) {
+  if (n > kMaxFloat32ArrayLength) {
+    fail(code::kOutOfMemory, "out of host memory: a Float32Array of ", n, " elements exceeds the typed-array limit of ",
+         kMaxFloat32ArrayLength);
+  }
+  void* probe = std::malloc(n == 0 ? 1 : n * sizeof(float));
+  if (probe == nullptr) fail(code::kOutOfMemory, "out of host memory allocating ", n * sizeof(float), " bytes for a read");
+  std::free(probe);
+}
 
 /// Marks the objects TensorWrap constructs (napi_type_tag_object, N-API 8).
 constexpr napi_type_tag kTensorTag = {0x7472696d6b765f74ULL, 0x656e736f725f7631ULL};
@@ -30,7 +48,11 @@ class TensorWrap : public Napi::ObjectWrap<TensorWrap> {
       for (uint32_t i = 0; i < dims.Length(); ++i) {
         Napi::Value d = dims.Get(i);
         TRIMKV_CHECK(d.IsNumber(), code::kShape, "shape entries must be numbers");
-        shape.push_back(static_cast<int64_t>(d.As<Napi::Number>().DoubleValue()));
+        const double v = d.As<Napi::Number>().DoubleValue();
+        // Checked before the cast: converting NaN or a double beyond int64 is undefined.
+        TRIMKV_CHECK(v >= 0 && v <= 1099511627776.0 && v == static_cast<double>(static_cast<int64_t>(v)), code::kShape,
+                     "invalid dimension ", v);
+        shape.push_back(static_cast<int64_t>(v));
       }
       tensor_ = std::make_shared<Tensor>(backend, dtype, shape);
       info.This().As<Napi::Object>().TypeTag(&kTensorTag);
@@ -66,6 +88,7 @@ class TensorWrap : public Napi::ObjectWrap<TensorWrap> {
   Napi::Value ReadSync(const Napi::CallbackInfo& info) {
     return guard(info.Env(), [&]() -> Napi::Value {
       Tensor* t = get();
+      check_host_copy(static_cast<size_t>(t->numel()));
       Napi::Float32Array out = Napi::Float32Array::New(info.Env(), static_cast<size_t>(t->numel()));
       t->read_f32(out.Data());
       return out;
@@ -79,6 +102,7 @@ class TensorWrap : public Napi::ObjectWrap<TensorWrap> {
     Napi::Promise promise() { return deferred_.Promise(); }
     void Execute() override {
       try {
+        check_host_copy(static_cast<size_t>(tensor_->numel()));
         values_.resize(static_cast<size_t>(tensor_->numel()));
         tensor_->read_f32(values_.data());
       } catch (const Error& e) {

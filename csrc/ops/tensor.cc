@@ -42,11 +42,17 @@ Buffer::~Buffer() {
 
 namespace {
 int64_t count(const std::vector<int64_t>& shape) {
+  constexpr int64_t kMaxElements = int64_t{1} << 40;
+  for (int64_t d : shape) TRIMKV_CHECK(d >= 0 && d <= kMaxElements, code::kShape, "invalid dimension ", d);
+  // A zero anywhere makes the tensor empty; otherwise the product is checked before each
+  // multiplication, so it can never wrap (2^32 x 2^32 would be 0 in 64 bits).
+  for (int64_t d : shape) {
+    if (d == 0) return 0;
+  }
   int64_t n = 1;
   for (int64_t d : shape) {
-    TRIMKV_CHECK(d >= 0 && d <= (int64_t{1} << 40), code::kShape, "invalid dimension ", d);
+    TRIMKV_CHECK(n <= kMaxElements / d, code::kShape, "tensor too large: more than 2^40 elements");
     n *= d;
-    TRIMKV_CHECK(n <= (int64_t{1} << 40), code::kShape, "tensor too large");
   }
   return n;
 }

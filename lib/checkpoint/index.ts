@@ -17,13 +17,23 @@
  * - `ERR_CHECKPOINT_CONFIG`: config.json is not valid JSON, lacks or has a bad value in a
  *   field the gate needs, names an unsupported gate or activation, or disagrees with the
  *   weights' structure (gate keys of another variant, layers beyond num_hidden_layers).
+ * - `ERR_INVALID_ARGUMENT`: an argument of the wrong type (a `dir` that is not a string,
+ *   `options` that is not an object, weights that are not a Uint8Array, ...).
+ *
+ * Untrusted files: cost is bounded by the bytes read, not by what a file declares (see
+ * README.md, "Untrusted files"): the unpickler's limits (./checkpoint/pickle.ts
+ * PICKLE_LIMITS), data.pkl inflating at most 1 MiB + 64x its stored size, every tensor view
+ * within and no larger than its storage, every storage exactly its archive entry's size, all
+ * checked before anything is inflated or allocated.
  */
 import { readFile, readdir, stat } from 'node:fs/promises';
 import { readFileSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
+import { types } from 'node:util';
 import { ACTIVATIONS, GATE_KINDS, STRATEGIES } from '../constants.js';
 import { TrimKVError } from '../errors.js';
 import type { Activation, CacheConfig, GateKind, GateSpec, GluGateWeights, MlpGateWeights, Strategy, WeightArray } from '../types.js';
+import { describe, invalid, isArgObject, oneOf } from '../validate.js';
 import { readSafetensors } from './safetensors.js';
 import { readTorchStateDict } from './torch.js';
 
@@ -86,6 +96,7 @@ interface WeightsReader {
  * @throws {TrimKVError} `ERR_CHECKPOINT_*` (see the module documentation).
  */
 export async function loadCheckpoint(dir: string, options: LoadCheckpointOptions = {}): Promise<Checkpoint> {
+  checkLoadArguments(dir, options);
   await statDir(dir);
   const configPath = join(dir, 'config.json');
   const configText = await readOrMissing(configPath, 'config.json', (p) => readFile(p, 'utf8'));
@@ -100,6 +111,7 @@ export async function loadCheckpoint(dir: string, options: LoadCheckpointOptions
  * @throws {TrimKVError} `ERR_CHECKPOINT_*` (see the module documentation).
  */
 export function loadCheckpointSync(dir: string, options: LoadCheckpointOptions = {}): Checkpoint {
+  checkLoadArguments(dir, options);
   statDirSync(dir);
   const configPath = join(dir, 'config.json');
   const configText = readOrMissingSync(configPath, 'config.json', (p) => readFileSync(p, 'utf8'));
@@ -123,7 +135,19 @@ export function parseCheckpoint(
   source: 'pth' | 'safetensors',
   file = source === 'pth' ? 'trimkv_weights.pth' : 'trimkv_weights.safetensors',
 ): Checkpoint {
+  if (!isArgObject(config) || Array.isArray(config)) invalid('a config.json object', 'config', config);
+  if (!types.isUint8Array(weights)) invalid('a Uint8Array', 'weights', weights);
+  oneOf(source, 'source', ['pth', 'safetensors'] as const);
+  if (typeof file !== 'string') invalid('a string', 'file', file);
   return buildCheckpoint(config, 'config.json', file, source, weights);
+}
+
+/** @throws {TrimKVError} ERR_INVALID_ARGUMENT */
+function checkLoadArguments(dir: unknown, options: unknown): void {
+  if (typeof dir !== 'string') invalid('a directory path (string)', 'dir', dir);
+  if (!isArgObject(options)) invalid('a LoadCheckpointOptions object', 'options', options);
+  const w = (options as LoadCheckpointOptions).weights;
+  if (w !== undefined && (typeof w !== 'string' || w === '')) invalid("'pth', 'safetensors' or a file name", 'options.weights', w);
 }
 
 async function statDir(dir: string): Promise<void> {
@@ -217,9 +241,10 @@ class ConfigReader {
   }
 
   error(field: string, expected: string, value: unknown): TrimKVError {
+    // describe, not JSON.stringify: a value nested thousands deep would overflow the stack.
     return new TrimKVError(
       'ERR_CHECKPOINT_CONFIG',
-      `${this.path}: expected ${expected} for '${field}' but received ${value === undefined ? 'nothing (field missing)' : JSON.stringify(value)}`,
+      `${this.path}: expected ${expected} for '${field}' but received ${value === undefined ? 'nothing (field missing)' : describe(value)}`,
     );
   }
 

@@ -85,6 +85,21 @@ const CALLABLE_GLOBALS = new Set([
 /** Storage keys are the decimal (or identifier-like) names torch gives archive entries. */
 const STORAGE_KEY = /^[A-Za-z0-9_]{1,64}$/;
 
+/**
+ * Limits that keep a hostile stream's cost proportional to its size (torch.save's pickles
+ * nest MARKs 3 deep and hold at most ~2,000 values on the stack: SETITEMS batches 1,000
+ * pairs). Every opcode reads at least one byte, so at most `data.length` opcodes run and
+ * time and memory stay linear in the pickle's size.
+ */
+export const PICKLE_LIMITS = {
+  /** MARKs open at once (a run of MARKs otherwise saved one stack per byte: 1 GB for 22 MB). */
+  maxMarks: 64,
+  /** Values on the stack, all MARK levels together. */
+  maxStack: 1 << 16,
+  /** Memo entries. */
+  maxMemo: 1 << 20,
+} as const;
+
 
 /**
  * Unpickles `data` (the bytes of `data.pkl`).
@@ -108,6 +123,10 @@ class Unpickler {
   /** Stack of saved stacks, one per MARK. */
   private marks: PyValue[][] = [];
   private memo = new Map<number, PyValue>();
+  /** Values held by the stacks saved under the open MARKs. */
+  private saved = 0;
+  /** Opcodes left: one per byte of the pickle at most. */
+  private opsLeft: number;
   private readonly view: DataView;
 
   constructor(
@@ -115,6 +134,7 @@ class Unpickler {
     private readonly file: string,
   ) {
     this.view = new DataView(data.buffer, data.byteOffset, data.byteLength);
+    this.opsLeft = data.length;
   }
 
   private format(message: string, at = this.pos): TrimKVError {
@@ -171,7 +191,16 @@ class Unpickler {
   }
 
   private push(v: PyValue): void {
+    if (this.saved + this.stack.length >= PICKLE_LIMITS.maxStack) {
+      throw this.format(`more than ${PICKLE_LIMITS.maxStack} values on the pickle stack`);
+    }
     this.stack.push(v);
+  }
+  private remember(idx: number, v: PyValue): void {
+    if (this.memo.size >= PICKLE_LIMITS.maxMemo && !this.memo.has(idx)) {
+      throw this.format(`more than ${PICKLE_LIMITS.maxMemo} memo entries`);
+    }
+    this.memo.set(idx, v);
   }
   private pop(): PyValue {
     if (this.stack.length === 0) throw this.format('stack underflow');
@@ -186,6 +215,7 @@ class Unpickler {
     const items = this.stack;
     const saved = this.marks.pop();
     if (saved === undefined) throw this.format('no MARK to pop to');
+    this.saved -= saved.length;
     this.stack = saved;
     return items;
   }
@@ -276,6 +306,7 @@ class Unpickler {
     const d = this.data;
     for (;;) {
       const at = this.pos;
+      if (--this.opsLeft < 0) throw this.format('more opcodes than bytes', at);
       const op = this.u8();
       switch (op) {
         case 0x80: {
@@ -293,7 +324,9 @@ class Unpickler {
           return this.pop();
         }
         case 0x28: // MARK
+          if (this.marks.length >= PICKLE_LIMITS.maxMarks) throw this.format(`MARKs nested more than ${PICKLE_LIMITS.maxMarks} deep`, at);
           this.marks.push(this.stack);
+          this.saved += this.stack.length;
           this.stack = [];
           break;
         case 0x7d: // EMPTY_DICT
@@ -364,13 +397,13 @@ class Unpickler {
           break;
         }
         case 0x71: // BINPUT
-          this.memo.set(this.u8(), this.top());
+          this.remember(this.u8(), this.top());
           break;
         case 0x72: // LONG_BINPUT
-          this.memo.set(this.u32(), this.top());
+          this.remember(this.u32(), this.top());
           break;
         case 0x94: // MEMOIZE
-          this.memo.set(this.memo.size, this.top());
+          this.remember(this.memo.size, this.top());
           break;
         case 0x68: // BINGET
         case 0x6a: {

@@ -5,8 +5,10 @@
  * offsets relative to the end of the header. Plain data: nothing to execute.
  */
 import { endianness } from 'node:os';
+import { types } from 'node:util';
 import { TrimKVError } from '../errors.js';
 import { DTYPE_BYTES } from '../constants.js';
+import { describe, invalid, shapeOf } from '../validate.js';
 import type { DType, WeightArray } from '../types.js';
 
 const DTYPES: Readonly<Record<string, DType>> = { F32: 'fp32', F16: 'fp16', BF16: 'bf16' };
@@ -46,6 +48,8 @@ function formatError(file: string, message: string): TrimKVError {
  *   F32, F16 and BF16.
  */
 export function readSafetensors(bytes: Uint8Array, file: string): SafetensorsFile {
+  if (!types.isUint8Array(bytes)) invalid('a Uint8Array', 'bytes', bytes);
+  if (typeof file !== 'string') invalid('a string', 'file', file);
   if (bytes.length < 8) throw formatError(file, 'too short for a safetensors header');
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const n = view.getBigUint64(0, true);
@@ -127,25 +131,47 @@ export function readSafetensors(bytes: Uint8Array, file: string): SafetensorsFil
  * Handy to convert a `.pth` checkpoint for engines that only read safetensors.
  * @param tensors Name -> contiguous weight in its stored dtype.
  * @param metadata Optional string map stored as `__metadata__`.
- * @throws {TrimKVError} `ERR_CHECKPOINT_SHAPE` if a weight's data length disagrees with its shape.
+ * @throws {TrimKVError} `ERR_CHECKPOINT_SHAPE` if a weight's data length or array type disagrees
+ *   with its shape and dtype, `ERR_CHECKPOINT_DTYPE` for a dtype other than fp32, fp16 and bf16,
+ *   `ERR_INVALID_ARGUMENT` (or `ERR_RANGE` for a dimension) for anything else it could not read
+ *   back: a tensor that is not a `{ dtype, shape, data }` weight, a key that is not a string or
+ *   is `__metadata__`, metadata that is not a map of strings, a header over 100 MB.
  */
 export function encodeSafetensors(
   tensors: ReadonlyMap<string, WeightArray> | Readonly<Record<string, WeightArray>>,
   metadata?: Readonly<Record<string, string>>,
 ): Uint8Array {
-  const list: [string, WeightArray][] =
-    tensors instanceof Map ? [...(tensors as ReadonlyMap<string, WeightArray>)] : Object.entries(tensors as Record<string, WeightArray>);
-  const header: Record<string, unknown> = {};
-  if (metadata !== undefined) header.__metadata__ = { ...metadata };
-  let offset = 0;
-  for (const [key, w] of list) {
-    const numel = w.shape.reduce((a, b) => a * b, 1);
-    if (w.data.length !== numel || (w.dtype === 'fp32') !== w.data instanceof Float32Array) {
-      throw new TrimKVError('ERR_CHECKPOINT_SHAPE', `tensor '${key}': data does not match shape [${w.shape.join(', ')}] and dtype ${w.dtype}`);
-    }
-    header[key] = { dtype: NAMES[w.dtype], shape: w.shape, data_offsets: [offset, offset + w.data.byteLength] };
-    offset += w.data.byteLength;
+  if (tensors === null || typeof tensors !== 'object' || Array.isArray(tensors) || types.isProxy(tensors)) {
+    invalid('a Map or object of weights', 'tensors', tensors);
   }
+  const list: [unknown, unknown][] = types.isMap(tensors) ? [...(tensors as ReadonlyMap<unknown, unknown>)] : Object.entries(tensors);
+  const header: Record<string, unknown> = {};
+  if (metadata !== undefined) {
+    if (metadata === null || typeof metadata !== 'object' || Array.isArray(metadata) || types.isProxy(metadata)) {
+      invalid('a map of strings', 'metadata', metadata);
+    }
+    for (const [k, v] of Object.entries(metadata)) if (typeof v !== 'string') invalid('a string', `metadata.${k}`, v);
+    header.__metadata__ = { ...metadata };
+  }
+  let offset = 0;
+  const weights: WeightArray[] = [];
+  for (const [key, w] of list) {
+    if (typeof key !== 'string' || key === '__metadata__') invalid('a tensor name other than __metadata__', 'tensors key', key);
+    if (w === null || typeof w !== 'object' || types.isProxy(w)) invalid('a { dtype, shape, data } weight', `tensors['${key}']`, w);
+    const { dtype, shape: rawShape, data } = w as WeightArray;
+    if (typeof dtype !== 'string' || !(dtype in NAMES)) {
+      throw new TrimKVError('ERR_CHECKPOINT_DTYPE', `tensor '${key}': dtype ${describe(dtype)} is not one of 'fp32', 'fp16', 'bf16'`);
+    }
+    const { shape, numel } = shapeOf(rawShape, `tensors['${key}'].shape`);
+    const typed = dtype === 'fp32' ? types.isFloat32Array(data) : types.isUint16Array(data);
+    if (!typed || (data as Float32Array | Uint16Array).length !== numel) {
+      throw new TrimKVError('ERR_CHECKPOINT_SHAPE', `tensor '${key}': data does not match shape [${shape.join(', ')}] and dtype ${dtype}`);
+    }
+    weights.push({ dtype, shape, data } as WeightArray);
+    header[key] = { dtype: NAMES[dtype], shape, data_offsets: [offset, offset + data.byteLength] };
+    offset += data.byteLength;
+  }
+  if (JSON.stringify(header).length > MAX_HEADER) invalid(`a header of at most ${MAX_HEADER} bytes`, 'tensors', tensors, 'ERR_RANGE');
   let json = new TextEncoder().encode(JSON.stringify(header));
   const padded = Math.ceil(json.length / 8) * 8;
   if (padded !== json.length) json = new TextEncoder().encode(JSON.stringify(header) + ' '.repeat(padded - json.length));
@@ -153,7 +179,7 @@ export function encodeSafetensors(
   new DataView(out.buffer).setBigUint64(0, BigInt(json.length), true);
   out.set(json, 8);
   let at = 8 + json.length;
-  for (const [, w] of list) {
+  for (const w of weights) {
     const b = new Uint8Array(w.data.buffer, w.data.byteOffset, w.data.byteLength).slice();
     if (endianness() !== 'LE') for (let i = 0; i < b.length; i += w.data.BYTES_PER_ELEMENT) b.subarray(i, i + w.data.BYTES_PER_ELEMENT).reverse();
     out.set(b, at);

@@ -11,10 +11,12 @@
  */
 import { endianness } from 'node:os';
 import { unzipSync, type UnzipFileInfo } from 'fflate';
+import { types } from 'node:util';
 import { TrimKVError } from '../errors.js';
 import { DTYPE_BYTES } from '../constants.js';
+import { invalid } from '../validate.js';
 import type { DType, WeightArray } from '../types.js';
-import { PyDict, TorchTensor, unpickle } from './pickle.js';
+import { PyDict, TorchTensor, unpickle, type StorageRef } from './pickle.js';
 
 /** Storage types and their dtype; the others torch knows are reported as ERR_CHECKPOINT_DTYPE. */
 export const STORAGE_DTYPES: Readonly<Record<string, DType>> = {
@@ -28,6 +30,14 @@ export const STORAGE_DTYPES: Readonly<Record<string, DType>> = {
 const MAX_ENTRIES = 1 << 20;
 /** Deflate cannot expand beyond ~1032:1; torch never compresses, but re-zipped files may. */
 const MAX_DEFLATE_RATIO = 1100;
+
+/**
+ * data.pkl may inflate to at most PICKLE_BASE + PICKLE_RATIO x its stored size (checked
+ * before inflating): torch.save stores it uncompressed, and re-zipped state-dict pickles
+ * deflate about 3:1, but a deflated run of one opcode would otherwise expand 1000-fold.
+ */
+const PICKLE_BASE = 1 << 20;
+const PICKLE_RATIO = 64;
 
 /** A state dict as read from the pickle: tensors stay unresolved until asked for. */
 export interface TorchStateDict {
@@ -50,8 +60,16 @@ function formatError(file: string, message: string): TrimKVError {
   return new TrimKVError('ERR_CHECKPOINT_FORMAT', `${file}: ${message}`);
 }
 
-/** Unzips the entries `want` accepts, turning fflate's errors and lying size fields into ours. */
-function unzipEntries(bytes: Uint8Array, file: string, want: (name: string) => boolean): Record<string, Uint8Array> {
+/**
+ * Unzips the entries `want` accepts, turning fflate's errors and lying size fields into ours.
+ * `check` sees each accepted entry's sizes before it is inflated and may throw.
+ */
+function unzipEntries(
+  bytes: Uint8Array,
+  file: string,
+  want: (name: string) => boolean,
+  check?: (info: UnzipFileInfo) => void,
+): Record<string, Uint8Array> {
   let count = 0;
   const sizes = new Map<string, number>();
   const filter = (info: UnzipFileInfo): boolean => {
@@ -64,6 +82,7 @@ function unzipEntries(bytes: Uint8Array, file: string, want: (name: string) => b
     if (info.originalSize > limit || info.size > bytes.length) {
       throw formatError(file, `zip entry '${info.name}' has inconsistent sizes (truncated or corrupt archive)`);
     }
+    check?.(info);
     sizes.set(info.name, info.originalSize);
     return true;
   };
@@ -89,6 +108,8 @@ function unzipEntries(bytes: Uint8Array, file: string, want: (name: string) => b
  *   malformed pickle, top level not a dict), `ERR_CHECKPOINT_UNSAFE` (see ./pickle.ts).
  */
 export function readTorchStateDict(bytes: Uint8Array, file: string): TorchStateDict {
+  if (!types.isUint8Array(bytes)) invalid('a Uint8Array', 'bytes', bytes);
+  if (typeof file !== 'string') invalid('a string', 'file', file);
   if (!isZip(bytes)) {
     // Legacy (pre-1.6, or _use_new_zipfile_serialization=False) files start with a pickled magic number.
     const legacy = bytes.length >= 2 && bytes[0] === 0x80 && bytes[1]! <= 5;
@@ -99,7 +120,12 @@ export function readTorchStateDict(bytes: Uint8Array, file: string): TorchStateD
         : 'not a torch.save zip archive (wrong magic bytes)',
     );
   }
-  const meta = unzipEntries(bytes, file, (n) => /^[^/]+\/(data\.pkl|byteorder)$/.test(n));
+  const meta = unzipEntries(bytes, file, (n) => /^[^/]+\/(data\.pkl|byteorder)$/.test(n), (info) => {
+    const limit = info.name.endsWith('/byteorder') ? 16 : PICKLE_BASE + PICKLE_RATIO * info.size;
+    if (info.originalSize > limit) {
+      throw formatError(file, `zip entry '${info.name}' inflates to ${info.originalSize} bytes from ${info.size}, more than the ${limit} allowed`);
+    }
+  });
   const pkls = Object.keys(meta).filter((n) => n.endsWith('/data.pkl'));
   if (pkls.length !== 1) {
     throw formatError(file, pkls.length === 0 ? 'archive has no <name>/data.pkl entry' : 'archive has more than one data.pkl');
@@ -135,8 +161,31 @@ export function readTorchStateDict(bytes: Uint8Array, file: string): TorchStateD
           );
         }
       }
-      const names = new Set(refs.map(([, t]) => `${prefix}data/${t.storage.key}`));
-      const blobs = unzipEntries(bytes, file, (n) => names.has(n));
+      // Element counts come from the storages, never from the shapes alone: every view must fit
+      // its storage, and every storage its archive entry, before anything is inflated or allocated.
+      const storages = new Map<string, StorageRef>();
+      const firstKey = new Map<string, string>();
+      for (const [k, t] of refs) {
+        checkView(t, file, k);
+        const name = `${prefix}data/${t.storage.key}`;
+        const prev = storages.get(name);
+        if (prev !== undefined && (prev.typeName !== t.storage.typeName || prev.numel !== t.storage.numel)) {
+          throw formatError(file, `storage '${t.storage.key}' is declared with two different types or sizes`);
+        }
+        storages.set(name, t.storage);
+        if (!firstKey.has(name)) firstKey.set(name, k);
+      }
+      const blobs = unzipEntries(bytes, file, (n) => storages.has(n), (info) => {
+        const st = storages.get(info.name)!;
+        const want = st.numel * DTYPE_BYTES[STORAGE_DTYPES[st.typeName]!];
+        if (info.originalSize !== want) {
+          throw formatError(
+            file,
+            `storage '${st.key}' of tensor '${firstKey.get(info.name)}' has ${info.originalSize} bytes in the archive, ` +
+              `expected ${st.numel} x ${DTYPE_BYTES[STORAGE_DTYPES[st.typeName]!]}`,
+          );
+        }
+      });
       const out = new Map<string, WeightArray>();
       for (const [k, t] of refs) {
         const name = `${prefix}data/${t.storage.key}`;
@@ -151,6 +200,30 @@ export function readTorchStateDict(bytes: Uint8Array, file: string): TorchStateD
   };
 }
 
+/**
+ * Refuses a view that reads outside its storage or holds more elements than it: a stride-0
+ * (or otherwise overlapping) view would turn a 4-byte storage into a tensor of gigabytes.
+ */
+function checkView(t: TorchTensor, file: string, key: string): void {
+  let numel = 1;
+  let last = t.offset;
+  for (let i = 0; i < t.shape.length; i++) {
+    numel *= t.shape[i]!;
+    last += (t.shape[i]! - 1) * t.stride[i]!;
+  }
+  const view = `(offset ${t.offset}, size [${t.shape.join(', ')}], stride [${t.stride.join(', ')}])`;
+  if (numel > t.storage.numel) {
+    throw formatError(
+      file,
+      `tensor '${key}' ${view} has ${numel} elements but its storage '${t.storage.key}' only ${t.storage.numel} ` +
+        '(a stride-0 or overlapping view; save the tensor contiguous)',
+    );
+  }
+  if (numel > 0 && last >= t.storage.numel) {
+    throw formatError(file, `tensor '${key}' ${view} reads past the end of its storage of ${t.storage.numel} elements`);
+  }
+}
+
 /** Copies the strided view `t` of `blob` into a fresh contiguous array of the stored dtype. */
 function materialize(t: TorchTensor, blob: Uint8Array, swap: boolean, file: string, key: string): WeightArray {
   const dtype = STORAGE_DTYPES[t.storage.typeName]!;
@@ -161,19 +234,8 @@ function materialize(t: TorchTensor, blob: Uint8Array, swap: boolean, file: stri
       `storage '${t.storage.key}' of tensor '${key}' has ${blob.length} bytes, expected ${t.storage.numel} x ${size}`,
     );
   }
-  let numel = 1;
-  let last = t.offset;
-  for (let i = 0; i < t.shape.length; i++) {
-    numel *= t.shape[i]!;
-    last += (t.shape[i]! - 1) * t.stride[i]!;
-  }
-  if (numel > 0 && last >= t.storage.numel) {
-    throw formatError(
-      file,
-      `tensor '${key}' (offset ${t.offset}, size [${t.shape.join(', ')}], stride [${t.stride.join(', ')}]) ` +
-        `reads past the end of its storage of ${t.storage.numel} elements`,
-    );
-  }
+  checkView(t, file, key);
+  const numel = t.shape.reduce((a, b) => a * b, 1);
   // Integer views copy bit patterns exactly (NaN payloads included); fresh buffer keeps alignment.
   const raw = new Uint8Array(blob);
   if (swap) for (let i = 0; i < raw.length; i += size) raw.subarray(i, i + size).reverse();
