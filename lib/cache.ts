@@ -4,8 +4,8 @@ import { BACKEND_INDEX, loadAddon, type NativeCacheHandle } from './native.js';
 import { CUDA_HEAD_DIM_MULTIPLE, CUDA_MAX_HEAD_DIM, CUDA_MAX_POOL_HEADS, CUDA_MMA_MAX_GROUP, DTYPE_BYTES, DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
 import { checkTensor, expectTensor, released } from './tensor.js';
 import { types } from 'node:util';
-import type { BackendName, CacheConfig, DecodeInputs, DType, HeadSnapshot, PrefillBatchInputs, PrefillChunk, PrefillInputs } from './types.js';
-import { arrayOf, integerIn, invalid, isArgObject, numberIn, oneOf } from './validate.js';
+import type { BackendName, CacheConfig, DecodeInputs, DType, HeadSnapshot, PrefillBatchInputs, PrefillInputs } from './types.js';
+import { argObject, arrayOf, integerIn, invalid, numberIn, oneOf } from './validate.js';
 
 /** The smallest positive normal and the largest finite float32. */
 const FLOAT32_MIN_NORMAL = 2 ** -126;
@@ -16,8 +16,8 @@ export type ResolvedCacheConfig = Readonly<Required<Omit<CacheConfig, 'threshold
 
 /** Validates a configuration and fills in the defaults. @throws {TrimKVError} */
 export function resolveCacheConfig(config: CacheConfig): ResolvedCacheConfig {
-  if (!isArgObject(config)) invalid('a CacheConfig object', 'config', config);
-  const c = config;
+  const c = argObject(config, 'config', 'a CacheConfig object', ['layers', 'batch', 'qHeads', 'kvHeads', 'headDim', 'memory',
+    'buffer', 'dtype', 'strategy', 'window', 'scope', 'floor', 'threshold', 'scale'] as const);
   const layers = integerIn(c.layers, 'layers', 1, 4096);
   const batch = integerIn(c.batch, 'batch', 1, 65536);
   const kvHeads = integerIn(c.kvHeads, 'kvHeads', 1, 1024);
@@ -122,21 +122,21 @@ export class KVCache {
   decode(layer: number, inputs: DecodeInputs): void {
     const h = this.#h();
     const l = this.#layer(layer);
-    if (!isArgObject(inputs)) invalid('a DecodeInputs object', 'inputs', inputs);
+    const a = argObject(inputs, 'inputs', 'a DecodeInputs object', ['q', 'k', 'v', 'lam', 'out', 'positions'] as const);
     const { batch: B, dtype } = this.config;
     const [qShape, kvShape, lamShape] = this.#decodeShapes;
-    const q = expectTensor(inputs.q, 'q', this.backend, dtype, qShape);
-    const k = expectTensor(inputs.k, 'k', this.backend, dtype, kvShape);
-    const v = expectTensor(inputs.v, 'v', this.backend, dtype, kvShape);
-    const lam = expectTensor(inputs.lam, 'lam', this.backend, 'fp32', lamShape);
-    const out = expectTensor(inputs.out, 'out', this.backend, dtype, qShape);
-    const p: unknown = inputs.positions;
+    const q = expectTensor(a.q, 'q', this.backend, dtype, qShape);
+    const k = expectTensor(a.k, 'k', this.backend, dtype, kvShape);
+    const v = expectTensor(a.v, 'v', this.backend, dtype, kvShape);
+    const lam = expectTensor(a.lam, 'lam', this.backend, 'fp32', lamShape);
+    const out = expectTensor(a.out, 'out', this.backend, dtype, qShape);
+    const p: unknown = a.positions;
     let positions: Int32Array;
     if (types.isInt32Array(p)) {
       if (p.length !== B) invalid(`${B} positions`, 'positions', p, 'ERR_SHAPE');
       positions = p;
     } else {
-      if (!Array.isArray(p) || types.isProxy(p)) invalid('an Int32Array or number[]', 'positions', p);
+      if (types.isProxy(p) || !Array.isArray(p)) invalid('an Int32Array or number[]', 'positions', p);
       // Index by index: a hole is undefined and refused (map would skip it and leave a 0).
       positions = Int32Array.from(
         arrayOf(p, 'positions', 'an Int32Array or number[]', (x, n) => integerIn(x, n, -1, 2 ** 31 - 2), { length: B, maxLength: B }),
@@ -153,12 +153,12 @@ export class KVCache {
   prefill(layer: number, inputs: PrefillInputs): void {
     this.#h();
     this.#layer(layer);
-    if (!isArgObject(inputs)) invalid('a PrefillInputs object', 'inputs', inputs);
-    const C = checkTensor(inputs.q, 'q', this.backend).shape[0] ?? 0;
-    if (C < 1) invalid('a q tensor of shape [C >= 1, qHeads, headDim]', 'q', inputs.q, 'ERR_SHAPE');
-    const seq = integerIn(inputs.seq, 'seq', 0, this.config.batch - 1);
-    const start = integerIn(inputs.start, 'start', 0, 2 ** 31 - 2);
-    this.#prefill(layer, Int32Array.of(seq, start, C), C, inputs);
+    const a = argObject(inputs, 'inputs', 'a PrefillInputs object', ['q', 'k', 'v', 'lam', 'out', 'seq', 'start'] as const);
+    const C = checkTensor(a.q, 'q', this.backend).shape[0] ?? 0;
+    if (C < 1) invalid('a q tensor of shape [C >= 1, qHeads, headDim]', 'q', a.q, 'ERR_SHAPE');
+    const seq = integerIn(a.seq, 'seq', 0, this.config.batch - 1);
+    const start = integerIn(a.start, 'start', 0, 2 ** 31 - 2);
+    this.#prefill(layer, Int32Array.of(seq, start, C), C, a);
   }
 
   /**
@@ -172,13 +172,12 @@ export class KVCache {
   prefillBatch(layer: number, inputs: PrefillBatchInputs): void {
     this.#h();
     this.#layer(layer);
-    if (!isArgObject(inputs)) invalid('a PrefillBatchInputs object', 'inputs', inputs);
-    const list: unknown = inputs.chunks;
+    const a = argObject(inputs, 'inputs', 'a PrefillBatchInputs object', ['chunks', 'q', 'k', 'v', 'lam', 'out'] as const);
+    const list: unknown = a.chunks;
     const what = `an array of 1 to ${this.config.batch} chunks`;
-    if (!Array.isArray(list) || types.isProxy(list) || list.length < 1 || list.length > this.config.batch) invalid(what, 'chunks', list);
+    if (types.isProxy(list) || !Array.isArray(list) || list.length < 1 || list.length > this.config.batch) invalid(what, 'chunks', list);
     const chunks = arrayOf(list, 'chunks', what, (c, name) => {
-      if (!isArgObject(c)) invalid('a { seq, start, length } object', name, c);
-      const { seq, start, length } = c as PrefillChunk;
+      const { seq, start, length } = argObject(c, name, 'a { seq, start, length } object', ['seq', 'start', 'length'] as const);
       return [
         integerIn(seq, `${name}.seq`, 0, this.config.batch - 1),
         integerIn(start, `${name}.start`, 0, 2 ** 31 - 2),
@@ -187,10 +186,10 @@ export class KVCache {
     }, { maxLength: this.config.batch });
     const triples = Int32Array.from(chunks.flat());
     const total = chunks.reduce((a, c) => a + c[2]!, 0);
-    this.#prefill(layer, triples, total, inputs);
+    this.#prefill(layer, triples, total, a);
   }
 
-  #prefill(layer: number, chunks: Int32Array, N: number, inputs: PrefillInputs | PrefillBatchInputs): void {
+  #prefill(layer: number, chunks: Int32Array, N: number, inputs: { [K in 'q' | 'k' | 'v' | 'lam' | 'out']: unknown }): void {
     const h = this.#h();
     const l = this.#layer(layer);
     const { qHeads: Hq, kvHeads: Hkv, headDim: D, dtype } = this.config;

@@ -3,20 +3,20 @@ import { native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeGateHandle } from './native.js';
 import { ACTIVATIONS, CUDA_GATE_INPUT_MULTIPLE, DTYPES, GATE_KINDS } from './constants.js';
 import { checkTensor, expectTensor, released, type Tensor } from './tensor.js';
-import type { BackendName, DType, GateKind, GateSpec, GluGateWeights, MlpGateWeights, WeightInput } from './types.js';
-import { integerIn, invalid, invalidText, isArgObject, oneOf, shapeOf } from './validate.js';
+import type { BackendName, DType, GateKind, GateSpec, WeightInput } from './types.js';
+import { argObject, integerIn, invalid, invalidText, oneOf, shapeOf } from './validate.js';
 import { types } from 'node:util';
 
 function weightParts(w: WeightInput, name: string): { dtype: DType; data: Float32Array | Uint16Array; shape?: number[] } {
   // Brand checks, not instanceof: a Proxy around a typed array passes instanceof.
   if (types.isFloat32Array(w)) return { dtype: 'fp32', data: w };
-  if (!isArgObject(w)) invalid('a Float32Array or a { dtype, shape, data } weight', name, w);
-  const dtype = oneOf(w.dtype, `${name}.dtype`, DTYPES);
-  const data: unknown = w.data;
+  const o = argObject(w, name, 'a Float32Array or a { dtype, shape, data } weight', ['dtype', 'data', 'shape'] as const);
+  const dtype = oneOf(o.dtype, `${name}.dtype`, DTYPES);
+  const data: unknown = o.data;
   if (dtype === 'fp32' ? !types.isFloat32Array(data) : !types.isUint16Array(data)) {
     invalid(dtype === 'fp32' ? 'a Float32Array' : 'a Uint16Array of raw bits', `${name}.data`, data, 'ERR_DTYPE');
   }
-  const shape = w.shape === undefined ? undefined : shapeOf(w.shape, `${name}.shape`).shape;
+  const shape = o.shape === undefined ? undefined : shapeOf(o.shape, `${name}.shape`).shape;
   return { dtype, data: data as Float32Array | Uint16Array, shape };
 }
 
@@ -45,23 +45,22 @@ export class RetentionGate {
 
   /** @internal Use `Runtime.createGate`. @throws {TrimKVError} */
   constructor(backend: BackendName, spec: GateSpec) {
-    if (!isArgObject(spec)) invalid('a GateSpec object', 'spec', spec);
+    const s = argObject(spec, 'spec', 'a GateSpec object', ['kind', 'activation', 'inputSize', 'intermediateSize', 'kvHeads', 'weights'] as const);
     this.backend = backend;
-    this.kind = oneOf(spec.kind, 'spec.kind', GATE_KINDS);
-    const activation = oneOf(spec.activation, 'spec.activation', ACTIVATIONS);
-    this.inputSize = integerIn(spec.inputSize, 'spec.inputSize', 1, 2 ** 20);
-    this.intermediateSize = integerIn(spec.intermediateSize, 'spec.intermediateSize', 1, 2 ** 20);
-    this.kvHeads = integerIn(spec.kvHeads, 'spec.kvHeads', 1, 1024);
-    const w = spec.weights as Partial<MlpGateWeights & GluGateWeights> | undefined;
-    if (!isArgObject(w)) invalid('a weights object', 'spec.weights', w);
+    this.kind = oneOf(s.kind, 'spec.kind', GATE_KINDS);
+    const activation = oneOf(s.activation, 'spec.activation', ACTIVATIONS);
+    this.inputSize = integerIn(s.inputSize, 'spec.inputSize', 1, 2 ** 20);
+    this.intermediateSize = integerIn(s.intermediateSize, 'spec.intermediateSize', 1, 2 ** 20);
+    this.kvHeads = integerIn(s.kvHeads, 'spec.kvHeads', 1, 1024);
     const I = this.intermediateSize, In = this.inputSize, H = this.kvHeads;
     const glu = this.kind === 'rg3';
     const names = glu
       ? (['gateProj', 'upProj', 'downProj', 'bias'] as const)
       : (['linear1Weight', 'linear1Bias', 'linear2Weight', 'bias'] as const);
+    const w: Record<string, unknown> = argObject(s.weights, 'spec.weights', 'a weights object', names);
     const sizes = glu ? [I * In, I * In, H * I, H] : [I * In, I, H * I, H];
     const parts = names.map((n, i) => {
-      const value = (w as Record<string, WeightInput | undefined>)[n];
+      const value = w[n] as WeightInput | undefined;
       if (value === undefined) invalid('a weight', `spec.weights.${n}`, value);
       const p = weightParts(value, `spec.weights.${n}`);
       if (p.data.length !== sizes[i]) invalid(`${sizes[i]} values`, `spec.weights.${n}`, p.data, 'ERR_SHAPE');

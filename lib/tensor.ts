@@ -132,7 +132,14 @@ export class Tensor {
 /** @internal Checks that `t` is a live Tensor of this backend. */
 export function checkTensor(t: unknown, name: string, backend: BackendName): Tensor {
   if (!Tensor.isTensor(t)) {
-    if (t instanceof Tensor) invalidText('a Tensor', name, 'an object posing as one (not made by a Runtime)');
+    // instanceof walks the prototype chain, where a Proxy's trap may throw (a revoked one always does).
+    let posing = false;
+    try {
+      posing = t instanceof Tensor;
+    } catch {
+      /* not a Tensor either way */
+    }
+    if (posing) invalidText('a Tensor', name, 'an object posing as one (not made by a Runtime)');
     invalid('a Tensor', name, t);
   }
   if (t.disposed) throw new TrimKVError('ERR_DISPOSED', `${name} has been disposed`);

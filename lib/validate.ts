@@ -79,18 +79,43 @@ export function isArgObject(v: unknown): v is object {
 }
 
 /**
+ * Reads `key` of an argument object once; a getter that throws becomes ERR_INVALID_ARGUMENT
+ * (user code must not leak an arbitrary exception through the API).
+ */
+export function readField(v: object, key: string, label: string): unknown {
+  try {
+    return (v as Record<string, unknown>)[key];
+  } catch (e) {
+    return invalidText('a readable value', label, `a getter that threw ${describe(e instanceof Error ? e.message : e)}`);
+  }
+}
+
+/**
+ * An argument object (see `isArgObject`, else ERR_INVALID_ARGUMENT with `what`), read once
+ * into a snapshot of `keys` (all own enumerable keys when omitted): a throwing getter is an
+ * ERR_INVALID_ARGUMENT, and later checks see the very values that were checked.
+ */
+export function argObject<K extends string>(v: unknown, name: string, what: string, keys?: readonly K[]): { [P in K]: unknown } {
+  if (!isArgObject(v) || Array.isArray(v)) invalid(what, name, v);
+  const out = Object.create(null) as Record<string, unknown>;
+  for (const k of keys ?? (Object.keys(v) as K[])) out[k] = readField(v, k, `${name}.${k}`);
+  return out as { [P in K]: unknown };
+}
+
+/**
  * An array read index by index (holes are undefined, so they fail `item`); refuses Proxies,
  * whose traps could run arbitrary code, and arrays longer than `maxLength` before reading any
  * element. ERR_SHAPE for the length when `length` is given and differs.
  */
 export function arrayOf<T>(v: unknown, name: string, what: string, item: (x: unknown, name: string) => T,
   opts: { maxLength?: number; length?: number } = {}): T[] {
-  if (!Array.isArray(v) || types.isProxy(v)) invalid(what, name, v);
+  // isProxy first: Array.isArray throws on a revoked Proxy.
+  if (types.isProxy(v) || !Array.isArray(v)) invalid(what, name, v);
   if (opts.length !== undefined && v.length !== opts.length) invalid(`${opts.length} entries`, name, v, 'ERR_SHAPE');
   const max = opts.maxLength ?? 64;
   if (v.length > max) invalid(`${what} of at most ${max} entries`, name, v, 'ERR_SHAPE');
   const out = new Array<T>(v.length);
-  for (let i = 0; i < v.length; i++) out[i] = item(v[i], `${name}[${i}]`);
+  for (let i = 0; i < v.length; i++) out[i] = item(readField(v, String(i), `${name}[${i}]`), `${name}[${i}]`);
   return out;
 }
 

@@ -61,6 +61,10 @@ function junk(): unknown {
     () => Object.create(null), () => new Float32Array(int(0, 8)), () => new Uint16Array(int(0, 8)), () => new Int32Array(int(0, 4)),
     () => new Uint8Array(int(0, 16)), () => ({ shape: null }), () => ({ shape: [1, 2] }), () => () => 1, () => [2 ** 32, 2 ** 32],
     () => [int(0, 4), int(0, 4)], () => ({ dtype: 'int8', shape: [1], data: new Uint16Array(1) }),
+    () => Object.defineProperty({ dtype: 'fp32', shape: [1] }, pick(['dtype', 'shape', 'data', 'seq', 'q']), {
+      get() { throw new Error('getter'); }, enumerable: true }),
+    () => { const a = [1, 2]; Object.defineProperty(a, 1, { get() { throw new Error('getter'); } }); return a; },
+    () => { const r = Proxy.revocable([1], {}); r.revoke(); return r.proxy; },
   ])();
 }
 

@@ -181,6 +181,34 @@ describe('4: errors are TrimKVErrors, quickly', () => {
     expectError(() => rt.tensor([evil as unknown as number], 'fp32'), 'ERR_INVALID_ARGUMENT', 'shape[0]');
   });
 
+  test('a getter that throws, or a revoked Proxy, in any argument is an ERR_INVALID_ARGUMENT', () => {
+    const boom = (o: object, key: string) => Object.defineProperty({ ...o }, key, { get() { throw new Error('boom'); }, enumerable: true });
+    const io = decodeInputs(rt, CONFIG);
+    const before = cache.inspect(0, 0, 0);
+    for (const key of ['q', 'k', 'v', 'lam', 'out', 'positions']) {
+      expectError(() => cache.decode(0, boom(io, key) as never), 'ERR_INVALID_ARGUMENT', `inputs.${key}`);
+    }
+    const holey = [0, 0];
+    Object.defineProperty(holey, 1, { get() { throw new Error('boom'); } });
+    expectError(() => cache.decode(0, { ...io, positions: holey }), 'ERR_INVALID_ARGUMENT', 'positions[1]');
+    expectError(() => cache.prefill(0, boom({ seq: 0, start: 0 }, 'q') as never), 'ERR_INVALID_ARGUMENT', 'inputs.q');
+    expectError(() => cache.prefillBatch(0, boom({}, 'chunks') as never), 'ERR_INVALID_ARGUMENT', 'inputs.chunks');
+    expectError(() => cache.prefillBatch(0, { ...io, chunks: [boom({ seq: 0, start: 0 }, 'length')] } as never),
+      'ERR_INVALID_ARGUMENT', 'chunks[0].length');
+    expect(cache.inspect(0, 0, 0)).toEqual(before);
+    expectError(() => rt.createCache(boom(CONFIG, 'memory') as CacheConfig), 'ERR_INVALID_ARGUMENT', 'config.memory');
+    expectError(() => rt.createGate(boom({ kind: 'rg' }, 'weights') as never), 'ERR_INVALID_ARGUMENT', 'spec.weights');
+    expectError(() => encodeSafetensors(boom({}, 'w') as never), 'ERR_INVALID_ARGUMENT', 'tensors.w');
+    expectError(() => encodeSafetensors({}, boom({}, 'k') as never), 'ERR_INVALID_ARGUMENT', 'metadata.k');
+    expectError(() => parseCheckpoint(boom({}, 'hidden_size') as never, new Uint8Array(8), 'pth'), 'ERR_INVALID_ARGUMENT', 'config.hidden_size');
+    expectError(() => loadCheckpointSync(tmpRoot, boom({}, 'weights') as never), 'ERR_INVALID_ARGUMENT', 'options.weights');
+    const { proxy, revoke } = Proxy.revocable([2], {});
+    revoke();
+    expectError(() => rt.tensor(proxy, 'fp32'), 'ERR_INVALID_ARGUMENT', 'shape');
+    expectError(() => cache.decode(0, { ...io, positions: proxy }), 'ERR_INVALID_ARGUMENT', 'positions');
+    expectError(() => cache.prefillBatch(0, { ...io, chunks: proxy } as never), 'ERR_INVALID_ARGUMENT', 'chunks');
+  });
+
   test('a weight shape that is not an array of integers is refused', () => {
     const w = { dtype: 'fp32' as const, shape: cyclic() as number[], data: new Float32Array(4) };
     const spec = {

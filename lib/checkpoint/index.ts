@@ -33,7 +33,7 @@ import { types } from 'node:util';
 import { ACTIVATIONS, GATE_KINDS, STRATEGIES } from '../constants.js';
 import { TrimKVError } from '../errors.js';
 import type { Activation, CacheConfig, GateKind, GateSpec, GluGateWeights, MlpGateWeights, Strategy, WeightArray } from '../types.js';
-import { describe, invalid, isArgObject, oneOf } from '../validate.js';
+import { argObject, describe, invalid, oneOf } from '../validate.js';
 import { readSafetensors } from './safetensors.js';
 import { readTorchStateDict } from './torch.js';
 
@@ -135,7 +135,7 @@ export function parseCheckpoint(
   source: 'pth' | 'safetensors',
   file = source === 'pth' ? 'trimkv_weights.pth' : 'trimkv_weights.safetensors',
 ): Checkpoint {
-  if (!isArgObject(config) || Array.isArray(config)) invalid('a config.json object', 'config', config);
+  config = argObject(config, 'config', 'a config.json object') as Record<string, unknown>;
   if (!types.isUint8Array(weights)) invalid('a Uint8Array', 'weights', weights);
   oneOf(source, 'source', ['pth', 'safetensors'] as const);
   if (typeof file !== 'string') invalid('a string', 'file', file);
@@ -145,8 +145,7 @@ export function parseCheckpoint(
 /** @throws {TrimKVError} ERR_INVALID_ARGUMENT */
 function checkLoadArguments(dir: unknown, options: unknown): void {
   if (typeof dir !== 'string') invalid('a directory path (string)', 'dir', dir);
-  if (!isArgObject(options)) invalid('a LoadCheckpointOptions object', 'options', options);
-  const w = (options as LoadCheckpointOptions).weights;
+  const { weights: w } = argObject(options, 'options', 'a LoadCheckpointOptions object', ['weights'] as const);
   if (w !== undefined && (typeof w !== 'string' || w === '')) invalid("'pth', 'safetensors' or a file name", 'options.weights', w);
 }
 

@@ -8,7 +8,7 @@ import { endianness } from 'node:os';
 import { types } from 'node:util';
 import { TrimKVError } from '../errors.js';
 import { DTYPE_BYTES } from '../constants.js';
-import { describe, invalid, shapeOf } from '../validate.js';
+import { argObject, describe, invalid, shapeOf } from '../validate.js';
 import type { DType, WeightArray } from '../types.js';
 
 const DTYPES: Readonly<Record<string, DType>> = { F32: 'fp32', F16: 'fp16', BF16: 'bf16' };
@@ -141,24 +141,21 @@ export function encodeSafetensors(
   tensors: ReadonlyMap<string, WeightArray> | Readonly<Record<string, WeightArray>>,
   metadata?: Readonly<Record<string, string>>,
 ): Uint8Array {
-  if (tensors === null || typeof tensors !== 'object' || Array.isArray(tensors) || types.isProxy(tensors)) {
-    invalid('a Map or object of weights', 'tensors', tensors);
-  }
-  const list: [unknown, unknown][] = types.isMap(tensors) ? [...(tensors as ReadonlyMap<unknown, unknown>)] : Object.entries(tensors);
+  // A Map is iterated as it is (its entries are data); anything else is read once, key by key.
+  const list: [unknown, unknown][] = types.isMap(tensors) && !types.isProxy(tensors)
+    ? [...(tensors as ReadonlyMap<unknown, unknown>)]
+    : Object.entries(argObject(tensors, 'tensors', 'a Map or object of weights'));
   const header: Record<string, unknown> = {};
   if (metadata !== undefined) {
-    if (metadata === null || typeof metadata !== 'object' || Array.isArray(metadata) || types.isProxy(metadata)) {
-      invalid('a map of strings', 'metadata', metadata);
-    }
-    for (const [k, v] of Object.entries(metadata)) if (typeof v !== 'string') invalid('a string', `metadata.${k}`, v);
-    header.__metadata__ = { ...metadata };
+    const meta = argObject(metadata, 'metadata', 'a map of strings');
+    for (const [k, v] of Object.entries(meta)) if (typeof v !== 'string') invalid('a string', `metadata.${k}`, v);
+    header.__metadata__ = { ...meta };
   }
   let offset = 0;
   const weights: WeightArray[] = [];
   for (const [key, w] of list) {
     if (typeof key !== 'string' || key === '__metadata__') invalid('a tensor name other than __metadata__', 'tensors key', key);
-    if (w === null || typeof w !== 'object' || types.isProxy(w)) invalid('a { dtype, shape, data } weight', `tensors['${key}']`, w);
-    const { dtype, shape: rawShape, data } = w as WeightArray;
+    const { dtype, shape: rawShape, data } = argObject(w, `tensors['${key}']`, 'a { dtype, shape, data } weight', ['dtype', 'shape', 'data'] as const);
     if (typeof dtype !== 'string' || !(dtype in NAMES)) {
       throw new TrimKVError('ERR_CHECKPOINT_DTYPE', `tensor '${key}': dtype ${describe(dtype)} is not one of 'fp32', 'fp16', 'bf16'`);
     }
@@ -167,9 +164,10 @@ export function encodeSafetensors(
     if (!typed || (data as Float32Array | Uint16Array).length !== numel) {
       throw new TrimKVError('ERR_CHECKPOINT_SHAPE', `tensor '${key}': data does not match shape [${shape.join(', ')}] and dtype ${dtype}`);
     }
+    const bytes = (data as Float32Array | Uint16Array).byteLength;
     weights.push({ dtype, shape, data } as WeightArray);
-    header[key] = { dtype: NAMES[dtype], shape, data_offsets: [offset, offset + data.byteLength] };
-    offset += data.byteLength;
+    header[key] = { dtype: NAMES[dtype as WeightArray['dtype']], shape, data_offsets: [offset, offset + bytes] };
+    offset += bytes;
   }
   if (JSON.stringify(header).length > MAX_HEADER) invalid(`a header of at most ${MAX_HEADER} bytes`, 'tensors', tensors, 'ERR_RANGE');
   let json = new TextEncoder().encode(JSON.stringify(header));
