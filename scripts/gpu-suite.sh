@@ -39,7 +39,10 @@ for s in "${steps[@]}"; do
       tail -5 "$OUT/fixtures.log"
       tar -czf "$OUT/fixtures.tgz" test/fixtures/checkpoints ;;
     test)
-      TRIMKV_REQUIRE_CUDA=1 timeout ${TEST_TIMEOUT:-360} npx vitest run --reporter=default > "$OUT/test.log" 2>&1 || status=1
+      # test/pack.test.ts fills its npm cache from the registry, which the GPU machine cannot
+      # reach; CI (no GPU, registry reachable) runs it. Everything else runs unchanged.
+      echo "test/pack.test.ts: not run here (it needs the npm registry; CI runs it)"
+      TRIMKV_REQUIRE_CUDA=1 timeout ${TEST_TIMEOUT:-360} npx vitest run --reporter=default --exclude test/pack.test.ts > "$OUT/test.log" 2>&1 || status=1
       grep -E "Test Files|Tests |FAIL|×" "$OUT/test.log" | head -40 ;;
     sanitize)
       # Every CUDA kernel under memcheck and racecheck through the same vitest files, at sizes
