@@ -11,6 +11,12 @@ export type ErrorCode =
   | 'ERR_OUT_OF_MEMORY'
   | 'ERR_NATIVE'
   | 'ERR_ADDON_LOAD'
+  | 'ERR_MODEL_MISSING'
+  | 'ERR_MODEL_FORMAT'
+  | 'ERR_MODEL_CONFIG'
+  | 'ERR_MODEL_SHAPE'
+  | 'ERR_MODEL_DTYPE'
+  | 'ERR_TOKENIZER'
   | `ERR_CHECKPOINT_${string}`;
 
 /** The one error class of trimkv: `code` is stable, `message` says what and where. */
