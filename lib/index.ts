@@ -25,3 +25,40 @@ export {
   type SafetensorsFile,
   type TorchStateDict,
 } from './checkpoint/index.js';
+// Model directories and tokenizers (groundwork for `trimkv generate`; no forward pass yet).
+export {
+  checkGatesAgainstModel,
+  loadGenerationConfig,
+  loadModelConfig,
+  MODEL_ARCHITECTURES,
+  parseGenerationConfig,
+  parseModelConfig,
+  ropeAttentionScaling,
+  ropeCosSin,
+  ropeFactorSet,
+  ropeInvFreq,
+  type GenerationConfig,
+  type ModelArchitecture,
+  type ModelConfig,
+  type RopeScaling,
+} from './model/config.js';
+export {
+  checkModelTensors,
+  expectedModelTensors,
+  MAX_SAFETENSORS_HEADER_BYTES,
+  openModelWeights,
+  readSafetensorsHeader,
+  type ModelTensorCheck,
+  type ModelWeights,
+  type SafetensorsHeader,
+  type TensorInfo,
+} from './model/weights.js';
+export {
+  loadTokenizer,
+  ModelTokenizer,
+  type ChatMessage,
+  type ChatTemplateOptions,
+  type DecodeOptions,
+  type DecodeStream,
+  type EncodeOptions,
+} from './model/tokenizer.js';

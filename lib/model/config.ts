@@ -463,7 +463,10 @@ function checkMaxLength(config: ModelConfig, maxLength: number | undefined, requ
   }
 }
 
-/** Which longrope factors a sequence of `maxLength` positions uses (null for other rope types). */
+/**
+ * Which longrope factors a sequence of `maxLength` positions uses (null for other rope types).
+ * @throws {TrimKVError} `ERR_RANGE` when `maxLength` exceeds `maxPositionEmbeddings` (longrope).
+ */
 export function ropeFactorSet(config: ModelConfig, maxLength: number): 'short' | 'long' | null {
   if (config.rope.type !== 'longrope') return null;
   checkMaxLength(config, maxLength, true);
