@@ -139,6 +139,17 @@ describe('ModelTokenizer.encode', () => {
     expect(llama.encode('<|eot_id|>', { addSpecialTokens: false })).toEqual([128009]);
   });
 
+  test('options that are null, or whose getters throw, are ERR_INVALID_ARGUMENT', () => {
+    const boom = Object.defineProperty({}, 'addSpecialTokens', { get() { throw new Error('boom'); }, enumerable: true });
+    expectError(() => qwen.encode('x', null as never), 'ERR_INVALID_ARGUMENT', /options/);
+    expectError(() => qwen.encode('x', boom), 'ERR_INVALID_ARGUMENT', /options\.addSpecialTokens/);
+    expectError(() => qwen.decode([1], null as never), 'ERR_INVALID_ARGUMENT', /options/);
+    expectError(() => qwen.createDecodeStream(null as never), 'ERR_INVALID_ARGUMENT', /options/);
+    expectError(() => qwen.applyChatTemplate([{ role: 'user', content: 'hi' }], null as never), 'ERR_INVALID_ARGUMENT', /options/);
+    const msg = Object.defineProperty({ role: 'user' }, 'content', { get() { throw new Error('boom'); }, enumerable: true });
+    expectError(() => qwen.applyChatTemplate([msg as never]), 'ERR_INVALID_ARGUMENT', /messages\[0\]\.content/);
+  });
+
   test('a non-string is ERR_INVALID_ARGUMENT', () => {
     expectError(() => qwen.encode(42 as unknown as string), 'ERR_INVALID_ARGUMENT', /Expected a string for text but received 42/);
   });

@@ -16,7 +16,7 @@ import { readFile } from 'node:fs/promises';
 import { Template } from '@huggingface/jinja';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { TrimKVError } from '../errors.js';
-import { invalid } from '../validate.js';
+import { argObject, arrayOf, invalid } from '../validate.js';
 import { loadGenerationConfig, type GenerationConfig } from './config.js';
 import { isFile, MAX_SMALL_JSON_BYTES, MAX_TOKENIZER_JSON_BYTES, readJsonObject, requireDir } from './files.js';
 
@@ -178,7 +178,7 @@ export class ModelTokenizer {
    */
   encode(text: string, options: EncodeOptions = {}): number[] {
     if (typeof text !== 'string') invalid('a string', 'text', text);
-    const add = options.addSpecialTokens ?? true;
+    const add = argObject(options, 'options', 'an EncodeOptions object', ['addSpecialTokens'] as const).addSpecialTokens ?? true;
     if (typeof add !== 'boolean') invalid('a boolean', 'addSpecialTokens', add);
     try {
       return this.tokenizer.encode(text, { add_special_tokens: add }).ids;
@@ -194,7 +194,7 @@ export class ModelTokenizer {
    */
   decode(ids: readonly number[], options: DecodeOptions = {}): string {
     this.checkIds(ids);
-    const skip = options.skipSpecialTokens ?? false;
+    const skip = argObject(options, 'options', 'a DecodeOptions object', ['skipSpecialTokens'] as const).skipSpecialTokens ?? false;
     if (typeof skip !== 'boolean') invalid('a boolean', 'skipSpecialTokens', skip);
     return this.rawDecode(ids as number[], skip);
   }
@@ -222,13 +222,16 @@ export class ModelTokenizer {
    *   malformed messages or options.
    */
   applyChatTemplate(messages: readonly ChatMessage[], options: ChatTemplateOptions = {}): string {
-    if (!Array.isArray(messages) || messages.length === 0) invalid('a non-empty array of messages', 'messages', messages);
-    messages.forEach((m, i) => {
-      if (typeof m !== 'object' || m === null) invalid('an object { role, content }', `messages[${i}]`, m);
-      if (typeof m.role !== 'string') invalid('a string', `messages[${i}].role`, m.role);
-      if (typeof m.content !== 'string') invalid('a string', `messages[${i}].content`, m.content);
-    });
-    const { addGenerationPrompt = false, enableThinking, tools, extra = {} } = options;
+    // Read once into plain copies (a getter or Proxy trap cannot throw later, inside the template).
+    const list = arrayOf(messages, 'messages', 'a non-empty array of messages', (x, name) => {
+      const m = argObject(x, name, 'an object { role, content }');
+      if (typeof m.role !== 'string') invalid('a string', `${name}.role`, m.role);
+      if (typeof m.content !== 'string') invalid('a string', `${name}.content`, m.content);
+      return m as unknown as ChatMessage;
+    }, { maxLength: 1 << 16 });
+    if (list.length === 0) invalid('a non-empty array of messages', 'messages', messages);
+    const o = argObject(options, 'options', 'a ChatTemplateOptions object', ['addGenerationPrompt', 'enableThinking', 'tools', 'extra'] as const);
+    const { addGenerationPrompt = false, enableThinking, tools, extra = {} } = o as ChatTemplateOptions;
     if (typeof addGenerationPrompt !== 'boolean') invalid('a boolean', 'addGenerationPrompt', addGenerationPrompt);
     if (enableThinking !== undefined && typeof enableThinking !== 'boolean') invalid('a boolean', 'enableThinking', enableThinking);
     if (tools !== undefined && !Array.isArray(tools)) invalid('an array', 'tools', tools);
@@ -245,8 +248,8 @@ export class ModelTokenizer {
       bos_token: this.bosToken ?? '',
       eos_token: this.eosToken ?? '',
       pad_token: this.padToken ?? '',
-      ...extra,
-      messages: messages.map((m) => ({ ...m })),
+      ...argObject(extra, 'options.extra', 'an object of template variables'),
+      messages: list,
       add_generation_prompt: addGenerationPrompt,
     };
     if (tools !== undefined) vars.tools = tools;
@@ -273,7 +276,7 @@ export class ModelTokenizer {
    * @throws {TrimKVError} `ERR_INVALID_ARGUMENT` for bad options.
    */
   createDecodeStream(options: DecodeOptions = {}): DecodeStream {
-    const skip = options.skipSpecialTokens ?? false;
+    const skip = argObject(options, 'options', 'a DecodeOptions object', ['skipSpecialTokens'] as const).skipSpecialTokens ?? false;
     if (typeof skip !== 'boolean') invalid('a boolean', 'skipSpecialTokens', skip);
     return new IncrementalDecoder(
       (ids) => this.checkIds(ids),

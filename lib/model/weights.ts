@@ -22,7 +22,7 @@ import { endianness } from 'node:os';
 import { join } from 'node:path';
 import { TrimKVError } from '../errors.js';
 import type { DType, WeightArray } from '../types.js';
-import { invalid, invalidText } from '../validate.js';
+import { argObject, invalid, invalidText } from '../validate.js';
 import type { ModelConfig } from './config.js';
 import { isFile, readJsonObject, requireDir, show } from './files.js';
 
@@ -397,6 +397,8 @@ const MAX_LISTED = 8;
  *   mis-shaped or unexpected tensors with their files.
  */
 export function checkModelTensors(weights: Pick<ModelWeights, 'tensors' | 'dir'>, config: ModelConfig, options: { allowExtra?: boolean } = {}): ModelTensorCheck {
+  const { allowExtra } = argObject(options, 'options', 'a { allowExtra } object', ['allowExtra'] as const);
+  if (allowExtra !== undefined && typeof allowExtra !== 'boolean') invalid('a boolean', 'options.allowExtra', allowExtra);
   const expected = expectedModelTensors(config);
   const list = (items: string[]): string =>
     items.slice(0, MAX_LISTED).join('; ') + (items.length > MAX_LISTED ? `; and ${items.length - MAX_LISTED} more` : '');
@@ -417,7 +419,7 @@ export function checkModelTensors(weights: Pick<ModelWeights, 'tensors' | 'dir'>
   const extra: string[] = [];
   for (const [name, t] of weights.tensors) {
     if (expected.has(name)) continue;
-    if (HARMLESS.test(name) || (config.tieWordEmbeddings && name === 'lm_head.weight') || options.allowExtra) ignored.push(name);
+    if (HARMLESS.test(name) || (config.tieWordEmbeddings && name === 'lm_head.weight') || allowExtra === true) ignored.push(name);
     else extra.push(`'${name}' in ${t.file}`);
   }
   if (extra.length > 0) {
