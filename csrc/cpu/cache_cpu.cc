@@ -11,7 +11,7 @@
 #include "cpu/attention_cpu.h"
 #include "cpu/parallel.h"
 #include "ops/cache.h"
-#include "ops/device.h"
+#include "runtime/device.h"
 
 namespace trimkv {
 namespace {

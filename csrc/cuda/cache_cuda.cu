@@ -19,9 +19,9 @@
 
 #include "common/errors.h"
 #include "cuda/launch_order.h"
-#include "kernels/decode.cuh"
-#include "kernels/pool.cuh"
-#include "kernels/prefill.cuh"
+#include "kernels/attention/decode.cuh"
+#include "kernels/cache/pool.cuh"
+#include "kernels/attention/prefill.cuh"
 #include "ops/cache.h"
 
 namespace trimkv {

@@ -7,7 +7,7 @@
 
 #include "common/errors.h"
 #include "cuda/launch_order.h"
-#include "kernels/retention_gate.cuh"
+#include "kernels/gate/retention_gate.cuh"
 #include "ops/gate.h"
 
 namespace trimkv {

@@ -4,9 +4,10 @@
 #include <chrono>
 #include <string>
 
-#include "kernels/select_bench.h"
+#include "bench/select_bench.h"
+#include "bench/timing.h"
 #include "napi/common.h"
-#include "ops/device.h"
+#include "runtime/device.h"
 
 namespace trimkv::napi {
 namespace {
@@ -73,7 +74,7 @@ Napi::Value HostTimes(const Napi::CallbackInfo& info) {
 }
 
 // launchCost(iters): {kernelUs, clusterUs, streamKernelUs, eventUs, uploadUs}, the CUDA runtime's own host cost
-// per enqueue on this machine (ops/device.h launch_cost_t); clusterUs is NaN before sm_90.
+// per enqueue on this machine (bench/timing.h launch_cost_t); clusterUs is NaN before sm_90.
 Napi::Value LaunchCost(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guard(env, [&]() -> Napi::Value {

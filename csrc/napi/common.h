@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "common/errors.h"
-#include "ops/tensor.h"
+#include "runtime/tensor.h"
 
 namespace trimkv::napi {
 

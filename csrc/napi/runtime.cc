@@ -1,6 +1,6 @@
 // Backend discovery and device-wide operations.
 #include "napi/common.h"
-#include "ops/device.h"
+#include "runtime/device.h"
 
 namespace trimkv::napi {
 namespace {

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "common/config.h"
-#include "ops/tensor.h"
+#include "runtime/tensor.h"
 
 namespace trimkv {
 

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "common/dtype.h"
-#include "ops/device.h"
+#include "runtime/device.h"
 
 namespace trimkv {
 

@@ -1,8 +1,7 @@
 // The CUDA ops when their kernels are not part of this build: they report why they cannot run.
 #include "common/errors.h"
-#include "kernels/select_bench.h"
 #include "ops/cache.h"
-#include "ops/device.h"
+#include "runtime/device.h"
 #include "ops/gate.h"
 
 namespace trimkv {
@@ -18,15 +17,5 @@ namespace {
 std::unique_ptr<Cache> create_cuda_cache(const cache_config_t&) { unavailable("KV cache"); }
 
 std::unique_ptr<Gate> create_cuda_gate(const gate_spec_t&, const gate_weights_t&) { unavailable("retention gate"); }
-
-// Benchmark-only entry points (kernels/select_bench.h): unsupported rather than unavailable,
-// since no driver or device would make them run in this build.
-select_bench_result_t cuda_select_bench(const select_bench_params_t&) {
-  fail(code::kUnsupported, "selectBench needs the CUDA kernels: ", cuda_status().reason);
-}
-
-size_t cuda_memory_used() {
-  fail(code::kUnsupported, "deviceMemoryUsed needs the CUDA backend: ", cuda_status().reason);
-}
 
 }  // namespace trimkv

@@ -39,7 +39,7 @@
 // Tensor cores need sm_80 and x and the weights in the same 16-bit dtype: 16-bit products are
 // exact in fp32, so the result matches the FMA path's accuracy. Every other case (fp32, mixed
 // dtypes, sm_75) beyond the rows kernel runs GateFmaKernel, which splits K the same way.
-#include "retention_gate.cuh"
+#include "kernels/gate/retention_gate.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -48,9 +48,9 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "mma.cuh"
-#include "pdl.cuh"
-#include "vec_dtypes.cuh"
+#include "kernels/common/mma.cuh"
+#include "kernels/common/pdl.cuh"
+#include "kernels/common/vec_dtypes.cuh"
 
 namespace trimkv {
 

@@ -1,6 +1,6 @@
 // Instantiation of the prefill kernels for float storage: one dtype per file so
 // that the three build in parallel.
-#include "prefill.cuh"
+#include "kernels/attention/prefill.cuh"
 
 namespace trimkv {
 namespace prefill_detail {

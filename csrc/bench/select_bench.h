@@ -1,7 +1,7 @@
 // Benchmark-only entry points of the CUDA build (select_bench.cu): the top-k selection of the
 // evictions timed on its own, and the device memory in use. Plain C++ with no CUDA headers, so
 // that the binding (napi/bench.cc) can include it in every build; the CPU-only build's
-// definitions are in ops/cuda_unavailable.cc and throw ERR_UNSUPPORTED.
+// definitions are in cuda_none/bench_none.cc and throw ERR_UNSUPPORTED.
 #pragma once
 
 #include <cstddef>

@@ -1,16 +1,19 @@
 // The eviction's top-k selection on its own, for `trimkv bench` (select_bench.h): random keys
 // filled on the GPU, then one launch in which every block selects the k-th largest key of its
 // row with the radix select that the decode and prefill evictions use (select_topk.cuh).
-#include "select_bench.h"
+#include "bench/select_bench.h"
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <memory>
+#include <string>
 
+#include "bench/timing.h"
+#include "common/cuda_check.h"
 #include "common/errors.h"
-#include "ops/device.h"
-#include "select_topk.cuh"
+#include "kernels/common/select_topk.cuh"
+#include "runtime/device.h"
 
 namespace trimkv {
 
@@ -83,12 +86,7 @@ cudaError_t SelectKthLargest(const unsigned long long* keys, int rows, int n, in
 
 /// Turns a CUDA error into a trimkv::Error naming the entry point (op) and the step.
 void check(cudaError_t e, const char* op, const char* what) {
-  if (e == cudaSuccess) return;
-  cudaGetLastError();  // clear a non-sticky error so later calls are not blamed for it
-  if (e == cudaErrorMemoryAllocation)
-    fail(code::kOutOfMemory, op, ": ", what, ": out of GPU memory");
-  fail(code::kNative, op, ": ", what, " failed: ", cudaGetErrorName(e), ": ",
-       cudaGetErrorString(e));
+  cuda_check(e, (std::string(op) + ": " + what).c_str());
 }
 
 struct device_free_t {

@@ -1,4 +1,4 @@
-#include "ops/tensor.h"
+#include "runtime/tensor.h"
 
 #include <cstring>
 #include <new>

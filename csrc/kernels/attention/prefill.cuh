@@ -23,11 +23,11 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../common/dtype.h"
-#include "../common/score.h"
-#include "cache_layer.cuh"
-#include "mma.cuh"
-#include "vec_dtypes.cuh"
+#include "common/dtype.h"
+#include "common/score.h"
+#include "kernels/cache/cache_layer.cuh"
+#include "kernels/common/mma.cuh"
+#include "kernels/common/vec_dtypes.cuh"
 
 namespace trimkv {
 

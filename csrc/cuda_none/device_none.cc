@@ -1,6 +1,6 @@
 // CPU-only build: the CUDA backend reports itself unavailable with the reason.
 #include "common/errors.h"
-#include "ops/device.h"
+#include "runtime/device.h"
 
 namespace trimkv {
 
@@ -18,13 +18,5 @@ void device_free(void*) noexcept {}
 void copy_to_device(void*, const void*, size_t) { fail(code::kBackendUnavailable, cuda_status().reason); }
 void copy_to_host(void*, const void*, size_t) { fail(code::kBackendUnavailable, cuda_status().reason); }
 void device_synchronize() {}
-
-std::vector<double> cuda_time_calls(int, double, const std::function<void(int)>&, int) {
-  fail(code::kBackendUnavailable, cuda_status().reason);
-}
-
-launch_cost_t cuda_launch_cost(int) { fail(code::kBackendUnavailable, cuda_status().reason); }
-
-double cuda_copy_bandwidth(size_t, int) { fail(code::kBackendUnavailable, cuda_status().reason); }
 
 }  // namespace trimkv

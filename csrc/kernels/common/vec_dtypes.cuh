@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "../common/dtype.h"
+#include "common/dtype.h"
 
 namespace trimkv {
 

@@ -13,7 +13,7 @@
 
 #include <cstddef>
 
-#include "../common/dtype.h"
+#include "common/dtype.h"
 
 namespace trimkv {
 

@@ -1,11 +1,11 @@
 // Pool eviction and segment re-layout: see pool.cuh.
-#include "pool.cuh"
+#include "kernels/cache/pool.cuh"
 
 #include <algorithm>
 #include <climits>
 
-#include "select_topk.cuh"
-#include "vec_dtypes.cuh"
+#include "kernels/common/select_topk.cuh"
+#include "kernels/common/vec_dtypes.cuh"
 
 namespace trimkv {
 

@@ -1,11 +1,11 @@
 // Host side of the prefill chunk (validation, workspace, launch sequence) and the eviction
 // kernels: per-head top-M selection over cached + chunk tokens and the survivors' append.
-#include "prefill.cuh"
+#include "kernels/attention/prefill.cuh"
 
 #include <algorithm>
 
-#include "cache_layer.cuh"
-#include "select_topk.cuh"
+#include "kernels/cache/cache_layer.cuh"
+#include "kernels/common/select_topk.cuh"
 
 namespace trimkv {
 

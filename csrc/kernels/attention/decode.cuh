@@ -30,13 +30,13 @@
 #include <utility>
 #include <vector>
 
-#include "../common/dtype.h"
-#include "../common/score.h"
-#include "cache_layer.cuh"
-#include "mma.cuh"
-#include "pdl.cuh"
-#include "select_topk.cuh"
-#include "vec_dtypes.cuh"
+#include "common/dtype.h"
+#include "common/score.h"
+#include "kernels/cache/cache_layer.cuh"
+#include "kernels/common/mma.cuh"
+#include "kernels/common/pdl.cuh"
+#include "kernels/common/select_topk.cuh"
+#include "kernels/common/vec_dtypes.cuh"
 
 namespace trimkv {
 

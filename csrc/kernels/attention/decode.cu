@@ -1,5 +1,5 @@
 // Host side of the decode step: split choice, workspace sizing, dtype dispatch.
-#include "decode.cuh"
+#include "kernels/attention/decode.cuh"
 
 #include <algorithm>
 
