@@ -7,15 +7,11 @@
 #include <string>
 
 #include "common/dtype.h"
+#include "common/enums.h"
 #include "common/errors.h"
 
 namespace trimkv {
 
-enum class Strategy : int { kAlpha = 0, kKnormAlpha = 1 };
-enum class Scope : int { kHead = 0, kLayer = 1, kGlobal = 2 };
-enum class GateKind : int { kRg = 0, kRg2 = 1, kRg3 = 2 };
-/// Gate activations; the integer values are shared with the CUDA gate kernels.
-enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
 
 inline DType parse_dtype(const std::string& s) {
   if (s == "fp32") return DType::kF32;

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "common/errors.h"
-#include "cuda/launch_order.h"
+#include "cuda/stream_context.h"
 #include "kernels/attention/decode.cuh"
 #include "kernels/cache/pool.cuh"
 #include "kernels/attention/prefill.cuh"
@@ -85,15 +85,16 @@ class PinnedRing {
 class CudaCache final : public Cache {
  public:
   explicit CudaCache(const cache_config_t& cfg) : Cache(Backend::kCuda, cfg) {
-    TRIMKV_CHECK(cfg.head_dim % 8 == 0 && cfg.head_dim <= 256, code::kUnsupported, "headDim ", cfg.head_dim,
-                 " is not supported by the CUDA backend (multiples of 8 up to 256)");
+    TRIMKV_CHECK(limits::head_dim_supported(cfg.head_dim), code::kUnsupported, "headDim ", cfg.head_dim,
+                 " is not supported by the CUDA backend (multiples of ", limits::kHeadDimMultiple, " up to ",
+                 limits::kMaxHeadDim, ")");
     int major = 0;
     check_cuda(cudaGetDevice(&dev_), "cudaGetDevice");
     check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev_), "cudaDeviceGetAttribute");
     TRIMKV_CHECK(DecodeGroupSupported(cfg.group(), cfg.head_dim, cfg.dtype, major >= 8), code::kUnsupported,
                  "qHeads / kvHeads = ", cfg.group(), " is not supported by the CUDA decode kernel for ", dtype_name(cfg.dtype),
                  " at headDim ", cfg.head_dim, major >= 8 ? "" : " on this GPU",
-                 " (fp16/bf16 take groups up to 8 on sm_80+; otherwise groups of 1, 2, 4, 8 and some larger powers of two)");
+                 " (fp16/bf16 take groups up to ", limits::kMmaMaxGroup, " on sm_80+; otherwise groups of 1, 2, 4, 8 and some larger powers of two)");
     if (cfg.scope == Scope::kHead && cfg.threshold <= 0.0) {
       init_fixed();
     } else {
@@ -142,18 +143,13 @@ class CudaCache final : public Cache {
     } else if (layer == 0) {
       ring_->upload(positions_->data(), a.positions.data, stream_);  // PoolEvict reads them too
     }
-    {
-      // The kernel reads its cache tiles before its dependency wait only right after another
-      // layer's decode step: safe then (DecodeStep's contract) and it pays there. After a gate
-      // call it would compete with the gate's latency-bound tail: the whole-model steps of
-      // 8144d3d, which prefetched there too, were 2-18% slower on the H100 (the likely cause).
-      LaunchOrder& order = launch_order();
-      std::lock_guard<std::mutex> lock(order.mu);
-      const void*& last = order.of(dev_);
-      p.prefetch_before_wait = last != nullptr && last != gate_launch_tag() && last != p.k_cache;
-      check_cuda(DecodeStep(p, cfg_.dtype, decode_ws_->data(), stream_), "decode kernel");
-      last = p.k_cache;
-    }
+    // Whether the kernel may read its tiles before its dependency wait: cuda/stream_context.h.
+    check_cuda(StreamContext::of(dev_).decode_step(p.k_cache,
+                                                   [&](bool early) {
+                                                     p.prefetch_before_wait = early ? 1 : 0;
+                                                     return DecodeStep(p, cfg_.dtype, decode_ws_->data(), stream_);
+                                                   }),
+               "decode kernel");
     if (pool_ && (cfg_.scope != Scope::kGlobal || layer == cfg_.layers - 1)) {
       pool_params_t e = pool_params(layer, 0, cfg_.batch);
       e.positions = static_cast<const int32_t*>(positions_->data());

@@ -6,7 +6,7 @@
 #include <memory>
 
 #include "common/errors.h"
-#include "cuda/launch_order.h"
+#include "cuda/stream_context.h"
 #include "kernels/gate/retention_gate.cuh"
 #include "ops/gate.h"
 
@@ -16,7 +16,7 @@ namespace {
 class CudaGate final : public Gate {
  public:
   CudaGate(const gate_spec_t& spec, const gate_weights_t& w) : Gate(Backend::kCuda, spec), wdtype_(w.dtype) {
-    TRIMKV_CHECK(spec.input_size % 8 == 0, code::kUnsupported, "inputSize ", spec.input_size,
+    TRIMKV_CHECK(spec.input_size % limits::kGateInputMultiple == 0, code::kUnsupported, "inputSize ", spec.input_size,
                  " is not supported by the CUDA gate (a multiple of 8 is needed)");
     const cudaError_t d = cudaGetDevice(&dev_);
     if (d != cudaSuccess) {
@@ -67,13 +67,9 @@ class CudaGate final : public Gate {
              cudaGetErrorName(z), ": ", cudaGetErrorString(z));
       }
     }
-    cudaError_t e;
-    {
-      LaunchOrder& order = launch_order();  // cuda/launch_order.h: decode steps read it
-      std::lock_guard<std::mutex> lock(order.mu);
-      e = RetentionGate(p, workspace_->data(), nullptr);
-      if (e == cudaSuccess) order.of(dev_) = gate_launch_tag();
-    }
+    // Recorded for the decode steps that follow (cuda/stream_context.h).
+    const cudaError_t e =
+        StreamContext::of(dev_).gate_call([&] { return RetentionGate(p, workspace_->data(), nullptr); });
     if (e != cudaSuccess) {
       cudaGetLastError();
       workspace_.reset();  // a failed call may leave counters set: the next call starts afresh

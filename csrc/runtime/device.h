@@ -7,11 +7,10 @@
 #include <string>
 #include <vector>
 
+#include "common/enums.h"
+
 namespace trimkv {
 
-enum class Backend : int { kCpu = 0, kCuda = 1 };
-
-inline const char* backend_name(Backend b) { return b == Backend::kCuda ? "cuda" : "cpu"; }
 
 struct device_info_t {
   int index = 0;

@@ -1,5 +1,7 @@
 // Host side of the decode step: split choice, workspace sizing, dtype dispatch.
 #include "kernels/attention/decode.cuh"
+#include "kernels/attention/decode_launch.cuh"
+#include "kernels/attention/decode_traits.cuh"
 
 #include <algorithm>
 
@@ -45,59 +47,24 @@ int DecodeNumSplits(const decode_params_t& p) {
 }
 
 size_t DecodeWorkspaceBytes(const decode_params_t& p) {
-  using namespace decode_detail;
-  const int splits = DecodeNumSplits(p);
-  const size_t bhs = static_cast<size_t>(p.batch) * p.kv_heads;
-  const size_t G = p.kv_heads > 0 ? static_cast<size_t>(p.q_heads / p.kv_heads) : 0;
-  auto align = [](size_t x) { return (x + 255) & ~static_cast<size_t>(255); };
-  size_t bytes = DecodeCounterBytes(p);
-  bytes += align(bhs * 2 * static_cast<size_t>(p.buffer > 0 ? p.buffer : 1) * sizeof(int));
-  if (splits > 1) {
-    bytes += align(bhs * splits * G * kMaxHeadDim * sizeof(float));
-    bytes += align(bhs * splits * G * 4 * sizeof(float));
-    bytes += align(bhs * splits * 2 * sizeof(unsigned long long));
-  }
-  return bytes;
+  return decode_detail::decode_ws_layout(p, DecodeNumSplits(p)).bytes;
 }
 
 size_t DecodeCounterBytes(const decode_params_t& p) {
-  const size_t bhs = static_cast<size_t>(p.batch) * p.kv_heads;
-  return (bhs * sizeof(int) + 255) & ~static_cast<size_t>(255);
+  return decode_detail::decode_ws_layout(p, 1).list;  // the counters end where the list begins
 }
-
-namespace {
-
-template <typename T, int DPAD>
-bool core_group_ok(int group) {
-  const int hpt = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
-  return decode_detail::traits<T, DPAD>::WORKERS % (group / hpt) == 0;
-}
-
-template <typename T>
-bool core_group_ok(int group, int head_dim) {
-  if (head_dim <= 64) return core_group_ok<T, 64>(group);
-  if (head_dim <= 128) return core_group_ok<T, 128>(group);
-  return core_group_ok<T, 256>(group);
-}
-
-}  // namespace
 
 bool DecodeGroupSupported(int group, int head_dim, DType dtype, bool tensor_cores) {
   if (group < 1 || head_dim < 1 || head_dim > decode_detail::kMaxHeadDim) return false;
   if (dtype != DType::kF32 && tensor_cores && group <= decode_detail::kMmaMaxGroup) return true;
-  switch (dtype) {
-    case DType::kF32: return core_group_ok<float>(group, head_dim);
-    case DType::kF16: return core_group_ok<__half>(group, head_dim);
-    case DType::kBF16: return core_group_ok<__nv_bfloat16>(group, head_dim);
-  }
-  return false;
+  return limits::core_group_supported(group, head_dim, static_cast<int>(dtype_size(dtype)));
 }
 
 cudaError_t DecodeStep(const decode_params_t& p, DType dtype, void* workspace,
                        cudaStream_t stream) {
   if (p.batch <= 0 || p.kv_heads <= 0 || p.q_heads <= 0 || p.q_heads % p.kv_heads != 0 ||
       p.memory < 1 || p.buffer < 0 || p.window < 0 || p.cap < p.memory + p.buffer ||
-      p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > decode_detail::kMaxHeadDim ||
+      !limits::head_dim_supported(p.head_dim) ||
       workspace == nullptr || (p.knorm && p.lognorm_cache == nullptr) ||
       (p.positions == nullptr && p.batch > decode_params_t::kInlinePositions))
     return cudaErrorInvalidValue;

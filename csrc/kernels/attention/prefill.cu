@@ -1,6 +1,7 @@
 // Host side of the prefill chunk (validation, workspace, launch sequence) and the eviction
 // kernels: per-head top-M selection over cached + chunk tokens and the survivors' append.
 #include "kernels/attention/prefill.cuh"
+#include "kernels/attention/prefill_traits.cuh"
 
 #include <algorithm>
 
@@ -250,8 +251,7 @@ cudaError_t PrefillChunk(const prefill_params_t& p, DType dtype, void* workspace
   if (p.batch <= 0 || p.kv_heads <= 0 || p.q_heads <= 0 || p.q_heads % p.kv_heads != 0 ||
       (p.segs == nullptr && (p.seq < 0 || p.seq >= p.batch || p.start < 0 || p.chunk < 0)) ||
       (p.segs != nullptr && (p.nseg < 1 || p.nseg > p.batch || p.max_chunk < 1 || p.tokens < p.max_chunk)) ||
-      p.memory < 1 || p.buffer < 0 || p.window < 0 || p.cap < p.memory + p.buffer || p.head_dim <= 0 ||
-      p.head_dim % 8 != 0 || p.head_dim > kMaxHeadDim || (p.knorm && p.lognorm_cache == nullptr))
+      p.memory < 1 || p.buffer < 0 || p.window < 0 || p.cap < p.memory + p.buffer || !limits::head_dim_supported(p.head_dim) || (p.knorm && p.lognorm_cache == nullptr))
     return cudaErrorInvalidValue;
   if (p.longest() == 0) return cudaSuccess;
   if (workspace == nullptr) return cudaErrorInvalidValue;

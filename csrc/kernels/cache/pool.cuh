@@ -23,10 +23,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/limits.h"
+
 namespace trimkv {
 
 /// Most heads one pool may hold (the block keeps their segment table in shared memory).
-constexpr int kPoolMaxHeads = 1024;
+constexpr int kPoolMaxHeads = limits::kPoolMaxHeads;
 
 /// One PoolEvict launch: the pools of sequences [seq0, seq0 + nseq) that cover layers
 /// [layer0, layer0 + nlayers) and heads_per_pool KV heads each. Device pointers.

@@ -83,6 +83,15 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+/// Transposes the 8x8 b16 matrix held as one fragment register per lane.
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+#endif  // __CUDA_ARCH__ >= 800
+
 }  // namespace
 }  // namespace mma
 }  // namespace trimkv

@@ -14,19 +14,24 @@
 #include <cstddef>
 
 #include "common/dtype.h"
+#include "common/enums.h"
+#include "common/limits.h"
 
 namespace trimkv {
 
-/// Gate activation (the model's hidden_act).
-enum GateAct : int { kGateSilu = 0, kGateGelu = 1, kGateGeluTanh = 2, kGateRelu = 3 };
-
-/// Gate architecture.
-enum GateArch : int { kGateMlp = 0 /* rg, rg2 */, kGateGlu = 1 /* rg3 */ };
+/// gate_params_t::act and ::kind as the kernels switch on them (common/enums.h Activation and
+/// GateArch).
+constexpr int kGateSilu = static_cast<int>(Activation::kSilu);
+constexpr int kGateGelu = static_cast<int>(Activation::kGelu);
+constexpr int kGateGeluTanh = static_cast<int>(Activation::kGeluTanh);
+constexpr int kGateRelu = static_cast<int>(Activation::kRelu);
+constexpr int kGateMlp = static_cast<int>(GateArch::kMlp);  // rg, rg2
+constexpr int kGateGlu = static_cast<int>(GateArch::kGlu);  // rg3
 
 /// Parameters of one gate evaluation over n tokens. All pointers are device pointers.
 struct gate_params_t {
   int kind = kGateMlp;    ///< GateArch
-  int act = kGateSilu;    ///< GateAct
+  int act = kGateSilu;    ///< Activation
   int n = 0;              ///< tokens
   int in_dim = 0;         ///< input width (Dm, or kv_heads * 2 * head_dim for rg2/rg3); % 8 == 0
   int inter = 0;          ///< intermediate size I
