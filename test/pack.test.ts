@@ -36,7 +36,7 @@ describe.skipIf(!hasCache)('npm pack and an offline install', () => {
       const files: string[] = json[0].files.map((f: { path: string }) => f.path);
       // What users need, and nothing of the development tree.
       for (const need of ['dist/index.js', 'dist/index.d.ts', 'dist/cli.js', 'bin/trimkv.js', 'scripts/install.mjs',
-        'CMakeLists.txt', 'binding.gyp', 'csrc/ops/cache.h', 'csrc/kernels/decode.cuh', 'package.json', 'README.md']) {
+        'CMakeLists.txt', 'binding.gyp', 'csrc/ops/cache.h', 'csrc/kernels/attention/decode.cuh', 'package.json', 'README.md']) {
         expect(files, `tarball lacks ${need}`).toContain(need);
       }
       for (const f of files) expect(f, `tarball ships ${f}`).not.toMatch(/^(test|lib|node_modules|build)\/|^\.|harness\//);

@@ -16,24 +16,15 @@
 #include <utility>
 #include <vector>
 
-#include "../decode.cuh"
-#include "../retention_gate.cuh"
+#include "bench/kernels/common.h"
+#include "kernels/attention/decode.cuh"
+#include "kernels/attention/decode_traits.cuh"
+#include "kernels/gate/retention_gate.cuh"
 
 using namespace trimkv;
+using namespace harness;
 
-#define CK(x)                                                                      \
-  do {                                                                             \
-    cudaError_t e_ = (x);                                                          \
-    if (e_ != cudaSuccess) {                                                       \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x,               \
-                   cudaGetErrorString(e_));                                        \
-      std::exit(2);                                                                \
-    }                                                                              \
-  } while (0)
 
-static std::mt19937_64 rng(12345);
-static double urand() { return std::uniform_real_distribution<double>(0, 1)(rng); }
-static double nrand() { return std::normal_distribution<double>(0, 1)(rng); }
 
 // Rounds v to dtype t and returns the stored float value; writes the bits into buf[i].
 static float put(std::vector<uint8_t>& buf, DType t, size_t i, float v) {
@@ -340,15 +331,6 @@ static bool run_decode_case(const DecodeCase& c, int case_id) {
   return ok;
 }
 
-static double act_ref(double u, int act) {
-  switch (act) {
-    case 0: return u / (1 + std::exp(-u));
-    case 1: return 0.5 * u * (1 + std::erf(u / std::sqrt(2.0)));
-    case 2: return 0.5 * u * (1 + std::tanh(std::sqrt(2 / M_PI) * (u + 0.044715 * u * u * u)));
-    default: return std::max(u, 0.0);
-  }
-}
-
 static void run_gate_case(int kind, int act, DType xt, DType wt, int n) {
   const int in = 520, I = 136, H = 4;
   auto mk = [&](size_t cnt, DType t, double sc) {
@@ -485,7 +467,7 @@ static int run_tests(bool quick) {
 }
 
 // ----------------------------------------------------------------------------------------------
-// Benchmark of csrc/kernels/decode.cuh (the Impl indirection lets a before/after run build an
+// Benchmark of csrc/kernels/attention/decode.cuh (the Impl indirection lets a before/after run build an
 // older kernel, renamed into another namespace, beside it: see NOTES.md).
 struct ImplNew {
   using P = trimkv::decode_params_t;
@@ -924,6 +906,7 @@ static int run_sweep() {
 }
 
 int main(int argc, char** argv) {
+  rng.seed(12345);
   const std::string mode = argc > 1 ? argv[1] : "test";
   if (mode == "ab") return run_ab();
   if (mode == "sweep") return run_sweep();

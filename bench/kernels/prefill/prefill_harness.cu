@@ -1,4 +1,4 @@
-// Standalone test and benchmark of the TRIM-KV prefill chunk (csrc/kernels/prefill.cuh).
+// Standalone test and benchmark of the TRIM-KV prefill chunk (csrc/kernels/attention/prefill.cuh).
 //   prefill_harness [--quick] [--no-long] [--no-bench] [--attn-only | --grid-only | --bench-only]
 //                   [--grid-chunks 1,7,64,512,4096] [--iters N] [--seed N]
 // Correctness: a float64 CPU reference of SPEC.md sections 4-6 with chunked eviction, fresh
@@ -23,22 +23,14 @@
 
 #include "common/dtype.h"
 #include "common/score.h"
-#include "kernels/prefill.cuh"
-#include "kernels/select_topk.cuh"
+#include "bench/kernels/common.h"
+#include "kernels/attention/prefill_launch.cuh"
+#include "kernels/common/select_topk.cuh"
 
 using namespace trimkv;
+using namespace harness;
 
-#define CK(x)                                                                                 \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                           \
-    }                                                                                         \
-  } while (0)
 
-static std::mt19937_64 rng;
-static double urand() { return std::uniform_real_distribution<double>(0, 1)(rng); }
 
 struct Tok {
   int pos;
@@ -55,10 +47,6 @@ struct Cfg {
   int lam_mode;       // 0 random, 1 with planted ties (lam = 0), 2 with NaN lam
   int sample_tokens;  // tokens per chunk whose outputs are checked against the reference
 };
-
-static double tolerance(DType t) {
-  return t == DType::kF32 ? 1e-5 : (t == DType::kF16 ? 2e-3 : 1e-2);
-}
 
 struct Result {
   bool ok = true;

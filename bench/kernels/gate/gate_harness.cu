@@ -6,8 +6,9 @@
 //                        configuration x K splits, rows per block); `bench decode`: decode
 //                        sizes only
 //   gate_harness floor   floors of any per-layer gate kernel timed back to back
-// The kernel source is included (not linked) so that tests and the sweep can force a plan.
-#include "../retention_gate.cu"
+// The gate plan header (kernels/gate/plan.h) lets the tests and the sweep force a plan.
+#include "bench/kernels/common.h"
+#include "kernels/gate/plan.h"
 
 #include <omp.h>
 
@@ -20,18 +21,10 @@
 #include <vector>
 
 using namespace trimkv;
+using namespace trimkv::gate_detail;
+using namespace harness;
 
-#define CK(x)                                                                      \
-  do {                                                                             \
-    cudaError_t e_ = (x);                                                          \
-    if (e_ != cudaSuccess) {                                                       \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x,               \
-                   cudaGetErrorString(e_));                                        \
-      std::exit(2);                                                                \
-    }                                                                              \
-  } while (0)
 
-static std::mt19937_64 rng(20261125);
 
 static const char* kCfgNames[] = {"skinny8", "skinny16", "skinny32", "skinny64", "big", "huge"};
 
@@ -72,23 +65,10 @@ static int g_smem_optin = 0;
 static int g_pass = 0, g_fail = 0;
 static double g_worst[3] = {0, 0, 0};  // by the looser of the two dtypes
 
-static double act_ref(double u, int act) {
-  switch (act) {
-    case 0: return u / (1 + std::exp(-u));
-    case 1: return 0.5 * u * (1 + std::erf(u / std::sqrt(2.0)));
-    case 2: return 0.5 * u * (1 + std::tanh(std::sqrt(2 / M_PI) * (u + 0.044715 * u * u * u)));
-    default: return std::max(u, 0.0);
-  }
-}
-
 static DType looser(DType a, DType b) {
   if (a == DType::kBF16 || b == DType::kBF16) return DType::kBF16;
   if (a == DType::kF16 || b == DType::kF16) return DType::kF16;
   return DType::kF32;
-}
-
-static double tolerance(DType t) {  // SPEC.md section 8
-  return t == DType::kF32 ? 1e-5 : t == DType::kF16 ? 2e-3 : 1e-2;
 }
 
 /// Random tensor of cnt elements in dtype t (scale sc); returns the device copy and fills
@@ -483,11 +463,6 @@ static void* random_bf16(size_t n, uint64_t seed, float scale) {
   FillRandomBf16Kernel<<<1024, 256>>>(static_cast<__nv_bfloat16*>(d), n, seed, scale);
   CK(cudaGetLastError());
   return d;
-}
-
-static double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 struct BenchSet {
@@ -1005,6 +980,7 @@ static int run_floor() {
 }
 
 int main(int argc, char** argv) {
+  rng.seed(20261125);
   const std::string mode = argc > 1 ? argv[1] : "test";
   if (mode == "floor") return run_floor();
   if (mode == "bench") return run_bench(argc > 2 && std::string(argv[2]) == "decode");
