@@ -17,6 +17,7 @@
 #include <mutex>
 #include <vector>
 
+#include "common/cuda_check.h"
 #include "common/errors.h"
 #include "cuda/stream_context.h"
 #include "kernels/attention/decode.cuh"
@@ -27,12 +28,7 @@
 namespace trimkv {
 namespace {
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return;
-  cudaGetLastError();  // clear a non-sticky error so later calls are not blamed for it
-  if (e == cudaErrorMemoryAllocation) fail(code::kOutOfMemory, what, ": out of GPU memory");
-  fail(code::kNative, what, " failed: ", cudaGetErrorName(e), ": ", cudaGetErrorString(e));
-}
+void check_cuda(cudaError_t e, const char* what) { cuda_check(e, what); }
 
 /// Fixed layout: one layer's slot arrays, [batch, kv_heads, M + B] slots.
 struct LayerStore {
