@@ -11,12 +11,14 @@
         "csrc/cuda_none/device_none.cc",
         "csrc/ops/cache.cc",
         "csrc/ops/gate.cc",
+        "csrc/ops/support.cc",
         "csrc/runtime/tensor.cc",
         "csrc/napi/addon.cc",
         "csrc/napi/bench.cc",
         "csrc/napi/cache.cc",
         "csrc/napi/gate.cc",
         "csrc/napi/runtime.cc",
+        "csrc/napi/support.cc",
         "csrc/napi/tensor.cc"
       ],
       "include_dirs": [

@@ -1,7 +1,7 @@
 /** The retention gate (SPEC section 3): lam = logsigmoid(gate(x)) for a batch of tokens. */
 import { native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeGateHandle } from './native.js';
-import { ACTIVATIONS, CUDA_GATE_INPUT_MULTIPLE, DTYPES, GATE_KINDS } from './constants.js';
+import { ACTIVATIONS, DTYPES, GATE_KINDS } from './constants.js';
 import { checkTensor, expectTensor, type Tensor } from './tensor.js';
 import type { BackendName, DType, GateKind, GateSpec, GluGateWeights, MlpGateWeights, WeightInput } from './types.js';
 import { integerIn, invalid, invalidText, oneOf } from './validate.js';
@@ -19,10 +19,9 @@ function weightParts(w: WeightInput, name: string): { dtype: DType; data: Float3
 
 /** Why a backend cannot run a gate of this input size, or null when it can. */
 export function gateSupport(backend: BackendName, inputSize: number): string | null {
-  if (backend === 'cuda' && inputSize % CUDA_GATE_INPUT_MULTIPLE !== 0) {
-    return `inputSize ${inputSize} is not supported by the CUDA gate (a multiple of ${CUDA_GATE_INPUT_MULTIPLE} is needed)`;
-  }
-  return null;
+  if (backend === 'cpu') return null;
+  const r = native(() => loadAddon().gateSupport(BACKEND_INDEX[backend], inputSize));
+  return r.ok ? null : (r.reason ?? 'unsupported');
 }
 
 export class RetentionGate {
