@@ -9,6 +9,7 @@
 #include "kernels/attention/decode_traits.cuh"
 #include "kernels/common/cp_async.cuh"
 #include "kernels/common/select_topk.cuh"
+#include "kernels/common/softmax_state.cuh"
 #include "kernels/common/vec_dtypes.cuh"
 
 namespace trimkv {
@@ -211,7 +212,7 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
         }
         // An all-masked group with an empty state keeps mx = -inf; use 0 as the reference so
         // that exp2(-inf - ref) = 0 instead of NaN.
-        const float ref = mx == -INFINITY ? 0.f : mx;
+        const float ref = softmax_ref(mx);
         const float alpha = exp2f(m[hh] - ref);
         float sum = 0.f;
 #pragma unroll
@@ -265,7 +266,7 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
     const int ghg = g / HPT, hh = g % HPT;
     float mx = -INFINITY;
     for (int t = 0; t < TW; ++t) mx = fmaxf(mx, smd[((t * HG + ghg) * HPT + hh) * 2]);
-    const float ref = mx == -INFINITY ? 0.f : mx;
+    const float ref = softmax_ref(mx);
     float dsum = 0.f, o[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) o[e] = 0.f;

@@ -10,6 +10,7 @@
 #include "kernels/common/cp_async.cuh"
 #include "kernels/common/math.cuh"
 #include "kernels/common/select_topk.cuh"
+#include "kernels/common/softmax_state.cuh"
 #include "kernels/common/vec_dtypes.cuh"
 
 namespace trimkv {
@@ -251,7 +252,7 @@ __device__ void merge_splits_and_finalize(const decode_params_t& p, int b, int h
       for (int s = lane; s < S; s += 32) {
         const float4 r = smd[s * G + g];
         // An empty split (m = -inf, sum 0) gets weight 0, not exp2(-inf + inf) = NaN.
-        const float f = r.x == -INFINITY ? 0.f : exp2f(r.x - mx);
+        const float f = softmax_weight(r.x, mx);
         sw[s * G + g] = f;
         dsum += f * r.y;
       }
@@ -383,7 +384,7 @@ __device__ void mma_cluster_merge_and_finalize(const decode_params_t& p, int b, 
     for (int s = 0; s < S; ++s) {
       const float4 r = md[s * G + hh];
       // An empty split (max -inf, sum 0) weighs 0, not exp2(-inf + inf) = NaN.
-      const float f = r.x == -INFINITY ? 0.f : exp2f(r.x - mx);
+      const float f = softmax_weight(r.x, mx);
       lsum += f * r.y;
       const float* a = acc + (s * G + hh) * DPAD + c8 * 8;
       const float4 a0 = *reinterpret_cast<const float4*>(a);

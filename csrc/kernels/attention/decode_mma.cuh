@@ -15,6 +15,7 @@
 #include "kernels/common/mma.cuh"
 #include "kernels/common/pdl.cuh"
 #include "kernels/common/select_topk.cuh"
+#include "kernels/common/softmax_state.cuh"
 #include "kernels/common/trace.cuh"
 #include "kernels/common/vec_dtypes.cuh"
 
@@ -400,7 +401,7 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
 #pragma unroll
     for (int w = 0; w < NW; ++w) {
       // A warp without tokens (max -inf) weighs 0; so does a whole empty split (mx -inf).
-      const float f = mw[w] == -INFINITY ? 0.f : exp2f(mw[w] - mx);
+      const float f = softmax_weight(mw[w], mx);
       lsum += f * wml[(w * 8 + hh) * 2 + 1];
       const float* wr = wo + (w * 8 + hh) * Tr::WSTRIDE + c8 * 8;
       const float4 a = *reinterpret_cast<const float4*>(wr);

@@ -75,7 +75,7 @@ cudaError_t prefill_attention_typed(const prefill_params_t& p, float* lognorm,
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
-  return TRIMKV_PREFILL_DISPATCH_HEAD_DIM(p.head_dim, DPAD,
+  return TRIMKV_DISPATCH_PADDED_HEAD_DIM(p.head_dim, DPAD,
                                           [&] { return launch_attention<T, DPAD>(p, stream); });
 }
 

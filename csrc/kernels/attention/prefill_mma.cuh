@@ -7,6 +7,7 @@
 #include "kernels/attention/prefill_traits.cuh"
 #include "kernels/common/cp_async.cuh"
 #include "kernels/common/mma.cuh"
+#include "kernels/common/softmax_state.cuh"
 #include "kernels/common/vec_dtypes.cuh"
 
 namespace trimkv {
@@ -202,7 +203,7 @@ __global__ void __launch_bounds__(prefill_detail::kMmaGroupThreads * NG,
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float mnew = fmaxf(m[mt][hf], mx * sl2);
-        const float ref = mnew == -INFINITY ? 0.f : mnew;
+        const float ref = softmax_ref(mnew);
         alpha[mt][hf] = prefill_exp2(m[mt][hf] - ref);
         rescale |= alpha[mt][hf] != 1.f;
         m[mt][hf] = mnew;

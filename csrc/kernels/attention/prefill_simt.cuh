@@ -8,6 +8,7 @@
 #include "kernels/attention/prefill_traits.cuh"
 #include "kernels/common/cp_async.cuh"
 #include "kernels/common/math.cuh"
+#include "kernels/common/softmax_state.cuh"
 #include "kernels/common/vec_dtypes.cuh"
 
 namespace trimkv {
@@ -107,7 +108,7 @@ __global__ void __launch_bounds__(prefill_detail::kSimtThreads)
       mx = fmaxf(mx, s[n]);
     }
     const float mnew = fmaxf(m, mx);
-    const float ref = mnew == -INFINITY ? 0.f : mnew;  // see PrefillAttnMmaKernel
+    const float ref = softmax_ref(mnew);  // see PrefillAttnMmaKernel
     const float alpha = exp2f(m - ref);
     m = mnew;
     float sum = 0.f;

@@ -12,6 +12,7 @@
 
 #include "kernels/attention/prefill.cuh"
 #include "kernels/common/cp_async.cuh"
+#include "kernels/common/dispatch.cuh"
 #include "kernels/common/mma.cuh"
 #include "kernels/common/vec_dtypes.cuh"
 
@@ -70,22 +71,6 @@ constexpr int simt_smem_bytes() {
   return 2 * kSimtBK * DPAD * 4;
 }
 
-/// Picks the padded tile width for a head dim: 64, 128 or 256 (zero-padded columns).
-#define TRIMKV_PREFILL_DISPATCH_HEAD_DIM(head_dim, DPAD, ...)       \
-  [&]() -> cudaError_t {                                            \
-    if (!::trimkv::limits::head_dim_supported(head_dim))            \
-      return cudaErrorInvalidValue; /* Unsupported head_dim */      \
-    if ((head_dim) <= 64) {                                         \
-      constexpr int DPAD = 64;                                      \
-      return __VA_ARGS__();                                         \
-    }                                                               \
-    if ((head_dim) <= 128) {                                        \
-      constexpr int DPAD = 128;                                     \
-      return __VA_ARGS__();                                         \
-    }                                                               \
-    constexpr int DPAD = 256;                                       \
-    return __VA_ARGS__();                                           \
-  }()
 
 /// Carves the workspace (layout of prefill_ws_t; sizes as PrefillWorkspaceBytes).
 prefill_ws_t carve_workspace(const prefill_params_t& p, void* workspace, size_t* bytes);
