@@ -41,10 +41,14 @@ inline double median(std::vector<double> v) {
 /// The gate activation in float64 (SPEC.md section 3): 0 silu, 1 gelu, 2 gelu_tanh, 3 relu.
 inline double act_ref(double u, int act) {
   switch (act) {
-    case 0: return u / (1 + std::exp(-u));
-    case 1: return 0.5 * u * (1 + std::erf(u / std::sqrt(2.0)));
-    case 2: return 0.5 * u * (1 + std::tanh(std::sqrt(2 / M_PI) * (u + 0.044715 * u * u * u)));
-    default: return std::max(u, 0.0);
+    case 0:
+      return u / (1 + std::exp(-u));
+    case 1:
+      return 0.5 * u * (1 + std::erf(u / std::sqrt(2.0)));
+    case 2:
+      return 0.5 * u * (1 + std::tanh(std::sqrt(2 / M_PI) * (u + 0.044715 * u * u * u)));
+    default:
+      return std::max(u, 0.0);
   }
 }
 

@@ -1,14 +1,13 @@
 // The eviction's top-k selection on its own, for `trimkv bench` (select_bench.h): random keys
 // filled on the GPU, then one launch in which every block selects the k-th largest key of its
 // row with the radix select that the decode and prefill evictions use (select_topk.cuh).
-#include "bench/select_bench.h"
-
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <memory>
 #include <string>
 
+#include "bench/select_bench.h"
 #include "bench/timing.h"
 #include "common/cuda_check.h"
 #include "common/errors.h"
@@ -31,8 +30,8 @@ __device__ __forceinline__ uint32_t hash32(unsigned long long seed, unsigned lon
 
 /// Fills keys [rows, n]. The low 32 bits are the index in the row, as positions are in the
 /// real keys, so keys of a row are distinct and exactly k of them are >= the k-th largest.
-__global__ void FillSelectKeysKernel(unsigned long long* keys, int rows, int n,
-                                     select_keys_t kind, unsigned long long seed) {
+__global__ void FillSelectKeysKernel(unsigned long long* keys, int rows, int n, select_keys_t kind,
+                                     unsigned long long seed) {
   const size_t total = static_cast<size_t>(rows) * n;
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
@@ -70,7 +69,8 @@ __global__ void __launch_bounds__(1024)
 cudaError_t FillSelectKeys(unsigned long long* keys, int rows, int n, select_keys_t kind,
                            unsigned long long seed, cudaStream_t stream) {
   const size_t total = static_cast<size_t>(rows) * n;
-  const int blocks = static_cast<int>(std::min<size_t>((total + kFillThreads - 1) / kFillThreads, 65535));
+  const int blocks =
+      static_cast<int>(std::min<size_t>((total + kFillThreads - 1) / kFillThreads, 65535));
   FillSelectKeysKernel<<<blocks, kFillThreads, 0, stream>>>(keys, rows, n, kind, seed);
   return cudaGetLastError();
 }
@@ -99,8 +99,8 @@ using device_ptr = std::unique_ptr<void, device_free_t>;
 select_bench_result_t cuda_select_bench(const select_bench_params_t& p) {
   TRIMKV_CHECK(p.rows >= 1 && p.rows <= (1 << 20), code::kRange,
                "selectBench: rows must be in [1, 2^20], got ", p.rows);
-  TRIMKV_CHECK(p.n >= 1 && p.n <= (1 << 24), code::kRange, "selectBench: n must be in [1, 2^24], got ",
-               p.n);
+  TRIMKV_CHECK(p.n >= 1 && p.n <= (1 << 24), code::kRange,
+               "selectBench: n must be in [1, 2^24], got ", p.n);
   TRIMKV_CHECK(p.k >= 1 && p.k <= p.n, code::kRange, "selectBench: k must be in [1, n = ", p.n,
                "], got ", p.k);
   TRIMKV_CHECK(p.threads >= 32 && p.threads <= 1024 && p.threads % 32 == 0, code::kRange,
@@ -108,7 +108,8 @@ select_bench_result_t cuda_select_bench(const select_bench_params_t& p) {
   TRIMKV_CHECK(p.iters >= 1 && p.iters <= 100000 && p.warmup >= 0 && p.warmup <= 1000, code::kRange,
                "selectBench: iters must be in [1, 1e5] and warmup in [0, 1000]");
   const size_t count = static_cast<size_t>(p.rows) * p.n;
-  TRIMKV_CHECK(count <= (size_t{1} << 31), code::kRange, "selectBench: rows x n must be at most 2^31");
+  TRIMKV_CHECK(count <= (size_t{1} << 31), code::kRange,
+               "selectBench: rows x n must be at most 2^31");
   device_ptr keys(device_alloc(count * sizeof(unsigned long long)));
   device_ptr keep(device_alloc(count));
   device_ptr kth(device_alloc(static_cast<size_t>(p.rows) * sizeof(unsigned long long)));
@@ -120,7 +121,8 @@ select_bench_result_t cuda_select_bench(const select_bench_params_t& p) {
           "selection kernel");
   };
 
-  check(FillSelectKeys(k64, p.rows, p.n, p.keys, p.seed, nullptr), "selectBench", "key fill kernel");
+  check(FillSelectKeys(k64, p.rows, p.n, p.keys, p.seed, nullptr), "selectBench",
+        "key fill kernel");
   for (int i = 0; i < p.warmup; ++i) launch();
   check(cudaDeviceSynchronize(), "selectBench", "warm-up");
   select_bench_result_t r;

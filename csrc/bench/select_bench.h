@@ -20,12 +20,12 @@ enum class select_keys_t : int {
 };
 
 struct select_bench_params_t {
-  int rows = 0;     ///< independent selections, one block each (batch x KV heads)
-  int n = 0;        ///< candidates per row (M + B for decode, M + C for a prefill chunk)
-  int k = 0;        ///< survivors per row, 1 <= k <= n (M)
+  int rows = 0;        ///< independent selections, one block each (batch x KV heads)
+  int n = 0;           ///< candidates per row (M + B for decode, M + C for a prefill chunk)
+  int k = 0;           ///< survivors per row, 1 <= k <= n (M)
   int threads = 1024;  ///< block size, a multiple of 32 up to 1024
-  int iters = 100;  ///< timed launches
-  int warmup = 5;   ///< untimed launches before them
+  int iters = 100;     ///< timed launches
+  int warmup = 5;      ///< untimed launches before them
   select_keys_t keys = select_keys_t::kRandom;
   uint64_t seed = 1;
 };

@@ -52,9 +52,11 @@ using pinned_ptr = std::unique_ptr<void, cuda_deleter_t<cudaFreeHost>>;
 
 }  // namespace
 
-std::vector<double> cuda_time_calls(int n, double spin_ms, const std::function<void(int)>& fn, int group) {
+std::vector<double> cuda_time_calls(int n, double spin_ms, const std::function<void(int)>& fn,
+                                    int group) {
   if (!cuda_status().available) fail(code::kBackendUnavailable, cuda_status().reason);
-  if (group < 1 || n % group != 0) fail(code::kRange, "timed calls (", n, ") must be a multiple of the group (", group, ")");
+  if (group < 1 || n % group != 0)
+    fail(code::kRange, "timed calls (", n, ") must be a multiple of the group (", group, ")");
   const int runs = n / group;
   Events events(static_cast<size_t>(runs) + 1);
   SpinKernel<<<1, 1>>>(static_cast<unsigned long long>(spin_ms * 1e6));
@@ -62,7 +64,8 @@ std::vector<double> cuda_time_calls(int n, double spin_ms, const std::function<v
   check(cudaEventRecord(events.ev[0], nullptr), "cudaEventRecord");
   for (int i = 0; i < n; ++i) {
     fn(i);
-    if ((i + 1) % group == 0) check(cudaEventRecord(events.ev[(i + 1) / group], nullptr), "cudaEventRecord");
+    if ((i + 1) % group == 0)
+      check(cudaEventRecord(events.ev[(i + 1) / group], nullptr), "cudaEventRecord");
   }
   check(cudaEventSynchronize(events.ev[runs]), "cudaEventSynchronize");
   std::vector<double> ms(runs);
@@ -101,7 +104,8 @@ double host_us(int iters, Op&& op) {
     for (int i = 0; i < 32 && done + i < iters; ++i) {
       const auto t0 = std::chrono::steady_clock::now();
       op();
-      us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+      us.push_back(
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
     }
   }
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
@@ -120,7 +124,8 @@ launch_cost_t cuda_launch_cost(int iters) {
   });
   int dev = 0, major = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
+        "cudaDeviceGetAttribute");
   if (major >= 9) {
     r.cluster_us = host_us(iters, [&] {
       cudaLaunchConfig_t cfg = {};
@@ -146,7 +151,8 @@ launch_cost_t cuda_launch_cost(int iters) {
     });
   }
   Events ev(1);
-  r.event_us = host_us(iters, [&] { check(cudaEventRecord(ev.ev[0], nullptr), "cudaEventRecord"); });
+  r.event_us =
+      host_us(iters, [&] { check(cudaEventRecord(ev.ev[0], nullptr), "cudaEventRecord"); });
   void* h = nullptr;
   check(cudaMallocHost(&h, 512), "cudaMallocHost");
   const pinned_ptr host(h);
@@ -174,7 +180,8 @@ double cuda_copy_bandwidth(size_t bytes, int iters) {
     check(cudaMemset(a, 1, bytes), "cudaMemset");
     check(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "warm-up copy");
     ms = cuda_time_calls(iters, 2.0, [&](int i) {
-      check(cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice, nullptr), "copy");
+      check(cudaMemcpyAsync(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice, nullptr),
+            "copy");
     });
   } catch (...) {
     device_free(a);

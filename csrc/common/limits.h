@@ -38,7 +38,8 @@ constexpr int core_lane_groups(int d, int elem_bytes) {
 }
 /// Whether the CUDA-core decode kernel runs a group of `group` query heads per KV head.
 constexpr bool core_group_supported(int group, int d, int elem_bytes) {
-  return group >= 1 && core_lane_groups(d, elem_bytes) % (group / core_heads_per_lane_group(group)) == 0;
+  return group >= 1 &&
+         core_lane_groups(d, elem_bytes) % (group / core_heads_per_lane_group(group)) == 0;
 }
 
 /// Pooled scope 'global': the heads of one sequence's pool (layers x kvHeads), one thread of

@@ -45,14 +45,16 @@ const cuda_status_t& cuda_status() {
     cudaRuntimeGetVersion(&s.runtime_version);
     cudaError_t e = cudaDriverGetVersion(&s.driver_version);
     if (e != cudaSuccess || s.driver_version == 0) {
-      s.reason = "no NVIDIA driver found (" + cuda_error_text(e == cudaSuccess ? cudaErrorNoDevice : e) + ")";
+      s.reason = "no NVIDIA driver found (" +
+                 cuda_error_text(e == cudaSuccess ? cudaErrorNoDevice : e) + ")";
       cudaGetLastError();
       return s;
     }
     if (s.driver_version < s.runtime_version) {
       std::ostringstream os;
-      os << "the NVIDIA driver supports CUDA " << s.driver_version / 1000 << "." << (s.driver_version % 1000) / 10
-         << " but this binary needs CUDA " << s.runtime_version / 1000 << "." << (s.runtime_version % 1000) / 10
+      os << "the NVIDIA driver supports CUDA " << s.driver_version / 1000 << "."
+         << (s.driver_version % 1000) / 10 << " but this binary needs CUDA "
+         << s.runtime_version / 1000 << "." << (s.runtime_version % 1000) / 10
          << "; update the driver";
       s.reason = os.str();
       return s;
@@ -60,7 +62,8 @@ const cuda_status_t& cuda_status() {
     int n = 0;
     e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess || n == 0) {
-      s.reason = "no CUDA device (" + cuda_error_text(e == cudaSuccess ? cudaErrorNoDevice : e) + ")";
+      s.reason =
+          "no CUDA device (" + cuda_error_text(e == cudaSuccess ? cudaErrorNoDevice : e) + ")";
       cudaGetLastError();
       return s;
     }
@@ -83,8 +86,9 @@ const cuda_status_t& cuda_status() {
     const device_info_t& d0 = s.devices[0];
     if (!binary_runs_on(d0.major * 10 + d0.minor, s.archs)) {
       std::ostringstream os;
-      os << "GPU " << d0.name << " (sm_" << d0.major << d0.minor << ") is not among the architectures compiled in ("
-         << s.archs << "); rebuild with TRIMKV_CUDA_ARCHS=" << d0.major << d0.minor;
+      os << "GPU " << d0.name << " (sm_" << d0.major << d0.minor
+         << ") is not among the architectures compiled in (" << s.archs
+         << "); rebuild with TRIMKV_CUDA_ARCHS=" << d0.major << d0.minor;
       s.reason = os.str();
       return s;
     }

@@ -16,8 +16,10 @@ namespace {
 
 class CudaGate final : public Gate {
  public:
-  CudaGate(const gate_spec_t& spec, const gate_weights_t& w) : Gate(Backend::kCuda, spec), wdtype_(w.dtype) {
-    TRIMKV_CHECK(spec.input_size % limits::kGateInputMultiple == 0, code::kUnsupported, "inputSize ", spec.input_size,
+  CudaGate(const gate_spec_t& spec, const gate_weights_t& w)
+      : Gate(Backend::kCuda, spec), wdtype_(w.dtype) {
+    TRIMKV_CHECK(spec.input_size % limits::kGateInputMultiple == 0, code::kUnsupported,
+                 "inputSize ", spec.input_size,
                  " is not supported by the CUDA gate (a multiple of 8 is needed)");
     cuda_check(cudaGetDevice(&dev_), "cudaGetDevice");
     a_ = upload(w.a);
@@ -64,8 +66,8 @@ class CudaGate final : public Gate {
       }
     }
     // Recorded for the decode steps that follow (cuda/stream_context.h).
-    const cudaError_t e =
-        StreamContext::of(dev_).gate_call([&] { return RetentionGate(p, workspace_->data(), nullptr); });
+    const cudaError_t e = StreamContext::of(dev_).gate_call(
+        [&] { return RetentionGate(p, workspace_->data(), nullptr); });
     if (e != cudaSuccess) {
       cudaGetLastError();
       workspace_.reset();  // a failed call may leave counters set: the next call starts afresh

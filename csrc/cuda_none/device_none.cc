@@ -15,8 +15,12 @@ const cuda_status_t& cuda_status() {
 
 void* device_alloc(size_t) { fail(code::kBackendUnavailable, cuda_status().reason); }
 void device_free(void*) noexcept {}
-void copy_to_device(void*, const void*, size_t) { fail(code::kBackendUnavailable, cuda_status().reason); }
-void copy_to_host(void*, const void*, size_t) { fail(code::kBackendUnavailable, cuda_status().reason); }
+void copy_to_device(void*, const void*, size_t) {
+  fail(code::kBackendUnavailable, cuda_status().reason);
+}
+void copy_to_host(void*, const void*, size_t) {
+  fail(code::kBackendUnavailable, cuda_status().reason);
+}
 void device_synchronize() {}
 
 }  // namespace trimkv

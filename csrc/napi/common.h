@@ -37,7 +37,8 @@ Napi::Value guard(Napi::Env env, Fn&& fn) {
 }
 
 inline int64_t int_arg(const Napi::CallbackInfo& info, size_t i, const char* name) {
-  TRIMKV_CHECK(info.Length() > i && info[i].IsNumber(), code::kInvalidArgument, "Expected a number for ", name);
+  TRIMKV_CHECK(info.Length() > i && info[i].IsNumber(), code::kInvalidArgument,
+               "Expected a number for ", name);
   const double v = info[i].As<Napi::Number>().DoubleValue();
   TRIMKV_CHECK(v == static_cast<double>(static_cast<int64_t>(v)), code::kInvalidArgument,
                "Expected an integer for ", name, " but received ", v);

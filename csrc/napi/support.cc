@@ -1,7 +1,8 @@
 // The native support query (ops/support.h): cacheSupport(backend, config) and
 // gateSupport(backend, inputSize) return { ok, reason? }.
-#include "napi/common.h"
 #include "ops/support.h"
+
+#include "napi/common.h"
 
 namespace trimkv::napi {
 namespace {

@@ -26,14 +26,16 @@ support_t cache_support(Backend backend, const cache_config_t& c) {
                        " heads per sequence (layers x kvHeads), got ", pool_heads,
                        "; use scope 'layer' or the CPU backend");
   if (c.head_dim % limits::kHeadDimMultiple != 0 || c.head_dim > limits::kMaxHeadDim)
-    return unsupported("headDim ", c.head_dim, " is not supported by the CUDA backend (multiples of ",
+    return unsupported("headDim ", c.head_dim,
+                       " is not supported by the CUDA backend (multiples of ",
                        limits::kHeadDimMultiple, " up to ", limits::kMaxHeadDim, ")");
   const int group = c.group();
   const bool tensor_cores = c.dtype != DType::kF32 && group <= limits::kMmaMaxGroup;
   if (!tensor_cores &&
       !limits::core_group_supported(group, c.head_dim, static_cast<int>(dtype_size(c.dtype))))
-    return unsupported("qHeads / kvHeads = ", group, " is not supported by the CUDA decode kernel for ",
-                       dtype_name(c.dtype), " at headDim ", c.head_dim, " (fp16/bf16 take groups up to ",
+    return unsupported("qHeads / kvHeads = ", group,
+                       " is not supported by the CUDA decode kernel for ", dtype_name(c.dtype),
+                       " at headDim ", c.head_dim, " (fp16/bf16 take groups up to ",
                        limits::kMmaMaxGroup,
                        " on sm_80+; otherwise groups of 1, 2, 4, 8 and some larger powers of two)");
   return {};
@@ -46,7 +48,8 @@ support_t gate_support(Backend backend, double input_size) {
       size << static_cast<long long>(input_size);
     else
       size << input_size;
-    return unsupported("inputSize ", size.str(), " is not supported by the CUDA gate (a multiple of ",
+    return unsupported("inputSize ", size.str(),
+                       " is not supported by the CUDA gate (a multiple of ",
                        limits::kGateInputMultiple, " is needed)");
   }
   return {};

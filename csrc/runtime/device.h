@@ -11,7 +11,6 @@
 
 namespace trimkv {
 
-
 struct device_info_t {
   int index = 0;
   std::string name;
@@ -22,9 +21,9 @@ struct device_info_t {
 
 /// What the CUDA backend can do on this machine. Computed once; never throws.
 struct cuda_status_t {
-  bool compiled = false;    // the addon was built with CUDA
-  bool available = false;   // a usable device and driver were found
-  std::string reason;       // why not, when !available
+  bool compiled = false;   // the addon was built with CUDA
+  bool available = false;  // a usable device and driver were found
+  std::string reason;      // why not, when !available
   std::vector<device_info_t> devices;
   std::string archs;        // architectures compiled into the binary, e.g. "sm_75 sm_90"
   int runtime_version = 0;  // CUDA runtime linked in (e.g. 13000)

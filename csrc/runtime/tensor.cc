@@ -1,10 +1,10 @@
 #include "runtime/tensor.h"
 
+#include <unistd.h>
+
 #include <cstring>
 #include <new>
 #include <sstream>
-
-#include <unistd.h>
 
 #include "common/errors.h"
 
@@ -18,7 +18,8 @@ size_t host_memory_bytes() {
 void check_host_allocation(size_t bytes, const char* what) {
   const size_t total = host_memory_bytes();
   if (total > 0 && bytes > total) {
-    fail(code::kOutOfMemory, "out of host memory: ", what, " needs ", bytes, " bytes but this machine has ", total);
+    fail(code::kOutOfMemory, "out of host memory: ", what, " needs ", bytes,
+         " bytes but this machine has ", total);
   }
 }
 
@@ -58,7 +59,8 @@ Tensor::Tensor(Backend backend, DType dtype, std::vector<int64_t> shape)
 }
 
 void Tensor::write_f32(const float* src, size_t n) {
-  TRIMKV_CHECK(n == static_cast<size_t>(numel_), code::kShape, "write of ", n, " values into ", describe());
+  TRIMKV_CHECK(n == static_cast<size_t>(numel_), code::kShape, "write of ", n, " values into ",
+               describe());
   std::vector<uint8_t> staging;
   void* dst = data();
   if (backend() == Backend::kCuda) {
@@ -74,8 +76,10 @@ void Tensor::write_f32(const float* src, size_t n) {
 }
 
 void Tensor::write_raw16(const uint16_t* src, size_t n) {
-  TRIMKV_CHECK(dtype_ != DType::kF32, code::kDType, "raw 16-bit data cannot be written into ", describe());
-  TRIMKV_CHECK(n == static_cast<size_t>(numel_), code::kShape, "write of ", n, " values into ", describe());
+  TRIMKV_CHECK(dtype_ != DType::kF32, code::kDType, "raw 16-bit data cannot be written into ",
+               describe());
+  TRIMKV_CHECK(n == static_cast<size_t>(numel_), code::kShape, "write of ", n, " values into ",
+               describe());
   if (backend() == Backend::kCuda) {
     copy_to_device(data(), src, bytes());
   } else {
@@ -94,7 +98,8 @@ void Tensor::read_f32(float* dst) const {
   if (dtype_ == DType::kF32) {
     std::memcpy(dst, src, static_cast<size_t>(numel_) * 4);
   } else {
-    for (int64_t i = 0; i < numel_; ++i) dst[i] = load_as_float(src, dtype_, static_cast<size_t>(i));
+    for (int64_t i = 0; i < numel_; ++i)
+      dst[i] = load_as_float(src, dtype_, static_cast<size_t>(i));
   }
 }
 

@@ -24,8 +24,6 @@
 using namespace trimkv;
 using namespace harness;
 
-
-
 // Rounds v to dtype t and returns the stored float value; writes the bits into buf[i].
 static float put(std::vector<uint8_t>& buf, DType t, size_t i, float v) {
   store_from_float(buf.data(), t, i, v);
@@ -64,8 +62,8 @@ struct DecodeCase {
   int B;
   int G;
   int batch;
-  int splits;  // 0 auto
-  int M = 0;   // 0: 100 (B=0) / 60 (B=64)
+  int splits;           // 0 auto
+  int M = 0;            // 0: 100 (B=0) / 60 (B=64)
   bool pooled = false;  // pooled layout (head_off): the step only appends
 };
 
@@ -163,11 +161,27 @@ static bool run_decode_case(const DecodeCase& c, int case_id) {
   CK(cudaMemcpy(dlens, hlens.data(), bh_n * 4, cudaMemcpyHostToDevice));
 
   decode_params_t p;
-  p.k_cache = dk; p.v_cache = dv; p.pos_cache = dpos; p.lam_cache = dlam;
-  p.lognorm_cache = knorm ? dln : nullptr; p.lens = dlens;
-  p.q = dq; p.k_new = dkn; p.v_new = dvn; p.lam_new = dlamnew; p.positions = dpositions;
-  p.out = dout; p.batch = batch; p.q_heads = Hq; p.kv_heads = kvh; p.head_dim = D;
-  p.memory = M; p.buffer = B; p.cap = cap; p.window = W; p.knorm = knorm;
+  p.k_cache = dk;
+  p.v_cache = dv;
+  p.pos_cache = dpos;
+  p.lam_cache = dlam;
+  p.lognorm_cache = knorm ? dln : nullptr;
+  p.lens = dlens;
+  p.q = dq;
+  p.k_new = dkn;
+  p.v_new = dvn;
+  p.lam_new = dlamnew;
+  p.positions = dpositions;
+  p.out = dout;
+  p.batch = batch;
+  p.q_heads = Hq;
+  p.kv_heads = kvh;
+  p.head_dim = D;
+  p.memory = M;
+  p.buffer = B;
+  p.cap = cap;
+  p.window = W;
+  p.knorm = knorm;
   if (c.pooled) {
     p.head_off = dhoff;
     p.cap = M + B + 1;  // sizes the splits only, as the addon does; heads hold more
@@ -203,7 +217,11 @@ static bool run_decode_case(const DecodeCase& c, int case_id) {
     CK(cudaMemset(dout, 0xff, hout.size()));  // NaN in every dtype
     CK(cudaMemset(static_cast<char*>(dws) + cntb, 0xff, wsb - cntb));
     cudaError_t e = DecodeStep(p, dt, dws, 0);
-    if (e != cudaSuccess) { ok = false; why = std::string("launch: ") + cudaGetErrorString(e); break; }
+    if (e != cudaSuccess) {
+      ok = false;
+      why = std::string("launch: ") + cudaGetErrorString(e);
+      break;
+    }
     CK(cudaDeviceSynchronize());
     CK(cudaMemcpy(hout.data(), dout, hout.size(), cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(glens.data(), dlens, bh_n * 4, cudaMemcpyDeviceToHost));
@@ -241,7 +259,10 @@ static bool run_decode_case(const DecodeCase& c, int case_id) {
             mx = std::max(mx, lg[j]);
           }
           double sum = 0;
-          for (int j = 0; j < n; ++j) { lg[j] = std::exp(lg[j] - mx); sum += lg[j]; }
+          for (int j = 0; j < n; ++j) {
+            lg[j] = std::exp(lg[j] - mx);
+            sum += lg[j];
+          }
           for (int e = 0; e < D; ++e) {
             double o = 0;
             for (int j = 0; j < n; ++j) o += lg[j] * vat(j, e);
@@ -290,7 +311,10 @@ static bool run_decode_case(const DecodeCase& c, int case_id) {
             int victim = -1;  // -1: the new token
             const RefTok* worst_t = &t;
             for (int j = 0; j < static_cast<int>(L.size()); ++j)
-              if (keep_before(*worst_t, L[j], T, W, knorm)) { worst_t = &L[j]; victim = j; }
+              if (keep_before(*worst_t, L[j], T, W, knorm)) {
+                worst_t = &L[j];
+                victim = j;
+              }
             if (victim >= 0) L[victim] = std::move(t);
           }
         } else {
@@ -318,15 +342,31 @@ static bool run_decode_case(const DecodeCase& c, int case_id) {
       for (auto& t : ref[bh]) r.push_back(t.pos);
       std::sort(a.begin(), a.end());
       std::sort(r.begin(), r.end());
-      if (a != r) { ok = false; why = "step " + std::to_string(step) + ": retained set differs"; }
+      if (a != r) {
+        ok = false;
+        why = "step " + std::to_string(step) + ": retained set differs";
+      }
     }
   }
-  std::printf("%s decode%s D=%3d %-4s M=%4d B=%2d G=%d batch=%2d splits=%d(%2d) W=%d knorm=%d worst=%.2e%s%s\n",
-              ok ? "PASS" : "FAIL", c.pooled ? "(pooled)" : "", D, dtype_name(dt), M, B, c.G,
-              batch, c.splits, S, W, knorm, worst, ok ? "" : " : ", why.c_str());
-  cudaFree(dk); cudaFree(dv); cudaFree(dpos); cudaFree(dlam); cudaFree(dln); cudaFree(dlens);
-  cudaFree(dq); cudaFree(dkn); cudaFree(dvn); cudaFree(dout); cudaFree(dlamnew);
-  cudaFree(dpositions); cudaFree(dws); cudaFree(dhoff);
+  std::printf(
+      "%s decode%s D=%3d %-4s M=%4d B=%2d G=%d batch=%2d splits=%d(%2d) W=%d knorm=%d "
+      "worst=%.2e%s%s\n",
+      ok ? "PASS" : "FAIL", c.pooled ? "(pooled)" : "", D, dtype_name(dt), M, B, c.G, batch,
+      c.splits, S, W, knorm, worst, ok ? "" : " : ", why.c_str());
+  cudaFree(dk);
+  cudaFree(dv);
+  cudaFree(dpos);
+  cudaFree(dlam);
+  cudaFree(dln);
+  cudaFree(dlens);
+  cudaFree(dq);
+  cudaFree(dkn);
+  cudaFree(dvn);
+  cudaFree(dout);
+  cudaFree(dlamnew);
+  cudaFree(dpositions);
+  cudaFree(dws);
+  cudaFree(dhoff);
   (ok ? g_pass : g_fail)++;
   return ok;
 }
@@ -356,11 +396,26 @@ static void run_gate_case(int kind, int act, DType xt, DType wt, int n) {
   CK(cudaMalloc(&dlam, n * H * 4));
   CK(cudaMemset(dlam, 0xff, n * H * 4));
   gate_params_t g;
-  g.kind = kind; g.act = act; g.n = n; g.in_dim = in; g.inter = I; g.kv_heads = H;
-  g.x = dx; g.x_dtype = xt; g.w_dtype = wt;
-  if (kind == kGateMlp) { g.w1 = dw1; g.b1 = db1; g.w2 = dw2; }
-  else { g.w_gate = dw1; g.w_up = dwu; g.w_down = dw2; }
-  g.bias = dbias; g.lam = dlam;
+  g.kind = kind;
+  g.act = act;
+  g.n = n;
+  g.in_dim = in;
+  g.inter = I;
+  g.kv_heads = H;
+  g.x = dx;
+  g.x_dtype = xt;
+  g.w_dtype = wt;
+  if (kind == kGateMlp) {
+    g.w1 = dw1;
+    g.b1 = db1;
+    g.w2 = dw2;
+  } else {
+    g.w_gate = dw1;
+    g.w_up = dwu;
+    g.w_down = dw2;
+  }
+  g.bias = dbias;
+  g.lam = dlam;
   void* ws;
   CK(cudaMalloc(&ws, RetentionGateWorkspaceBytes(g)));
   CK(cudaMemset(ws, 0, RetentionGateWorkspaceBytes(g)));  // the arrival counters start at zero
@@ -397,11 +452,17 @@ static void run_gate_case(int kind, int act, DType xt, DType wt, int n) {
   }
   const double rel = std::sqrt(num / std::max(den, 1e-300));
   const bool ok = !bad && rel <= 1e-5;
-  std::printf("%s gate kind=%d act=%d x=%s w=%s n=%3d rel=%.2e\n", ok ? "PASS" : "FAIL", kind,
-              act, dtype_name(xt), dtype_name(wt), n, rel);
+  std::printf("%s gate kind=%d act=%d x=%s w=%s n=%3d rel=%.2e\n", ok ? "PASS" : "FAIL", kind, act,
+              dtype_name(xt), dtype_name(wt), n, rel);
   (ok ? g_pass : g_fail)++;
-  cudaFree(dx); cudaFree(dw1); cudaFree(dwu); cudaFree(db1); cudaFree(dw2); cudaFree(dbias);
-  cudaFree(dlam); cudaFree(ws);
+  cudaFree(dx);
+  cudaFree(dw1);
+  cudaFree(dwu);
+  cudaFree(db1);
+  cudaFree(dw2);
+  cudaFree(dbias);
+  cudaFree(dlam);
+  cudaFree(ws);
 }
 
 static int g_slice_k = 0, g_slice_n = 0;  // test slice K N: decode cases with id % N == K
@@ -423,7 +484,10 @@ static int run_tests(bool quick) {
             }
   // Longer caches: many splits, so the split merge (partials staged in shared memory, S
   // clamped to fit) and the staged-key eviction run with realistic split counts.
-  struct DT { int D; DType dt; };
+  struct DT {
+    int D;
+    DType dt;
+  };
   const DT longs[] = {{128, DType::kBF16}, {256, DType::kF32}, {72, DType::kF16}};
   for (const DT& l : longs)
     for (int B : {0, 64})
@@ -467,8 +531,8 @@ static int run_tests(bool quick) {
 }
 
 // ----------------------------------------------------------------------------------------------
-// Benchmark of csrc/kernels/attention/decode.cuh (the Impl indirection lets a before/after run build an
-// older kernel, renamed into another namespace, beside it: see NOTES.md).
+// Benchmark of csrc/kernels/attention/decode.cuh (the Impl indirection lets a before/after run
+// build an older kernel, renamed into another namespace, beside it: see NOTES.md).
 struct ImplNew {
   using P = trimkv::decode_params_t;
   static const char* name() { return "new"; }
@@ -488,7 +552,9 @@ __global__ void FillRandomBf16Kernel(uint16_t* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
-    x ^= x >> 31; x *= 0xBF58476D1CE4E5B9ull; x ^= x >> 27;
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 27;
     const float f = (static_cast<float>(x >> 40) / 16777216.f) * 4.f - 2.f;
     p[i] = static_cast<uint16_t>(__float_as_uint(f) >> 16);
   }
@@ -496,21 +562,28 @@ __global__ void FillRandomBf16Kernel(uint16_t* p, size_t n, uint64_t seed) {
 
 /// Read floor: streams the same bytes as a decode step (K, V, pos, lam of one set) with 16-byte
 /// loads, 4 in flight per thread, grid-stride; one word out per block so nothing is elided.
-__global__ void __launch_bounds__(512) StreamReadKernel(const uint4* a, const uint4* b, size_t n16,
-                                                        const uint4* c, const uint4* d, size_t m16,
-                                                        unsigned* out) {
+__global__ void __launch_bounds__(512)
+    StreamReadKernel(const uint4* a, const uint4* b, size_t n16, const uint4* c, const uint4* d,
+                     size_t m16, unsigned* out) {
   unsigned x = 0;
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
   size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
   for (; i + 3 * stride < n16; i += 4 * stride) {
     uint4 v[8];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) { v[u] = __ldcs(a + i + u * stride); v[4 + u] = __ldcs(b + i + u * stride); }
+    for (int u = 0; u < 4; ++u) {
+      v[u] = __ldcs(a + i + u * stride);
+      v[4 + u] = __ldcs(b + i + u * stride);
+    }
 #pragma unroll
     for (int u = 0; u < 8; ++u) x ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
   }
-  for (; i < n16; i += stride) { const uint4 v = a[i], w = b[i]; x ^= v.x ^ w.w; }
-  for (size_t j = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; j < m16; j += stride) {
+  for (; i < n16; i += stride) {
+    const uint4 v = a[i], w = b[i];
+    x ^= v.x ^ w.w;
+  }
+  for (size_t j = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; j < m16;
+       j += stride) {
     const uint4 v = c[j], w = d[j];
     x ^= v.x ^ w.y;
   }
@@ -569,7 +642,11 @@ static double graph_time(int per, int groups, Fn fn) {
 }
 
 struct BenchSets {
-  struct Set { void *k, *v; int32_t *pos, *lens; float* lam; };
+  struct Set {
+    void *k, *v;
+    int32_t *pos, *lens;
+    float* lam;
+  };
   std::vector<Set> sets;
   std::vector<int32_t> hlens0;
   size_t kv_bytes = 0, meta_bytes = 0;
@@ -579,7 +656,11 @@ struct BenchSets {
   }
   ~BenchSets() {
     for (auto& s : sets) {
-      cudaFree(s.k); cudaFree(s.v); cudaFree(s.pos); cudaFree(s.lam); cudaFree(s.lens);
+      cudaFree(s.k);
+      cudaFree(s.v);
+      cudaFree(s.pos);
+      cudaFree(s.lam);
+      cudaFree(s.lens);
     }
   }
 };
@@ -594,8 +675,8 @@ static void make_sets(BenchSets& S, int batch, int M, int B) {
   S.kv_bytes = static_cast<size_t>(bh) * cap * kD * 2;
   S.meta_bytes = static_cast<size_t>(bh) * cap * 4;
   const size_t set_bytes = 2 * S.kv_bytes + 2 * S.meta_bytes;
-  const int nsets = static_cast<int>(
-      std::max<size_t>(2, (3 * g_prop.l2CacheSize + set_bytes - 1) / set_bytes));
+  const int nsets =
+      static_cast<int>(std::max<size_t>(2, (3 * g_prop.l2CacheSize + set_bytes - 1) / set_bytes));
   std::vector<int32_t> hpos(static_cast<size_t>(bh) * cap);
   for (int b = 0; b < bh; ++b)
     for (int j = 0; j < cap; ++j) hpos[static_cast<size_t>(b) * cap + j] = j;
@@ -650,9 +731,21 @@ static RowResult bench_row(BenchSets& S, int batch, int M, int B, int fs, bool t
   std::vector<int32_t> hp(batch, cap + 10);
   CK(cudaMemcpy(positions, hp.data(), batch * 4, cudaMemcpyHostToDevice));
   P p;
-  p.q = q; p.k_new = kn; p.v_new = vn; p.lam_new = lamn; p.positions = positions;
-  p.out = out; p.batch = batch; p.q_heads = kHq; p.kv_heads = kHkv; p.head_dim = kD;
-  p.memory = M; p.buffer = B; p.cap = cap; p.window = 0; p.knorm = false;
+  p.q = q;
+  p.k_new = kn;
+  p.v_new = vn;
+  p.lam_new = lamn;
+  p.positions = positions;
+  p.out = out;
+  p.batch = batch;
+  p.q_heads = kHq;
+  p.kv_heads = kHkv;
+  p.head_dim = kD;
+  p.memory = M;
+  p.buffer = B;
+  p.cap = cap;
+  p.window = 0;
+  p.knorm = false;
   p.scale = 1.f / std::sqrt(128.f);
   p.num_splits = fs;
   p.prefetch_before_wait = g_early;
@@ -663,7 +756,10 @@ static RowResult bench_row(BenchSets& S, int batch, int M, int B, int fs, bool t
   auto set_p = [&]() {
     auto& s = S.sets[cur];
     cur = (cur + 1) % nsets;
-    p.k_cache = s.k; p.v_cache = s.v; p.pos_cache = s.pos; p.lam_cache = s.lam;
+    p.k_cache = s.k;
+    p.v_cache = s.v;
+    p.pos_cache = s.pos;
+    p.lam_cache = s.lam;
     p.lens = s.lens;
   };
   auto step = [&](cudaStream_t st) {
@@ -673,8 +769,13 @@ static RowResult bench_row(BenchSets& S, int batch, int M, int B, int fs, bool t
   for (int i = 0; i < nsets * 2; ++i) step(0);
   CK(cudaDeviceSynchronize());
   if (g_prof_only) {
-    cudaFree(q); cudaFree(out); cudaFree(kn); cudaFree(vn); cudaFree(lamn);
-    cudaFree(positions); cudaFree(ws);
+    cudaFree(q);
+    cudaFree(out);
+    cudaFree(kn);
+    cudaFree(vn);
+    cudaFree(lamn);
+    cudaFree(positions);
+    cudaFree(ws);
     return RowResult{1, 1, I::splits(p)};
   }
   const int groups = 25;
@@ -735,12 +836,13 @@ static RowResult bench_row(BenchSets& S, int batch, int M, int B, int fs, bool t
         for (int k = 0; k < 6; ++k)
           if (h[i * 8 + k]) ev[k].push_back((h[i * 8 + k] - t0) * 1e-3);
         if (h[i * 8 + 5]) last_exit = std::max(last_exit, (h[i * 8 + 5] - t0) * 1e-3);
-        if ((h[i * 8 + 7] >> 32) & 1) merger_exit = std::max(merger_exit, (h[i * 8 + 5] - t0) * 1e-3);
+        if ((h[i * 8 + 7] >> 32) & 1)
+          merger_exit = std::max(merger_exit, (h[i * 8 + 5] - t0) * 1e-3);
         wait.push_back(h[i * 8 + 6] / (g_clock_khz * 1e-3));
       }
       const char* names[6] = {"entry", "lenknown", "tile0", "loopend", "prefin", "exit"};
-      std::printf("  trace %s b%d M%d B%d S%d (%d blocks, us from first entry, min/med/max):", I::name(),
-                  batch, M, B, r.splits, nblk);
+      std::printf("  trace %s b%d M%d B%d S%d (%d blocks, us from first entry, min/med/max):",
+                  I::name(), batch, M, B, r.splits, nblk);
       for (int k = 0; k < 6; ++k)
         std::printf(" %s %.2f/%.2f/%.2f", names[k], pct(ev[k], 0), pct(ev[k], 0.5), pct(ev[k], 1));
       std::printf(" | wait(us@base clk) med %.2f max %.2f | last exit %.2f merger exit %.2f\n",
@@ -748,8 +850,13 @@ static RowResult bench_row(BenchSets& S, int batch, int M, int B, int fs, bool t
       cudaFree(dtr);
     }
   }
-  cudaFree(q); cudaFree(out); cudaFree(kn); cudaFree(vn); cudaFree(lamn);
-  cudaFree(positions); cudaFree(ws);
+  cudaFree(q);
+  cudaFree(out);
+  cudaFree(kn);
+  cudaFree(vn);
+  cudaFree(lamn);
+  cudaFree(positions);
+  cudaFree(ws);
   CK(cudaEventDestroy(e0));
   CK(cudaEventDestroy(e1));
   return r;
@@ -807,10 +914,11 @@ static int run_bench(const int* only, bool trace_all) {
     cudaFree(b);
   }
   std::printf("device %s, %d SMs, L2 %d MB, clock %d MHz, copy bandwidth (read+write) %.0f GB/s\n",
-              g_prop.name, g_prop.multiProcessorCount, g_prop.l2CacheSize >> 20,
-              g_clock_khz / 1000, g_copy_bw / 1e9);
-  std::printf("bytes = batch*Hkv*avg_len*(2*D*2 + 8); frac = of copy bandwidth; us = events around "
-              "back-to-back launches, g_us = CUDA graph replay (device time per step)\n");
+              g_prop.name, g_prop.multiProcessorCount, g_prop.l2CacheSize >> 20, g_clock_khz / 1000,
+              g_copy_bw / 1e9);
+  std::printf(
+      "bytes = batch*Hkv*avg_len*(2*D*2 + 8); frac = of copy bandwidth; us = events around "
+      "back-to-back launches, g_us = CUDA graph replay (device time per step)\n");
   std::printf("%5s %5s %3s | %3s %8s %8s %6s | %8s %6s %7s\n", "batch", "M", "B", "S", "new_us",
               "new_g_us", "frac", "read_gus", "frac", "empty_g");
   auto row = [&](int batch, int M, int B, int fs, bool trace) {
@@ -823,9 +931,9 @@ static int run_bench(const int* only, bool trace_all) {
     const double bytes = static_cast<double>(S.bh) * avg_len * (2.0 * kD * 2 + 8.0);
     auto frac = [&](double us) { return bytes / (us * 1e-6) / g_copy_bw; };
     const double read_bytes = static_cast<double>(S.bh) * (M + B) * (2.0 * kD * 2 + 8.0);
-    std::printf("%5d %5d %3d | %3d %8.2f %8.2f %6.3f | %8.2f %6.3f %7.2f\n", batch, M, B,
-                rn.splits, rn.us, rn.usg, frac(rn.usg), read_us,
-                read_bytes / (read_us * 1e-6) / g_copy_bw, empty_us);
+    std::printf("%5d %5d %3d | %3d %8.2f %8.2f %6.3f | %8.2f %6.3f %7.2f\n", batch, M, B, rn.splits,
+                rn.us, rn.usg, frac(rn.usg), read_us, read_bytes / (read_us * 1e-6) / g_copy_bw,
+                empty_us);
     std::fflush(stdout);
   };
   if (only != nullptr) {  // bench batch M B splits: one row (for ncu)
@@ -849,10 +957,13 @@ static int run_bench(const int* only, bool trace_all) {
 /// difference between the two rounds): base = tiles before the wait + clusters + PDL.
 static int run_ab() {
   CK(cudaGetDeviceProperties(&g_prop, 0));
-  struct V { const char* name; int early, diag; };
+  struct V {
+    const char* name;
+    int early, diag;
+  };
   const V vs[] = {{"base", 1, 0},   {"no-early", 0, 0}, {"no-cluster", 1, 1},
                   {"no-pdl", 1, 2}, {"cl-all", 1, 4},   {"cl-all-no-pdl", 1, 6}};
-  const int rows[][3] = {{1, 512, 0},  {8, 512, 0},  {8, 2048, 0},  {8, 4096, 0},
+  const int rows[][3] = {{1, 512, 0},  {8, 512, 0},   {8, 2048, 0}, {8, 4096, 0},
                          {8, 8192, 0}, {8, 8192, 64}, {4, 8192, 0}, {32, 2048, 0}};
   std::printf("ab: lone call (event pair) / back-to-back events / graph replay, us per step\n");
   for (const auto& r : rows) {
@@ -877,19 +988,28 @@ static int run_ab() {
 /// Split counts x cluster on / off for the small batches (the split policy's data), B = 0.
 static int run_sweep() {
   CK(cudaGetDeviceProperties(&g_prop, 0));
-  struct R { int batch; std::vector<int> splits; };
-  const R rows[] = {{1, {4, 8, 16}}, {2, {4, 8, 16}}, {4, {2, 4, 8}}, {8, {2, 3, 4, 8}},
-                    {16, {1, 2}}};
-  std::printf("sweep: us = events around back-to-back launches / g_us = graph replay, per step;"
-              " cl = thread-block cluster merge, ctr = arrival-counter merge\n");
+  struct R {
+    int batch;
+    std::vector<int> splits;
+  };
+  const R rows[] = {
+      {1, {4, 8, 16}}, {2, {4, 8, 16}}, {4, {2, 4, 8}}, {8, {2, 3, 4, 8}}, {16, {1, 2}}};
+  std::printf(
+      "sweep: us = events around back-to-back launches / g_us = graph replay, per step;"
+      " cl = thread-block cluster merge, ctr = arrival-counter merge\n");
   for (const R& r : rows)
     for (int M : {512, 2048, 8192}) {
       BenchSets S;
       make_sets(S, r.batch, M, 0);
       std::printf("b%d M%d (auto S %d):", r.batch, M, [&] {
         trimkv::decode_params_t p;
-        p.batch = r.batch; p.q_heads = kHq; p.kv_heads = kHkv; p.head_dim = kD;
-        p.memory = M; p.buffer = 0; p.cap = M;
+        p.batch = r.batch;
+        p.q_heads = kHq;
+        p.kv_heads = kHkv;
+        p.head_dim = kD;
+        p.memory = M;
+        p.buffer = 0;
+        p.cap = M;
         return trimkv::DecodeNumSplits(p);
       }());
       for (int fs : r.splits)

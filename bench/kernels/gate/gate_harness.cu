@@ -7,9 +7,6 @@
 //                        sizes only
 //   gate_harness floor   floors of any per-layer gate kernel timed back to back
 // The gate plan header (kernels/gate/plan.h) lets the tests and the sweep force a plan.
-#include "bench/kernels/common.h"
-#include "kernels/gate/plan.h"
-
 #include <omp.h>
 
 #include <algorithm>
@@ -20,11 +17,12 @@
 #include <string>
 #include <vector>
 
+#include "bench/kernels/common.h"
+#include "kernels/gate/plan.h"
+
 using namespace trimkv;
 using namespace trimkv::gate_detail;
 using namespace harness;
-
-
 
 static const char* kCfgNames[] = {"skinny8", "skinny16", "skinny32", "skinny64", "big", "huge"};
 
@@ -100,7 +98,11 @@ struct TestGate {
 
 static TestGate make_gate(int kind, int act, DType xt, DType wt, const Shape& s) {
   TestGate g;
-  g.kind = kind; g.act = act; g.xt = xt; g.wt = wt; g.s = s;
+  g.kind = kind;
+  g.act = act;
+  g.xt = xt;
+  g.wt = wt;
+  g.s = s;
   const bool glu = kind == kGateGlu;
   const int in = s.in, I = s.inter, H = s.heads;
   g.dw1 = make_tensor(static_cast<size_t>(I) * in, wt, 1.0 / std::sqrt(in), g.W1);
@@ -119,11 +121,26 @@ static void free_gate(TestGate& g) {
 static gate_params_t params_of(const TestGate& tg, int n, const void* dx, float* dlam) {
   gate_params_t g;
   const bool glu = tg.kind == kGateGlu;
-  g.kind = tg.kind; g.act = tg.act; g.n = n; g.in_dim = tg.s.in; g.inter = tg.s.inter;
-  g.kv_heads = tg.s.heads; g.x = dx; g.x_dtype = tg.xt; g.w_dtype = tg.wt;
-  if (glu) { g.w_gate = tg.dw1; g.w_up = tg.dwu; g.w_down = tg.dw2; }
-  else { g.w1 = tg.dw1; g.b1 = tg.db1; g.w2 = tg.dw2; }
-  g.bias = tg.dbias; g.lam = dlam;
+  g.kind = tg.kind;
+  g.act = tg.act;
+  g.n = n;
+  g.in_dim = tg.s.in;
+  g.inter = tg.s.inter;
+  g.kv_heads = tg.s.heads;
+  g.x = dx;
+  g.x_dtype = tg.xt;
+  g.w_dtype = tg.wt;
+  if (glu) {
+    g.w_gate = tg.dw1;
+    g.w_up = tg.dwu;
+    g.w_down = tg.dw2;
+  } else {
+    g.w1 = tg.dw1;
+    g.b1 = tg.db1;
+    g.w2 = tg.dw2;
+  }
+  g.bias = tg.dbias;
+  g.lam = dlam;
   return g;
 }
 
@@ -310,13 +327,21 @@ static void run_sequence(const char* name, std::vector<TestGate>& gates,
 
 static void check_rejects() {
   gate_params_t g;
-  g.n = 4; g.in_dim = 20; g.inter = 8; g.kv_heads = 2;  // in_dim % 8 != 0
+  g.n = 4;
+  g.in_dim = 20;
+  g.inter = 8;
+  g.kv_heads = 2;  // in_dim % 8 != 0
   float dummy[16];
-  g.x = dummy; g.w1 = dummy; g.w2 = dummy; g.lam = dummy;
+  g.x = dummy;
+  g.w1 = dummy;
+  g.w2 = dummy;
+  g.lam = dummy;
   const bool bad_dim = RetentionGate(g, dummy, 0) == cudaErrorInvalidValue;
-  g.in_dim = 16; g.n = 0;
+  g.in_dim = 16;
+  g.n = 0;
   const bool bad_n = RetentionGate(g, dummy, 0) == cudaErrorInvalidValue;
-  g.n = 4; g.kind = kGateGlu;  // GLU weights missing
+  g.n = 4;
+  g.kind = kGateGlu;  // GLU weights missing
   const bool bad_w = RetentionGate(g, dummy, 0) == cudaErrorInvalidValue;
   const bool ok = bad_dim && bad_n && bad_w;
   if (!ok) std::printf("FAIL rejects: in_dim %d n %d weights %d\n", bad_dim, bad_n, bad_w);
@@ -339,10 +364,12 @@ static int run_tests() {
   std::printf("cross: pass=%d fail=%d\n", g_pass, g_fail);
   // Odd shapes, missing b1 / bias; inter > kFinishChunk and heads > 8 (several passes and head
   // groups in GateFinishKernel).
-  const Shape odd[] = {{264, 100, 3, false, false}, {136, 72, 1, true, false},
-                       {264, 2100, 11, true, true}};
-  const DType pairs[][2] = {{DType::kF32, DType::kF32}, {DType::kBF16, DType::kBF16},
-                            {DType::kF16, DType::kF16}, {DType::kF32, DType::kBF16}};
+  const Shape odd[] = {
+      {264, 100, 3, false, false}, {136, 72, 1, true, false}, {264, 2100, 11, true, true}};
+  const DType pairs[][2] = {{DType::kF32, DType::kF32},
+                            {DType::kBF16, DType::kBF16},
+                            {DType::kF16, DType::kF16},
+                            {DType::kF32, DType::kBF16}};
   for (const Shape& s : odd)
     for (int kind : {kGateMlp, kGateGlu})
       for (const auto& pr : pairs)
@@ -369,17 +396,37 @@ static int run_tests() {
     gates.push_back(make_gate(kGateGlu, 3, DType::kF16, DType::kF16, {264, 2100, 11, false, true}));
     gates.push_back(make_gate(kGateMlp, 1, DType::kF32, DType::kBF16, {520, 136, 4, true, true}));
     run_sequence("same gate", gates,
-                 {{0, 1}, {0, 1}, {0, 8}, {0, 8}, {0, 7}, {0, 33}, {0, 1}, {0, 128}, {0, 255},
-                  {0, 256}, {0, 8}, {0, 1}},
+                 {{0, 1},
+                  {0, 1},
+                  {0, 8},
+                  {0, 8},
+                  {0, 7},
+                  {0, 33},
+                  {0, 1},
+                  {0, 128},
+                  {0, 255},
+                  {0, 256},
+                  {0, 8},
+                  {0, 1}},
                  false);
     run_sequence("interleaved", gates,
-                 {{0, 1}, {1, 1}, {2, 1}, {3, 1}, {4, 1}, {0, 8}, {1, 8}, {2, 8}, {3, 8}, {0, 8},
-                  {1, 33}, {2, 7}, {3, 128}, {0, 255}, {1, 256}, {2, 1}, {1, 1}, {0, 64},
-                  {3, 2}, {4, 33}, {2, 255}, {0, 1}, {1, 128}, {3, 513}, {3, 1}},
+                 {{0, 1}, {1, 1},  {2, 1},   {3, 1},   {4, 1},   {0, 8},   {1, 8}, {2, 8}, {3, 8},
+                  {0, 8}, {1, 33}, {2, 7},   {3, 128}, {0, 255}, {1, 256}, {2, 1}, {1, 1}, {0, 64},
+                  {3, 2}, {4, 33}, {2, 255}, {0, 1},   {1, 128}, {3, 513}, {3, 1}},
                  false);
     run_sequence("interleaved, repoisoned", gates,
-                 {{1, 8}, {0, 8}, {3, 33}, {2, 128}, {0, 1}, {1, 7}, {2, 1}, {3, 255}, {0, 2},
-                  {4, 8}, {1, 1}, {0, 1}},
+                 {{1, 8},
+                  {0, 8},
+                  {3, 33},
+                  {2, 128},
+                  {0, 1},
+                  {1, 7},
+                  {2, 1},
+                  {3, 255},
+                  {0, 2},
+                  {4, 8},
+                  {1, 1},
+                  {0, 1}},
                  true);
     for (TestGate& g : gates) free_gate(g);
   }
@@ -452,7 +499,9 @@ __global__ void FillRandomBf16Kernel(__nv_bfloat16* p, size_t n, uint64_t seed, 
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
     uint64_t x = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
-    x ^= x >> 31; x *= 0xBF58476D1CE4E5B9ull; x ^= x >> 27;
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 27;
     p[i] = __float2bfloat16((static_cast<float>(x >> 40) / 16777216.f * 2.f - 1.f) * scale);
   }
 }
@@ -527,9 +576,9 @@ static int run_bench(bool decode) {
   std::printf("device %s, %d SMs, L2 %d MB, copy bandwidth (read+write) %.0f GB/s\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, copy_bw / 1e9);
   const int Dm = 2560, I = 512, H = 8, kMaxN = 8192;
-  const std::vector<int> ns = decode ? std::vector<int>{1, 2, 4, 8, 16}
-                                     : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128, 255, 512,
-                                                        2048, 8192};
+  const std::vector<int> ns =
+      decode ? std::vector<int>{1, 2, 4, 8, 16}
+             : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128, 255, 512, 2048, 8192};
   const std::vector<int> sweep_ns =
       decode ? std::vector<int>{1, 8}
              : std::vector<int>{1, 8, 16, 32, 64, 128, 255, 256, 512, 1024, 2048, 4096, 8192};
@@ -547,7 +596,8 @@ static int run_bench(bool decode) {
   for (int kind : {kGateMlp, kGateGlu}) {
     const bool glu = kind == kGateGlu;
     const size_t wbytes = (static_cast<size_t>(I) * Dm * (glu ? 2 : 1) +
-                           static_cast<size_t>(H) * I + (glu ? 0 : I) + H) * 2;
+                           static_cast<size_t>(H) * I + (glu ? 0 : I) + H) *
+                          2;
     // Rotate weight sets over >= 3x L2 so that every call reads its weights from DRAM, as a
     // model's layers do (each has its own gate and its own workspace).
     const int nsets =
@@ -555,7 +605,11 @@ static int run_bench(bool decode) {
     size_t set_ws = 0;
     for (int n : ns) {
       gate_params_t g;
-      g.kind = kind; g.n = n; g.in_dim = Dm; g.inter = I; g.kv_heads = H;
+      g.kind = kind;
+      g.n = n;
+      g.in_dim = Dm;
+      g.inter = I;
+      g.kv_heads = H;
       set_ws = std::max(set_ws, RetentionGateWorkspaceBytes(g));
     }
     std::vector<BenchSet> sets(nsets);
@@ -577,13 +631,31 @@ static int run_bench(bool decode) {
       const BenchSet& s = sets[cur];
       cur = (cur + 1) % nsets;
       gate_params_t g;
-      g.kind = kind; g.act = kGateSilu; g.n = n; g.in_dim = Dm; g.inter = I; g.kv_heads = H;
-      g.x = x; g.x_dtype = DType::kBF16; g.w_dtype = DType::kBF16;
-      if (glu) { g.w_gate = s.w1; g.w_up = s.wu; g.w_down = s.w2; }
-      else { g.w1 = s.w1; g.b1 = s.b1; g.w2 = s.w2; }
-      g.bias = s.bias; g.lam = lam;
+      g.kind = kind;
+      g.act = kGateSilu;
+      g.n = n;
+      g.in_dim = Dm;
+      g.inter = I;
+      g.kv_heads = H;
+      g.x = x;
+      g.x_dtype = DType::kBF16;
+      g.w_dtype = DType::kBF16;
+      if (glu) {
+        g.w_gate = s.w1;
+        g.w_up = s.wu;
+        g.w_down = s.w2;
+      } else {
+        g.w1 = s.w1;
+        g.b1 = s.b1;
+        g.w2 = s.w2;
+      }
+      g.bias = s.bias;
+      g.lam = lam;
       if (plan != nullptr) {
-        if (plan->ws_bytes > ws_cap) { std::fprintf(stderr, "ws\n"); std::exit(2); }
+        if (plan->ws_bytes > ws_cap) {
+          std::fprintf(stderr, "ws\n");
+          std::exit(2);
+        }
         CK(run_plan(g, *plan, g_cc_major, ws, st));
         return;
       }
@@ -632,9 +704,10 @@ static int run_bench(bool decode) {
     std::printf("%6s %-15s %8s %8s %8s %8s %6s %6s %7s | %8s %8s %8s\n", "n", "plan", "call_us",
                 "graph_us", "burst_us", "burstq", "frac", "fracq", "TFLOP/s", "1p_graph",
                 "1p_burst", "1p_bq");
-    std::printf("(1p_*: before, the former automatic plan (one-pass tensor cores, skinny8/S12), "
-                "where the plan is the rows kernel; frac / fracq: weight bytes / graph / queued "
-                "burst time vs copy)\n");
+    std::printf(
+        "(1p_*: before, the former automatic plan (one-pass tensor cores, skinny8/S12), "
+        "where the plan is the rows kernel; frac / fracq: weight bytes / graph / queued "
+        "burst time vs copy)\n");
     for (int n : ns) {
       for (int i = 0; i < 5; ++i) call(n, nullptr, cs);
       std::vector<double> t;  // a lone call: host launch included
@@ -652,13 +725,17 @@ static int run_bench(bool decode) {
       const double usq = burst_us(n, nullptr, calls, 50, true);
       const double flops = 2.0 * n * I * Dm * (glu ? 2 : 1) + 2.0 * n * I * H;
       gate_params_t g;
-      g.kind = kind; g.n = n; g.in_dim = Dm; g.inter = I; g.kv_heads = H;
-      g.x_dtype = DType::kBF16; g.w_dtype = DType::kBF16;
+      g.kind = kind;
+      g.n = n;
+      g.in_dim = Dm;
+      g.inter = I;
+      g.kv_heads = H;
+      g.x_dtype = DType::kBF16;
+      g.w_dtype = DType::kBF16;
       const gate_plan_t pl = auto_plan(g, g_cc_major, g_smem_optin);  // the API's plan
-      std::printf("%6d %-15s %8.2f %8.2f %8.2f %8.2f %6.3f %6.3f %7.1f |", n,
-                  plan_name(pl).c_str(), us, usg, usb, usq,
-                  wbytes / (usg * 1e-6) / copy_bw, wbytes / (usq * 1e-6) / copy_bw,
-                  flops / (usg * 1e-6) / 1e12);
+      std::printf("%6d %-15s %8.2f %8.2f %8.2f %8.2f %6.3f %6.3f %7.1f |", n, plan_name(pl).c_str(),
+                  us, usg, usb, usq, wbytes / (usg * 1e-6) / copy_bw,
+                  wbytes / (usq * 1e-6) / copy_bw, flops / (usg * 1e-6) / 1e12);
       if (pl.cfg == kRowsCfg) {  // before: the former automatic plan (one pass)
         const gate_plan_t prev = tc_plan(g, -1, 0);
         std::printf(" %8.2f %8.2f %8.2f\n", graph_us(n, &prev, calls, 50),
@@ -670,13 +747,19 @@ static int run_bench(bool decode) {
     }
     // Where a one-pass call's time goes: the automatic plan with parts switched off (timing
     // only; the results are wrong), graph / queued burst us per call.
-    std::printf("rows kernel (%s): graph us (queued burst us) per call: rows per block R, "
-                "then R%d variants (timing only: parts switched off or altered)\n",
-                glu ? "rg3" : "rg", kRowsMax);
+    std::printf(
+        "rows kernel (%s): graph us (queued burst us) per call: rows per block R, "
+        "then R%d variants (timing only: parts switched off or altered)\n",
+        glu ? "rg3" : "rg", kRowsMax);
     for (int n : {1, 2, 4, 8}) {
       gate_params_t g;
-      g.kind = kind; g.n = n; g.in_dim = Dm; g.inter = I; g.kv_heads = H;
-      g.x_dtype = DType::kBF16; g.w_dtype = DType::kBF16;
+      g.kind = kind;
+      g.n = n;
+      g.in_dim = Dm;
+      g.inter = I;
+      g.kv_heads = H;
+      g.x_dtype = DType::kBF16;
+      g.w_dtype = DType::kBF16;
       std::printf("%6d", n);
       for (int rows = 1; rows <= kRowsMax; ++rows) {
         gate_plan_t q = rows_plan(g, kRowsSmem, rows);
@@ -717,7 +800,11 @@ static int run_bench(bool decode) {
                 glu ? "rg3" : "rg");
     for (int n : {1, 8}) {
       gate_params_t g;
-      g.kind = kind; g.n = n; g.in_dim = Dm; g.inter = I; g.kv_heads = H;
+      g.kind = kind;
+      g.n = n;
+      g.in_dim = Dm;
+      g.inter = I;
+      g.kv_heads = H;
       const gate_plan_t pl = tc_plan(g, -1, 0);
       struct Variant {
         const char* name;
@@ -748,7 +835,11 @@ static int run_bench(bool decode) {
                 glu ? "rg3" : "rg");
     for (int n : sweep_ns) {
       gate_params_t g;
-      g.kind = kind; g.n = n; g.in_dim = Dm; g.inter = I; g.kv_heads = H;
+      g.kind = kind;
+      g.n = n;
+      g.in_dim = Dm;
+      g.inter = I;
+      g.kv_heads = H;
       const int calls = n <= 512 ? sets_calls : 4;
       std::vector<std::pair<double, std::string>> res;
       for (int cfg = 0; cfg < kNumTcCfg; ++cfg) {
@@ -774,13 +865,14 @@ static int run_bench(bool decode) {
             char buf[96];
             std::snprintf(buf, sizeof buf, "%s %.2f (%.2f)", plan_name(pl).c_str(), u, uq);
             res.push_back({u, buf});
-            std::fprintf(sweep_log, "%s n=%d %s graph %.2f burstq %.2f\n", glu ? "rg3" : "rg",
-                         n, plan_name(pl).c_str(), u, uq);
+            std::fprintf(sweep_log, "%s n=%d %s graph %.2f burstq %.2f\n", glu ? "rg3" : "rg", n,
+                         plan_name(pl).c_str(), u, uq);
           }
         }
       }
       for (int rows = 1; rows <= kRowsMax && n <= kRowsTokens; ++rows) {
-        g.x_dtype = DType::kBF16; g.w_dtype = DType::kBF16;
+        g.x_dtype = DType::kBF16;
+        g.w_dtype = DType::kBF16;
         const gate_plan_t pl = rows_plan(g, kRowsSmem, rows);
         if (pl.rows == 0) continue;
         const double u = graph_us(n, &pl, calls, 20);
@@ -792,7 +884,8 @@ static int run_bench(bool decode) {
                      plan_name(pl).c_str(), u, uq);
       }
       std::sort(res.begin(), res.end());
-      g.x_dtype = DType::kBF16; g.w_dtype = DType::kBF16;
+      g.x_dtype = DType::kBF16;
+      g.w_dtype = DType::kBF16;
       std::printf("%6d auto %-12s %8.2f |", n,
                   plan_name(auto_plan(g, g_cc_major, g_smem_optin)).c_str(),
                   graph_us(n, nullptr, calls, 20));
@@ -831,10 +924,12 @@ __global__ void FloorChainKernel(const uint4* __restrict__ x, int xv, float* __r
 __device__ __forceinline__ unsigned read_share(const uint4* __restrict__ w, size_t wv) {
   const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
   unsigned acc = 0;
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < wv; i += 4 * stride) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < wv;
+       i += 4 * stride) {
     uint4 a[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) a[j] = i + j * stride < wv ? w[i + j * stride] : make_uint4(0, 0, 0, 0);
+    for (int j = 0; j < 4; ++j)
+      a[j] = i + j * stride < wv ? w[i + j * stride] : make_uint4(0, 0, 0, 0);
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc ^= a[j].x ^ a[j].y ^ a[j].z ^ a[j].w;
   }
@@ -855,9 +950,9 @@ __global__ void FloorReadKernel(const uint4* __restrict__ w, size_t wv, const ui
 // reduce: read, plus the one cross-block reduction every gate needs (lam mixes every hidden
 // unit): each block writes a partial, the last to arrive (acq_rel counter) sums them in block
 // order and writes the result, then resets the counter.
-__global__ void FloorReduceKernel(const uint4* __restrict__ w, size_t wv, const uint4* __restrict__ x,
-                                  int xv, float* __restrict__ part, unsigned* __restrict__ counter,
-                                  float* __restrict__ out) {
+__global__ void FloorReduceKernel(const uint4* __restrict__ w, size_t wv,
+                                  const uint4* __restrict__ x, int xv, float* __restrict__ part,
+                                  unsigned* __restrict__ counter, float* __restrict__ out) {
   pdl_launch_dependents();
   const unsigned acc = read_share(w, wv);
   pdl_wait();
@@ -873,7 +968,10 @@ __global__ void FloorReduceKernel(const uint4* __restrict__ w, size_t wv, const 
     for (int i = 0; i < static_cast<int>(blockDim.x >> 5); ++i) t += red[i];
     part[blockIdx.x] = t;
     unsigned prev;
-    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(prev) : "l"(counter) : "memory");
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"
+                 : "=r"(prev)
+                 : "l"(counter)
+                 : "memory");
     last = prev == gridDim.x - 1;
   }
   __syncthreads();
@@ -882,7 +980,10 @@ __global__ void FloorReduceKernel(const uint4* __restrict__ w, size_t wv, const 
     float t = 0.f;
     for (int i = threadIdx.x; i < static_cast<int>(gridDim.x); i += 32) t += __ldcg(part + i);
     for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-    if (threadIdx.x == 0) { out[0] = t; *counter = 0; }
+    if (threadIdx.x == 0) {
+      out[0] = t;
+      *counter = 0;
+    }
   }
 }
 
@@ -952,7 +1053,9 @@ static int run_floor() {
   const int calls = 4 * nsets;
   const double chain = timed([&](int) { launch(FloorChainKernel, x, xv, out); }, calls);
   const double read = timed(
-      [&](int i) { launch(FloorReadKernel, static_cast<const uint4*>(ws[i % nsets]), wv, x, xv, out); },
+      [&](int i) {
+        launch(FloorReadKernel, static_cast<const uint4*>(ws[i % nsets]), wv, x, xv, out);
+      },
       calls);
   float* part;
   unsigned* counter;
@@ -968,9 +1071,10 @@ static int run_floor() {
   std::printf("device %s, copy bandwidth (read+write) %.0f GB/s; rg weights %.2f MB, %d sets\n",
               prop.name, copy_bw / 1e9, wbytes / 1e6, nsets);
   auto frac = [&](double us) { return wbytes / (us * 1e-6) / copy_bw; };
-  std::printf("FLOOR chain_us %.2f (%.3f) read_us %.2f (%.3f) reduce_us %.2f (%.3f); in brackets: "
-              "the weight bytes over that time, of copy (at copy speed they take %.2f us)\n",
-              chain, frac(chain), read, frac(read), reduce, frac(reduce), wbytes / copy_bw * 1e6);
+  std::printf(
+      "FLOOR chain_us %.2f (%.3f) read_us %.2f (%.3f) reduce_us %.2f (%.3f); in brackets: "
+      "the weight bytes over that time, of copy (at copy speed they take %.2f us)\n",
+      chain, frac(chain), read, frac(read), reduce, frac(reduce), wbytes / copy_bw * 1e6);
   cudaFree(part);
   cudaFree(counter);
   for (auto* w : ws) cudaFree(w);

@@ -21,16 +21,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "bench/kernels/common.h"
 #include "common/dtype.h"
 #include "common/score.h"
-#include "bench/kernels/common.h"
 #include "kernels/attention/prefill_launch.cuh"
 #include "kernels/common/select_topk.cuh"
 
 using namespace trimkv;
 using namespace harness;
-
-
 
 struct Tok {
   int pos;
@@ -785,8 +783,8 @@ static void benchmark(const std::vector<BenchShape>& shapes, int iters) {
     const size_t qn = static_cast<size_t>(C) * Hq * D, kn = static_cast<size_t>(C) * Hkv * D;
     const size_t cn = static_cast<size_t>(Hkv) * cap * D;
     const size_t per = (2 * qn + 2 * kn + 2 * static_cast<size_t>(Hkv) * cached * D) * es;
-    const int sets = static_cast<int>(
-        std::max<size_t>(1, std::min<size_t>(8, ((256u << 20) + per - 1) / per)));
+    const int sets =
+        static_cast<int>(std::max<size_t>(1, std::min<size_t>(8, ((256u << 20) + per - 1) / per)));
     struct Set {
       void *q, *k, *v, *kc, *vc, *out, *ws;
       int32_t *lens, *pos;
@@ -997,8 +995,7 @@ int main(int argc, char** argv) {
   }
   std::vector<Cfg> cfgs;
   const DType dts[3] = {DType::kF32, DType::kF16, DType::kBF16};
-  std::vector<int> chunks =
-      quick ? std::vector<int>{7, 64} : std::vector<int>{1, 7, 64, 512, 4096};
+  std::vector<int> chunks = quick ? std::vector<int>{7, 64} : std::vector<int>{1, 7, 64, 512, 4096};
   if (!grid_chunks.empty()) {
     chunks.clear();
     for (size_t a = 0; a < grid_chunks.size();) {

@@ -1,9 +1,9 @@
 // Host side of the decode step: split choice, workspace sizing, dtype dispatch.
+#include <algorithm>
+
 #include "kernels/attention/decode.cuh"
 #include "kernels/attention/decode_launch.cuh"
 #include "kernels/attention/decode_traits.cuh"
-
-#include <algorithm>
 
 namespace trimkv {
 
@@ -64,15 +64,17 @@ cudaError_t DecodeStep(const decode_params_t& p, DType dtype, void* workspace,
                        cudaStream_t stream) {
   if (p.batch <= 0 || p.kv_heads <= 0 || p.q_heads <= 0 || p.q_heads % p.kv_heads != 0 ||
       p.memory < 1 || p.buffer < 0 || p.window < 0 || p.cap < p.memory + p.buffer ||
-      !limits::head_dim_supported(p.head_dim) ||
-      workspace == nullptr || (p.knorm && p.lognorm_cache == nullptr) ||
+      !limits::head_dim_supported(p.head_dim) || workspace == nullptr ||
+      (p.knorm && p.lognorm_cache == nullptr) ||
       (p.positions == nullptr && p.batch > decode_params_t::kInlinePositions))
     return cudaErrorInvalidValue;
   const int splits = DecodeNumSplits(p);
   const decode_ws_t ws = decode_detail::carve_workspace(p, splits, workspace);
   switch (dtype) {
-    case DType::kF32: return decode_detail::decode_step_typed<float>(p, splits, ws, stream);
-    case DType::kF16: return decode_detail::decode_step_typed<__half>(p, splits, ws, stream);
+    case DType::kF32:
+      return decode_detail::decode_step_typed<float>(p, splits, ws, stream);
+    case DType::kF16:
+      return decode_detail::decode_step_typed<__half>(p, splits, ws, stream);
     case DType::kBF16:
       return decode_detail::decode_step_typed<__nv_bfloat16>(p, splits, ws, stream);
   }

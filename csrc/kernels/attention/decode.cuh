@@ -36,19 +36,18 @@
 
 namespace trimkv {
 
-
 /// Parameters of one decode step over one layer (cache_layer.cuh: the slot arrays, layout and
 /// rules). All pointers are device pointers. Pooled layout: the step only appends (every active
 /// head needs a free slot, see pool.cuh) and leaves eviction to PoolEvict.
 struct decode_params_t : cache_layer_t {
-  const void* q = nullptr;          ///< [batch, q_heads, head_dim] dtype
-  const void* k_new = nullptr;      ///< [batch, kv_heads, head_dim] dtype
-  const void* v_new = nullptr;      ///< [batch, kv_heads, head_dim] dtype
-  const float* lam_new = nullptr;   ///< [batch, kv_heads]
+  const void* q = nullptr;             ///< [batch, q_heads, head_dim] dtype
+  const void* k_new = nullptr;         ///< [batch, kv_heads, head_dim] dtype
+  const void* v_new = nullptr;         ///< [batch, kv_heads, head_dim] dtype
+  const float* lam_new = nullptr;      ///< [batch, kv_heads]
   const int32_t* positions = nullptr;  ///< [batch] position of the new token, -1 = inactive
-  void* out = nullptr;              ///< [batch, q_heads, head_dim] dtype
-  int num_splits = 0;               ///< 0 = auto; > 0 forces the split count (clamped)
-  int num_sms = 0;                  ///< 0 = read from the current device
+  void* out = nullptr;                 ///< [batch, q_heads, head_dim] dtype
+  int num_splits = 0;                  ///< 0 = auto; > 0 forces the split count (clamped)
+  int num_sms = 0;                     ///< 0 = read from the current device
   /// 1: the tensor-core kernel may issue its first K/V tiles (and their pos/lam/lognorm) of a
   /// fixed-layout cache before waiting for the kernel ahead of it (a programmatic dependent
   /// launch, pdl.cuh), so they land while that kernel finishes. Set it only when the kernel
@@ -72,11 +71,11 @@ struct decode_params_t : cache_layer_t {
 
 /// Workspace pointers carved out of the caller's workspace buffer.
 struct decode_ws_t {
-  float* acc = nullptr;                  ///< [batch, kv_heads, splits, G, 256]
-  float* md = nullptr;                   ///< [batch, kv_heads, splits, G, 4] (max, sum, -, -)
-  unsigned long long* vkey = nullptr;    ///< [batch, kv_heads, splits, 2] (min keep-key, slot)
-  int* list = nullptr;                   ///< [batch, kv_heads, 2 * max(B, 1)] holes / movers
-  int* counter = nullptr;                ///< [batch, kv_heads] arrival counters (split > 1)
+  float* acc = nullptr;                ///< [batch, kv_heads, splits, G, 256]
+  float* md = nullptr;                 ///< [batch, kv_heads, splits, G, 4] (max, sum, -, -)
+  unsigned long long* vkey = nullptr;  ///< [batch, kv_heads, splits, 2] (min keep-key, slot)
+  int* list = nullptr;                 ///< [batch, kv_heads, 2 * max(B, 1)] holes / movers
+  int* counter = nullptr;              ///< [batch, kv_heads] arrival counters (split > 1)
 };
 
 /// Number of splits DecodeStep uses for these params (host only, no sync).
@@ -109,7 +108,6 @@ bool DecodeGroupSupported(int group, int head_dim, DType dtype, bool tensor_core
 /// kernel ahead of it has completed, this layer's last writer included, provided every kernel
 /// of the stream waits for the one ahead before it completes (any kernel launched without the
 /// programmatic attribute does).
-cudaError_t DecodeStep(const decode_params_t& p, DType dtype, void* workspace,
-                       cudaStream_t stream);
+cudaError_t DecodeStep(const decode_params_t& p, DType dtype, void* workspace, cudaStream_t stream);
 
 }  // namespace trimkv

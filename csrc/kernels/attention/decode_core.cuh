@@ -73,7 +73,6 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
     d[hh] = 0.f;
   }
 
-
   const int pos_new = p.new_position(b);
   const int len = p.lens[bh];  // loaded with positions: one round trip, not two
   const float lam_in = p.lam_new[bh];
@@ -166,7 +165,10 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
         }
         const unsigned long long k =
             topk::keep_key(cache_score(lam, pos, tcount, p.window, p.knorm, ln), pos);
-        if (k < vkey) { vkey = k; vslot = j; }
+        if (k < vkey) {
+          vkey = k;
+          vslot = j;
+        }
       }
     }
     // Tile it is the oldest of STAGES - 1 outstanding groups.
@@ -245,8 +247,8 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
   if (need_victim) block_min_key(vkey, vslot, fin);
 
   // Merge the lane-group states of each head through shared memory.
-  float* smd = reinterpret_cast<float*>(smem_raw);                 // [WORKERS][HPT][2]
-  float* sacc = smd + Tr::WORKERS * HPT * 2;                       // [WORKERS][HPT][DPAD]
+  float* smd = reinterpret_cast<float*>(smem_raw);  // [WORKERS][HPT][2]
+  float* sacc = smd + Tr::WORKERS * HPT * 2;        // [WORKERS][HPT][DPAD]
 #pragma unroll
   for (int hh = 0; hh < HPT; ++hh) {
     if (lane == 0) {
@@ -281,9 +283,9 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
       const float inv = 1.f / dsum;  // dsum >= 1: the new token is always in the only split
 #pragma unroll
       for (int e = 0; e < VEC; ++e) o[e] *= inv;
-      store_vec_f32<T>(static_cast<T*>(p.out) +
-                           (static_cast<size_t>(b) * p.q_heads + h * G + g) * D + col * VEC,
-                       o);
+      store_vec_f32<T>(
+          static_cast<T*>(p.out) + (static_cast<size_t>(b) * p.q_heads + h * G + g) * D + col * VEC,
+          o);
     } else {
       const size_t row = (static_cast<size_t>(bh) * S + split) * G + g;
       float* wa = ws.acc + row * decode_detail::kMaxHeadDim + col * VEC;
@@ -302,8 +304,8 @@ __global__ void __launch_bounds__(decode_detail::kThreads, 2)
   if (S == 1) {
     __syncthreads();
     finalize_head<T>(p, b, h, D, len, pos_new, need_victim ? fin.vslot : -1,
-                     ws.list + static_cast<size_t>(bh) * 2 * max(p.buffer, 1), fin, snew,
-                     smem_raw, kSmemCap);
+                     ws.list + static_cast<size_t>(bh) * 2 * max(p.buffer, 1), fin, snew, smem_raw,
+                     kSmemCap);
     return;
   }
   // Split-K: the last block of this head to arrive merges the states and evicts, so that the
@@ -331,8 +333,7 @@ cudaError_t launch_decode(const decode_params_t& p, int splits, const decode_ws_
   auto kern = DecodeAttendKernel<T, DPAD, DCONST, HPT>;
   static bool attr_set = false;  // idempotent: a racing second set is harmless
   if (!attr_set) {
-    cudaError_t e =
-        cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
     attr_set = true;
   }

@@ -63,13 +63,22 @@ __device__ __forceinline__ void block_min_key(unsigned long long key, int slot,
   for (int o = 16; o > 0; o >>= 1) {
     const unsigned long long k2 = __shfl_xor_sync(0xffffffffu, key, o);
     const int s2 = __shfl_xor_sync(0xffffffffu, slot, o);
-    if (k2 < key) { key = k2; slot = s2; }
+    if (k2 < key) {
+      key = k2;
+      slot = s2;
+    }
   }
-  if (lane == 0) { fin.vkey_w[warp] = key; fin.vslot_w[warp] = slot; }
+  if (lane == 0) {
+    fin.vkey_w[warp] = key;
+    fin.vslot_w[warp] = slot;
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w)
-      if (fin.vkey_w[w] < key) { key = fin.vkey_w[w]; slot = fin.vslot_w[w]; }
+      if (fin.vkey_w[w] < key) {
+        key = fin.vkey_w[w];
+        slot = fin.vslot_w[w];
+      }
     fin.vkey = key;
     fin.vslot = slot;
   }
@@ -85,10 +94,9 @@ __device__ __forceinline__ void block_min_key(unsigned long long key, int slot,
 ///   B > 0, len + 1 == M + B: keep the M largest keep-keys: radix-select the M-th largest
 ///                     key, then move survivors from slots >= M into evicted slots < M.
 template <typename T>
-__device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int len,
-                              int pos_new, int vslot, int* list,
-                              decode_detail::fin_smem_t& fin, const T* snew, void* smem,
-                              int smem_cap) {
+__device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int len, int pos_new,
+                              int vslot, int* list, decode_detail::fin_smem_t& fin, const T* snew,
+                              void* smem, int smem_cap) {
   constexpr int VEC = vec_size<T>::value;
   const int bh = b * p.kv_heads + h;
   const int tid = threadIdx.x;
@@ -124,8 +132,8 @@ __device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int
   // Stage the n keep-keys in shared memory when they fit: the loads go out in batches, and the
   // radix passes and the compaction below read shared memory instead of L2 / DRAM.
   unsigned long long* skeys = static_cast<unsigned long long*>(smem);
-  const bool staged = static_cast<size_t>(n) * sizeof(unsigned long long) <=
-                      static_cast<size_t>(smem_cap);
+  const bool staged =
+      static_cast<size_t>(n) * sizeof(unsigned long long) <= static_cast<size_t>(smem_cap);
   if (staged) {
     constexpr int kBatch = 8;
     for (int s0 = 0; s0 < n; s0 += kBatch * nthr) {
@@ -144,8 +152,8 @@ __device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int
       for (int u = 0; u < kBatch; ++u) {
         const int s = s0 + u * nthr + tid;
         if (s < n)
-          skeys[s] = topk::keep_key(
-              cache_score(lam[u], pos[u], tcount, p.window, p.knorm, ln[u]), pos[u]);
+          skeys[s] =
+              topk::keep_key(cache_score(lam[u], pos[u], tcount, p.window, p.knorm, ln[u]), pos[u]);
       }
     }
     __syncthreads();
@@ -156,7 +164,10 @@ __device__ void finalize_head(const decode_params_t& p, int b, int h, int D, int
   // Compaction: survivors in slots >= M move into evicted slots < M.
   int* holes = list;
   int* movers = list + p.buffer;
-  if (tid == 0) { fin.nh = 0; fin.nm = 0; }
+  if (tid == 0) {
+    fin.nh = 0;
+    fin.nm = 0;
+  }
   __syncthreads();
   for (int s = tid; s < M; s += nthr)
     if (key_of(s) < thr) holes[atomicAdd(&fin.nh, 1)] = s;
@@ -206,8 +217,7 @@ template <typename T, int DPAD, int DCONST>
 __device__ void merge_splits_and_finalize(const decode_params_t& p, int b, int h, int len,
                                           int pos_new, int S, const decode_ws_t& ws,
                                           decode_detail::fin_smem_t& fin, void* part_smem,
-                                          bool staged, void* fin_smem, int fin_cap,
-                                          const T* snew) {
+                                          bool staged, void* fin_smem, int fin_cap, const T* snew) {
   void* smem = part_smem;
   constexpr int VEC = vec_size<T>::value;
   constexpr int NCOL = DPAD / VEC;
@@ -218,10 +228,10 @@ __device__ void merge_splits_and_finalize(const decode_params_t& p, int b, int h
   const int nthr = blockDim.x;
   const int SG = S * G;
   const bool need_victim = !p.pooled() && p.buffer == 0 && len >= p.memory;
-  float4* smd = static_cast<float4*>(smem);                            // [S*G] (max, sum)
-  ulonglong2* svk = reinterpret_cast<ulonglong2*>(smd + SG);            // [S] (key, slot)
-  float* sw = reinterpret_cast<float*>(svk + S);                        // [S*G] weights
-  float* sacc = sw + ((SG + 3) / 4) * 4;                                // [S*G][DPAD]
+  float4* smd = static_cast<float4*>(smem);                   // [S*G] (max, sum)
+  ulonglong2* svk = reinterpret_cast<ulonglong2*>(smd + SG);  // [S] (key, slot)
+  float* sw = reinterpret_cast<float*>(svk + S);              // [S*G] weights
+  float* sacc = sw + ((SG + 3) / 4) * 4;                      // [S*G][DPAD]
   if (!staged) {
     const float* gmd = ws.md + static_cast<size_t>(bh) * SG * 4;
     for (int i = tid; i < SG; i += nthr) cp_async16(smd + i, gmd + i * 4, true);
@@ -233,8 +243,8 @@ __device__ void merge_splits_and_finalize(const decode_params_t& p, int b, int h
     const float* gacc = ws.acc + static_cast<size_t>(bh) * SG * decode_detail::kMaxHeadDim;
     for (int i = tid; i < SG * nc4; i += nthr) {
       const int row = i / nc4, c = i - row * nc4;
-      cp_async16(sacc + row * DPAD + c * 4, gacc + static_cast<size_t>(row) *
-                                                       decode_detail::kMaxHeadDim + c * 4, true);
+      cp_async16(sacc + row * DPAD + c * 4,
+                 gacc + static_cast<size_t>(row) * decode_detail::kMaxHeadDim + c * 4, true);
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -285,7 +295,10 @@ __device__ void merge_splits_and_finalize(const decode_params_t& p, int b, int h
         for (int e = 0; e < VEC; e += 4) {
           // Empty splits stored zeros, so f = 0 adds nothing.
           const float4 a = *reinterpret_cast<const float4*>(wa + e);
-          o[e] += a.x * f; o[e + 1] += a.y * f; o[e + 2] += a.z * f; o[e + 3] += a.w * f;
+          o[e] += a.x * f;
+          o[e + 1] += a.y * f;
+          o[e + 2] += a.z * f;
+          o[e + 3] += a.w * f;
         }
       }
     }
@@ -293,9 +306,9 @@ __device__ void merge_splits_and_finalize(const decode_params_t& p, int b, int h
 #pragma unroll
       for (int e = 0; e < VEC; ++e) o[e] += __shfl_xor_sync(0xffffffffu, o[e], m);
     if (valid && r == 0)
-      store_vec_f32<T>(static_cast<T*>(p.out) +
-                           (static_cast<size_t>(b) * p.q_heads + h * G + g) * D + col * VEC,
-                       o);
+      store_vec_f32<T>(
+          static_cast<T*>(p.out) + (static_cast<size_t>(b) * p.q_heads + h * G + g) * D + col * VEC,
+          o);
   }
   int vslot = -1;
   if (need_victim) {
@@ -312,8 +325,8 @@ __device__ void merge_splits_and_finalize(const decode_params_t& p, int b, int h
     __syncthreads();  // finalize_head may reuse the shared memory read above
   }
   finalize_head<T>(p, b, h, D, len, pos_new, vslot,
-                   ws.list + static_cast<size_t>(bh) * 2 * max(p.buffer, 1), fin, snew,
-                   fin_smem, fin_cap);
+                   ws.list + static_cast<size_t>(bh) * 2 * max(p.buffer, 1), fin, snew, fin_smem,
+                   fin_cap);
 }
 
 /// B = 0 eviction by one warp: the minimum of the (key, slot) candidates the lanes hold, then
@@ -330,7 +343,10 @@ __device__ __forceinline__ void mma_victim_write(const decode_params_t& p, int b
   for (int x = 16; x > 0; x >>= 1) {
     const unsigned long long k2 = __shfl_xor_sync(0xffffffffu, key, x);
     const int s2 = __shfl_xor_sync(0xffffffffu, slot, x);
-    if (k2 < key) { key = k2; slot = s2; }
+    if (k2 < key) {
+      key = k2;
+      slot = s2;
+    }
   }
   if (lognorm && p.knorm) key_lognorm<T>(snew, D, fin);  // lane 0 writes, lane 0 reads
   if (slot < 0 || slot >= len) return;
@@ -371,7 +387,10 @@ __device__ void mma_cluster_merge_and_finalize(const decode_params_t& p, int b, 
     int sl = -1;
     for (int i = tid; i < S * NW; i += 32) {
       const ulonglong2 r = vk[i];
-      if (r.x < k) { k = r.x; sl = static_cast<int>(r.y); }
+      if (r.x < k) {
+        k = r.x;
+        sl = static_cast<int>(r.y);
+      }
     }
     mma_victim_write<T>(p, bh, D, len, pos_new, k, sl, fin, snew, true);
   }
@@ -389,8 +408,14 @@ __device__ void mma_cluster_merge_and_finalize(const decode_params_t& p, int b, 
       const float* a = acc + (s * G + hh) * DPAD + c8 * 8;
       const float4 a0 = *reinterpret_cast<const float4*>(a);
       const float4 a1 = *reinterpret_cast<const float4*>(a + 4);
-      ov[0] += f * a0.x; ov[1] += f * a0.y; ov[2] += f * a0.z; ov[3] += f * a0.w;
-      ov[4] += f * a1.x; ov[5] += f * a1.y; ov[6] += f * a1.z; ov[7] += f * a1.w;
+      ov[0] += f * a0.x;
+      ov[1] += f * a0.y;
+      ov[2] += f * a0.z;
+      ov[3] += f * a0.w;
+      ov[4] += f * a1.x;
+      ov[5] += f * a1.y;
+      ov[6] += f * a1.z;
+      ov[7] += f * a1.w;
     }
     const float inv = 1.f / lsum;  // >= 1 term: the split holding the new token
 #pragma unroll

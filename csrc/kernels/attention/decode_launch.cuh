@@ -107,8 +107,8 @@ int mma_max_clusters(const decode_params_t& p, int S, int dyn) {
 /// see below for the steps that follow another layer's) and every cluster of the grid can be
 /// resident at once (fewer stages first, then no cluster: the arrival-counter merge).
 template <typename T, int DPAD, int DCONST>
-cudaError_t launch_mma(const decode_params_t& p, int S, const decode_ws_t& ws,
-                       cudaStream_t stream, const mma_info_t& mi) {
+cudaError_t launch_mma(const decode_params_t& p, int S, const decode_ws_t& ws, cudaStream_t stream,
+                       const mma_info_t& mi) {
   using Tr = mma_traits<DPAD>;
   const int G = p.q_heads / p.kv_heads;
   const int bh = p.batch * p.kv_heads;
@@ -127,8 +127,8 @@ cudaError_t launch_mma(const decode_params_t& p, int S, const decode_ws_t& ws,
   // 4, M 512, 72-slot splits: clusters 7.8 against 9.7 us). Elsewhere (a lone step, or after
   // a gate) clusters are 1.5-2.5 us a step faster at batch 8.
   bool cl = mi.cluster && (g_launch_diag & 1) == 0 && S > 1 && S <= kMaxClusterSplits;
-  if (cl && per_sm == 2 && S > kPairedClusterSplits && p.prefetch_before_wait != 0 &&
-      !p.pooled() && (p.cap + S - 1) / S >= kCounterChunkTokens && (g_launch_diag & 4) == 0)
+  if (cl && per_sm == 2 && S > kPairedClusterSplits && p.prefetch_before_wait != 0 && !p.pooled() &&
+      (p.cap + S - 1) / S >= kCounterChunkTokens && (g_launch_diag & 4) == 0)
     cl = false;
   const int recv = Tr::cluster_recv_bytes(S, G);
   const int merge = S > 1 ? merge_smem_bytes(S, G, DPAD) : 0;
@@ -174,8 +174,7 @@ cudaError_t launch_mma(const decode_params_t& p, int S, const decode_ws_t& ws,
   }
   cfg.attrs = attr;
   cfg.numAttrs = na;
-  return cudaLaunchKernelEx(&cfg, DecodeMmaKernel<T, DPAD, DCONST>, p, S, ws, nst, cl ? 1 : 0,
-                            dyn);
+  return cudaLaunchKernelEx(&cfg, DecodeMmaKernel<T, DPAD, DCONST>, p, S, ws, nst, cl ? 1 : 0, dyn);
 }
 
 /// Group-size switch: fp16/bf16 with G <= 8 run the tensor-core kernel where the device and
@@ -201,9 +200,12 @@ template <typename T>
 cudaError_t decode_step_typed(const decode_params_t& p, int splits, const decode_ws_t& ws,
                               cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: return dispatch_group<T, 64, 64>(p, splits, ws, stream);
-    case 128: return dispatch_group<T, 128, 128>(p, splits, ws, stream);
-    case 256: return dispatch_group<T, 256, 256>(p, splits, ws, stream);
+    case 64:
+      return dispatch_group<T, 64, 64>(p, splits, ws, stream);
+    case 128:
+      return dispatch_group<T, 128, 128>(p, splits, ws, stream);
+    case 256:
+      return dispatch_group<T, 256, 256>(p, splits, ws, stream);
     default:
       if (!limits::head_dim_supported(p.head_dim))
         return cudaErrorInvalidValue;  // Unsupported head_dim

@@ -45,8 +45,8 @@ namespace trimkv {
 /// \param dyn_smem bytes of dynamic shared memory of this launch
 template <typename T, int DPAD, int DCONST>
 __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
-    DecodeMmaKernel(const __grid_constant__ decode_params_t p, int num_splits, decode_ws_t ws, int nst, int cluster,
-                    int dyn_smem) {
+    DecodeMmaKernel(const __grid_constant__ decode_params_t p, int num_splits, decode_ws_t ws,
+                    int nst, int cluster, int dyn_smem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Tr = decode_detail::mma_traits<DPAD>;
   constexpr int TK = Tr::TK, NCH = Tr::NCH, NW = Tr::kWarps, NT = Tr::kThreads;
@@ -270,8 +270,7 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
     if (p.knorm) key_lognorm<T>(snew, D, fin);
     if (warp == NW - 1) {
       const int rv = (lane & 7) + (lane >> 4) * 8;
-      attend_slab(mma::smem_u32(snew), 0,
-                  rv == 0 ? mma::smem_u32(snew + D) : zero_row, 0, 1);
+      attend_slab(mma::smem_u32(snew), 0, rv == 0 ? mma::smem_u32(snew + D) : zero_row, 0, 1);
     }
   };
   // Groups in flight: the prologue's tiles (pro_groups), then k_new / v_new, then one per
@@ -320,7 +319,10 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
         const float ln = p.knorm ? __int_as_float(sm[2 * TK + r]) : 0.f;
         const unsigned long long k =
             topk::keep_key(cache_score(lam, pos, tcount, p.window, p.knorm, ln), pos);
-        if (k < vkey) { vkey = k; vslot = s0 + lane; }
+        if (k < vkey) {
+          vkey = k;
+          vslot = s0 + lane;
+        }
       }
       const int valid = hi - s0;
       const uint32_t kb = mma::smem_u32(base), vb = kb + Tr::KV_BYTES;
@@ -341,7 +343,7 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
 #pragma unroll
     for (int x = 4; x < 32; x <<= 1) l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], x);
   float* wo = reinterpret_cast<float*>(smem_raw);  // [NW][8][WSTRIDE]
-  float* wml = wo + NW * 8 * Tr::WSTRIDE;            // [NW][8] (max, sum)
+  float* wml = wo + NW * 8 * Tr::WSTRIDE;          // [NW][8] (max, sum)
 #pragma unroll
   for (int ds = 0; ds < KS; ++ds) {
     const int d = 16 * ds + g8;
@@ -363,14 +365,20 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
     if (new_block && tid == 0) {
       const unsigned long long k = topk::keep_key(
           cache_score(fin.lam_new, pos_new, tcount, p.window, p.knorm, fin.lognorm), pos_new);
-      if (k < vkey) { vkey = k; vslot = len; }
+      if (k < vkey) {
+        vkey = k;
+        vslot = len;
+      }
     }
     // Warp minimum; every lane holds it after the butterfly.
 #pragma unroll
     for (int x = 16; x > 0; x >>= 1) {
       const unsigned long long k2 = __shfl_xor_sync(0xffffffffu, vkey, x);
       const int s2 = __shfl_xor_sync(0xffffffffu, vslot, x);
-      if (k2 < vkey) { vkey = k2; vslot = s2; }
+      if (k2 < vkey) {
+        vkey = k2;
+        vslot = s2;
+      }
     }
   }
   __syncthreads();  // warp partials (and fin.lognorm) are visible
@@ -406,16 +414,22 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
       const float* wr = wo + (w * 8 + hh) * Tr::WSTRIDE + c8 * 8;
       const float4 a = *reinterpret_cast<const float4*>(wr);
       const float4 c = *reinterpret_cast<const float4*>(wr + 4);
-      ov[0] += f * a.x; ov[1] += f * a.y; ov[2] += f * a.z; ov[3] += f * a.w;
-      ov[4] += f * c.x; ov[5] += f * c.y; ov[6] += f * c.z; ov[7] += f * c.w;
+      ov[0] += f * a.x;
+      ov[1] += f * a.y;
+      ov[2] += f * a.z;
+      ov[3] += f * a.w;
+      ov[4] += f * c.x;
+      ov[5] += f * c.y;
+      ov[6] += f * c.z;
+      ov[7] += f * c.w;
     }
     if (S == 1) {
       const float inv = 1.f / lsum;  // >= 1 term: the new token is in the only split
 #pragma unroll
       for (int e = 0; e < 8; ++e) ov[e] *= inv;
-      store_vec_f32<T>(static_cast<T*>(p.out) +
-                           (static_cast<size_t>(b) * p.q_heads + h * G + hh) * D + c8 * 8,
-                       ov);
+      store_vec_f32<T>(
+          static_cast<T*>(p.out) + (static_cast<size_t>(b) * p.q_heads + h * G + hh) * D + c8 * 8,
+          ov);
     } else if (use_cluster) {
 #if __CUDA_ARCH__ >= 900
       const int row = split * G + hh;
@@ -460,7 +474,7 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
 #if __CUDA_ARCH__ >= 900
     if (need_victim && lane == 0)
       cluster::st_u64x2(r_vk + (split * NW + warp) * 16, vkey,
-                                   static_cast<unsigned long long>(vslot));
+                        static_cast<unsigned long long>(vslot));
     // Phase 1: every partial (and the append / global writes before it) is visible to rank 0.
     cluster::arrive_release();
     cluster::wait_acquire();
@@ -492,7 +506,9 @@ __global__ void __launch_bounds__(decode_detail::mma_traits<DPAD>::kThreads, 2)
   if (tid == 0) {
     int prev;
     asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n"
-                 : "=r"(prev) : "l"(ws.counter + bh) : "memory");
+                 : "=r"(prev)
+                 : "l"(ws.counter + bh)
+                 : "memory");
     fin.last = prev == S - 1;
     if (fin.last) ws.counter[bh] = 0;
   }

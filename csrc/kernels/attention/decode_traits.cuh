@@ -6,7 +6,6 @@
 #include <cstddef>
 
 #include "common/limits.h"
-
 #include "kernels/attention/decode.cuh"
 #include "kernels/common/select_topk.cuh"
 #include "kernels/common/vec_dtypes.cuh"
@@ -17,7 +16,7 @@ namespace decode_detail {
 
 constexpr int kThreads = limits::kDecodeCoreThreads;
 constexpr int kMaxHeadDim = limits::kMaxHeadDim;
-constexpr int kMinSplitTokens = 16;  ///< a split covers at least this many tokens
+constexpr int kMinSplitTokens = 16;   ///< a split covers at least this many tokens
 constexpr int kAutoSplitTokens = 64;  ///< auto choice: at least this many tokens per split
 constexpr int kMaxSplits = 64;
 /// Test hook of the tensor-core launch (the kernel harness's A/B runs; 0 in the library):
@@ -39,17 +38,17 @@ __host__ __device__ constexpr int merge_smem_bytes(int S, int G, int dpad) {
 /// Compile-time shape of the attention kernel for storage type T and padded head dim DPAD.
 template <typename T, int DPAD>
 struct traits {
-  static constexpr int VEC = vec_size<T>::value;                   // elements per 16 B
-  static constexpr int NCOL = DPAD / VEC;                          // 16 B vectors per row
-  static constexpr int NVEC = NCOL > 32 ? NCOL / 32 : 1;           // vectors per lane
-  static constexpr int BDX = NCOL / NVEC;                          // lanes per token
-  static constexpr int E = VEC * NVEC;                             // elements per lane
-  static constexpr int WORKERS = kThreads / BDX;                   // lane groups per block
+  static constexpr int VEC = vec_size<T>::value;          // elements per 16 B
+  static constexpr int NCOL = DPAD / VEC;                 // 16 B vectors per row
+  static constexpr int NVEC = NCOL > 32 ? NCOL / 32 : 1;  // vectors per lane
+  static constexpr int BDX = NCOL / NVEC;                 // lanes per token
+  static constexpr int E = VEC * NVEC;                    // elements per lane
+  static constexpr int WORKERS = kThreads / BDX;          // lane groups per block
   static_assert(WORKERS == limits::core_lane_groups(DPAD, sizeof(T)),
                 "limits.h states the lane layout the support query answers from");
-  static constexpr int TK = 4 * WORKERS;                           // tokens per tile
+  static constexpr int TK = 4 * WORKERS;                              // tokens per tile
   static constexpr int STAGE_BYTES = 2 * TK * DPAD * (int)sizeof(T);  // K + V tile
-  static constexpr int STAGES = 3;                                 // tiles in flight + 1
+  static constexpr int STAGES = 3;                                    // tiles in flight + 1
   static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
 };
 
@@ -69,16 +68,16 @@ template <int DPAD>
 struct mma_traits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int TK = 16 * kWarps;                      // tokens per tile
-  static constexpr int NCH = DPAD / 8;                        // 16-byte chunks per row
+  static constexpr int TK = 16 * kWarps;  // tokens per tile
+  static constexpr int NCH = DPAD / 8;    // 16-byte chunks per row
   static constexpr int ROW_BYTES = DPAD * 2;
-  static constexpr int KV_BYTES = TK * ROW_BYTES;             // K (or V) part of a stage
-  static constexpr int META_BYTES = 3 * TK * 4;               // pos, lam, lognorm
+  static constexpr int KV_BYTES = TK * ROW_BYTES;  // K (or V) part of a stage
+  static constexpr int META_BYTES = 3 * TK * 4;    // pos, lam, lognorm
   static constexpr int STAGE_BYTES = 2 * KV_BYTES + META_BYTES;
-  static constexpr int kMaxStages = 8;                        // most stages a launch uses
+  static constexpr int kMaxStages = 8;  // most stages a launch uses
   /// Stages when two blocks share an SM (the host picks up to kMaxStages for one per SM).
   static constexpr int kSharedStages = DPAD <= 128 ? 3 : 2;
-  static constexpr int WSTRIDE = DPAD + 4;                    // floats a head row (no conflicts)
+  static constexpr int WSTRIDE = DPAD + 4;  // floats a head row (no conflicts)
   /// Warp partials of the in-block merge: acc [warps][8][WSTRIDE], (max, sum) [warps][8][2].
   static constexpr int MERGE_BYTES = kWarps * 8 * WSTRIDE * 4 + kWarps * 8 * 2 * 4;
   static_assert(MERGE_BYTES <= STAGE_BYTES, "the warp merge reuses the first stage");
@@ -88,7 +87,8 @@ struct mma_traits {
     return S * G * 16 + S * kWarps * 16 + S * G * DPAD * 4;
   }
 };
-constexpr int kMmaMaxGroup = limits::kMmaMaxGroup;  ///< query heads per KV head on the tensor-core path (N)
+constexpr int kMmaMaxGroup =
+    limits::kMmaMaxGroup;              ///< query heads per KV head on the tensor-core path (N)
 constexpr int kMaxClusterSplits = 16;  ///< most splits merged through a cluster (> 8: non-portable)
 constexpr int kAutoClusterSplits = 8;  ///< most splits the automatic choice makes on sm_90+
 /// After another layer's decode step (p.prefetch_before_wait) at two blocks per SM, splits of

@@ -1,10 +1,9 @@
 // Host side of the prefill chunk (validation, workspace, launch sequence) and the eviction
 // kernels: per-head top-M selection over cached + chunk tokens and the survivors' append.
-#include "kernels/attention/prefill.cuh"
-#include "kernels/attention/prefill_traits.cuh"
-
 #include <algorithm>
 
+#include "kernels/attention/prefill.cuh"
+#include "kernels/attention/prefill_traits.cuh"
 #include "kernels/cache/cache_layer.cuh"
 #include "kernels/common/select_topk.cuh"
 
@@ -40,8 +39,8 @@ __global__ void __launch_bounds__(prefill_detail::kSelectThreads)
   const int tcount = sg.start + C;  // T: tokens processed, this chunk included
   const size_t base = p.head_base(bh);
   const float* lam_in = p.lam + static_cast<size_t>(sg.first) * p.kv_heads;
-  const float* lognorm_in = ws.lognorm + static_cast<size_t>(sg.first) * p.kv_heads +
-                            static_cast<size_t>(h) * C;
+  const float* lognorm_in =
+      ws.lognorm + static_cast<size_t>(sg.first) * p.kv_heads + static_cast<size_t>(h) * C;
   int* src = ws.move_src + z * move_rows(p);
   int* dst = ws.move_dst + z * move_rows(p);
   auto write_meta = [&](int slot, int i) {
@@ -250,8 +249,10 @@ cudaError_t PrefillChunk(const prefill_params_t& p, DType dtype, void* workspace
   using namespace prefill_detail;
   if (p.batch <= 0 || p.kv_heads <= 0 || p.q_heads <= 0 || p.q_heads % p.kv_heads != 0 ||
       (p.segs == nullptr && (p.seq < 0 || p.seq >= p.batch || p.start < 0 || p.chunk < 0)) ||
-      (p.segs != nullptr && (p.nseg < 1 || p.nseg > p.batch || p.max_chunk < 1 || p.tokens < p.max_chunk)) ||
-      p.memory < 1 || p.buffer < 0 || p.window < 0 || p.cap < p.memory + p.buffer || !limits::head_dim_supported(p.head_dim) || (p.knorm && p.lognorm_cache == nullptr))
+      (p.segs != nullptr &&
+       (p.nseg < 1 || p.nseg > p.batch || p.max_chunk < 1 || p.tokens < p.max_chunk)) ||
+      p.memory < 1 || p.buffer < 0 || p.window < 0 || p.cap < p.memory + p.buffer ||
+      !limits::head_dim_supported(p.head_dim) || (p.knorm && p.lognorm_cache == nullptr))
     return cudaErrorInvalidValue;
   if (p.longest() == 0) return cudaSuccess;
   if (workspace == nullptr) return cudaErrorInvalidValue;

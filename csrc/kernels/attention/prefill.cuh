@@ -45,18 +45,18 @@ struct prefill_seg_t {
 };
 
 struct prefill_params_t : cache_layer_t {
-  int seq = 0;                     ///< sequence (batch row) of this chunk (segs == nullptr)
-  int start = 0;                   ///< position of the chunk's first token (segs == nullptr)
-  int chunk = 0;                   ///< tokens in the chunk (>= 1; 0 is a no-op) (segs == nullptr)
+  int seq = 0;    ///< sequence (batch row) of this chunk (segs == nullptr)
+  int start = 0;  ///< position of the chunk's first token (segs == nullptr)
+  int chunk = 0;  ///< tokens in the chunk (>= 1; 0 is a no-op) (segs == nullptr)
   const prefill_seg_t* segs = nullptr;  ///< varlen: [nseg] device array of distinct sequences
-  int nseg = 1;                    ///< chunks in the launch (segs != nullptr)
-  int max_chunk = 0;               ///< largest chunk of segs (segs != nullptr)
-  int tokens = 0;                  ///< rows of the packed inputs, sum of chunks (segs != nullptr)
-  const void* q = nullptr;         ///< [tokens, q_heads, head_dim] dtype
-  const void* k = nullptr;         ///< [tokens, kv_heads, head_dim] dtype
-  const void* v = nullptr;         ///< [tokens, kv_heads, head_dim] dtype
-  const float* lam = nullptr;      ///< [tokens, kv_heads]
-  void* out = nullptr;             ///< [tokens, q_heads, head_dim] dtype
+  int nseg = 1;                         ///< chunks in the launch (segs != nullptr)
+  int max_chunk = 0;                    ///< largest chunk of segs (segs != nullptr)
+  int tokens = 0;              ///< rows of the packed inputs, sum of chunks (segs != nullptr)
+  const void* q = nullptr;     ///< [tokens, q_heads, head_dim] dtype
+  const void* k = nullptr;     ///< [tokens, kv_heads, head_dim] dtype
+  const void* v = nullptr;     ///< [tokens, kv_heads, head_dim] dtype
+  const float* lam = nullptr;  ///< [tokens, kv_heads]
+  void* out = nullptr;         ///< [tokens, q_heads, head_dim] dtype
 
   __host__ __device__ int segments() const { return segs ? nseg : 1; }
   __host__ __device__ int longest() const { return segs ? max_chunk : chunk; }

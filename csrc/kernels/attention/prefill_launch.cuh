@@ -64,7 +64,6 @@ cudaError_t launch_attention(const prefill_params_t& p, cudaStream_t stream) {
   }
 }
 
-
 template <typename T>
 cudaError_t prefill_attention_typed(const prefill_params_t& p, float* lognorm,
                                     cudaStream_t stream) {
@@ -76,7 +75,7 @@ cudaError_t prefill_attention_typed(const prefill_params_t& p, float* lognorm,
     if (e != cudaSuccess) return e;
   }
   return TRIMKV_DISPATCH_PADDED_HEAD_DIM(p.head_dim, DPAD,
-                                          [&] { return launch_attention<T, DPAD>(p, stream); });
+                                         [&] { return launch_attention<T, DPAD>(p, stream); });
 }
 
 }  // namespace prefill_detail

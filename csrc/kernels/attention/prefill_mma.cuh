@@ -26,7 +26,7 @@ namespace trimkv {
 ///           segments at p.head_base), lens [batch, kv_heads]; writes out [tokens, q_heads, D],
 ///           every row of every chunk once. D <= DPAD, zero-padded.
 template <typename T, int DPAD, int MT, int BK, int NG, bool PP, bool QREG>
-__global__ void __launch_bounds__(prefill_detail::kMmaGroupThreads * NG,
+__global__ void __launch_bounds__(prefill_detail::kMmaGroupThreads* NG,
                                   prefill_detail::mma_min_blocks<NG>())
     PrefillAttnMmaKernel(const prefill_params_t p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -34,10 +34,10 @@ __global__ void __launch_bounds__(prefill_detail::kMmaGroupThreads * NG,
   constexpr int GT = kMmaGroupThreads, NTHR = GT * NG;
   constexpr int WR = 16 * MT;  // packed rows per warp
   constexpr int BQ = 4 * WR, LD = DPAD + 8, NCOL = DPAD / 8;
-  constexpr int NT = BK / 8;                     // n8 tiles of S per key tile
-  constexpr int ND = DPAD / 8;                   // n8 tiles of O
-  constexpr int KD = DPAD / 16;                  // k16 steps over the head dim
-  constexpr int STAGE = 2 * BK * LD;             // elements of one K + V stage
+  constexpr int NT = BK / 8;          // n8 tiles of S per key tile
+  constexpr int ND = DPAD / 8;        // n8 tiles of O
+  constexpr int KD = DPAD / 16;       // k16 steps over the head dim
+  constexpr int STAGE = 2 * BK * LD;  // elements of one K + V stage
   static_assert(BK % 16 == 0 && (BK * NCOL) % GT == 0, "key tile shape");
   static_assert(!QREG || MT == 1, "Q fragments in registers: one row block a warp");
   static_assert(!PP || NG == 2, "staggered start: two key groups");
@@ -89,8 +89,8 @@ __global__ void __launch_bounds__(prefill_detail::kMmaGroupThreads * NG,
       const int n = n0 + r;
       const bool ok = n < tile.n_end && c * 8 < D;
       const bool cached = n < len;
-      const size_t off = (cached ? static_cast<size_t>(n) * D
-                                 : static_cast<size_t>(n - len) * in_stride) + c * 8;
+      const size_t off =
+          (cached ? static_cast<size_t>(n) * D : static_cast<size_t>(n - len) * in_stride) + c * 8;
       cp_async16(dst + r * LD + c * 8, ok ? (cached ? kc : kin) + off : kin, ok);
       cp_async16(dst + BK * LD + r * LD + c * 8, ok ? (cached ? vc : vin) + off : vin, ok);
     }
@@ -109,7 +109,8 @@ __global__ void __launch_bounds__(prefill_detail::kMmaGroupThreads * NG,
   if (QREG) {
 #pragma unroll
     for (int kk = 0; kk < (QREG ? KD : 0); ++kk)
-      mma::ldsm_x4(qf[kk], mma::smem_u32(sQ + (wq * WR + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8));
+      mma::ldsm_x4(qf[kk],
+                   mma::smem_u32(sQ + (wq * WR + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8));
   }
   float o[MT][ND][4];
   float m[MT][2], l[MT][2];
@@ -153,14 +154,15 @@ __global__ void __launch_bounds__(prefill_detail::kMmaGroupThreads * NG,
           a[mt][2] = qf[QREG ? kk : 0][2];
           a[mt][3] = qf[QREG ? kk : 0][3];
         } else {
-          mma::ldsm_x4(a[mt], mma::smem_u32(sQ + (wq * WR + mt * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8));
+          mma::ldsm_x4(a[mt], mma::smem_u32(sQ + (wq * WR + mt * 16 + (lane & 15)) * LD + kk * 16 +
+                                            (lane >> 4) * 8));
         }
       }
 #pragma unroll
       for (int nn = 0; nn < NT / 2; ++nn) {
         uint32_t b[4];
         mma::ldsm_x4(b, mma::smem_u32(sK + (nn * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 +
-                       ((lane >> 3) & 1) * 8));
+                                      ((lane >> 3) & 1) * 8));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           mma_16816<T>(s[mt][2 * nn], a[mt], b[0], b[1]);
@@ -241,7 +243,8 @@ __global__ void __launch_bounds__(prefill_detail::kMmaGroupThreads * NG,
 #pragma unroll
       for (int dd = 0; dd < ND / 2; ++dd) {
         uint32_t b[4];
-        mma::ldsm_x4_trans(b, mma::smem_u32(sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dd * 16 +
+        mma::ldsm_x4_trans(
+            b, mma::smem_u32(sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dd * 16 +
                              (lane >> 4) * 8));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {

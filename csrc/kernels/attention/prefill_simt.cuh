@@ -173,7 +173,6 @@ __global__ void PrefillLognormKernel(const prefill_params_t p, float* __restrict
 
 namespace prefill_detail {
 
-
 template <typename T, int DPAD>
 cudaError_t launch_attention_simt(const prefill_params_t& p, cudaStream_t stream) {
   const long long rows = static_cast<long long>(p.longest()) * (p.q_heads / p.kv_heads);

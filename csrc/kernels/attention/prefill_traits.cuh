@@ -9,7 +9,6 @@
 #include <cstddef>
 
 #include "common/limits.h"
-
 #include "kernels/attention/prefill.cuh"
 #include "kernels/common/cp_async.cuh"
 #include "kernels/common/dispatch.cuh"
@@ -19,7 +18,6 @@
 namespace trimkv {
 
 namespace prefill_detail {
-
 
 constexpr int kMaxHeadDim = limits::kMaxHeadDim;
 // Tensor-core kernel: NG key groups of 4 warps (kMmaGroupThreads); each warp owns 16 MT query
@@ -70,7 +68,6 @@ template <int DPAD>
 constexpr int simt_smem_bytes() {
   return 2 * kSimtBK * DPAD * 4;
 }
-
 
 /// Carves the workspace (layout of prefill_ws_t; sizes as PrefillWorkspaceBytes).
 prefill_ws_t carve_workspace(const prefill_params_t& p, void* workspace, size_t* bytes);

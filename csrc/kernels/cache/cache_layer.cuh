@@ -18,23 +18,23 @@
 namespace trimkv {
 
 struct cache_layer_t {
-  void* k_cache = nullptr;          ///< [slots, head_dim] dtype
-  void* v_cache = nullptr;          ///< [slots, head_dim] dtype
-  int32_t* pos_cache = nullptr;     ///< [slots] absolute positions
-  float* lam_cache = nullptr;       ///< [slots] log-retention
-  float* lognorm_cache = nullptr;   ///< [slots] ln(max(|k|,1e-12)); knorm only
-  int32_t* lens = nullptr;          ///< [batch, kv_heads] valid slots 0..len-1 of each head
+  void* k_cache = nullptr;            ///< [slots, head_dim] dtype
+  void* v_cache = nullptr;            ///< [slots, head_dim] dtype
+  int32_t* pos_cache = nullptr;       ///< [slots] absolute positions
+  float* lam_cache = nullptr;         ///< [slots] log-retention
+  float* lognorm_cache = nullptr;     ///< [slots] ln(max(|k|,1e-12)); knorm only
+  int32_t* lens = nullptr;            ///< [batch, kv_heads] valid slots 0..len-1 of each head
   const int32_t* head_off = nullptr;  ///< [batch, kv_heads] first slot of each head; pooled only
   int batch = 0;
   int q_heads = 0;
   int kv_heads = 0;
-  int head_dim = 0;                 ///< multiple of 8, <= 256 (64/128/256 fast paths)
-  int memory = 0;                   ///< M >= 1
-  int buffer = 0;                   ///< B >= 0
-  int cap = 0;                      ///< fixed: slots per head (>= M + B); pooled: most a head holds
-  int window = 0;                   ///< W >= 0: pos >= T - W is never evicted
-  bool knorm = false;               ///< strategy knorm_alpha
-  float scale = 0.f;                ///< softmax scale (1/sqrt(head_dim) usually)
+  int head_dim = 0;    ///< multiple of 8, <= 256 (64/128/256 fast paths)
+  int memory = 0;      ///< M >= 1
+  int buffer = 0;      ///< B >= 0
+  int cap = 0;         ///< fixed: slots per head (>= M + B); pooled: most a head holds
+  int window = 0;      ///< W >= 0: pos >= T - W is never evicted
+  bool knorm = false;  ///< strategy knorm_alpha
+  float scale = 0.f;   ///< softmax scale (1/sqrt(head_dim) usually)
 
   __host__ __device__ bool pooled() const { return head_off != nullptr; }
 
@@ -48,8 +48,8 @@ struct cache_layer_t {
 /// __fmul_rn / __fadd_rn stop the compiler from contracting lam * age + lognorm into one FMA,
 /// so the bits equal decayed_score() on the host: ties and the retained set depend on them.
 /// Adding +0 also folds a -0 score onto +0.
-__device__ __forceinline__ float cache_score(float lam, int pos, int tcount, int window,
-                                            bool knorm, float lognorm) {
+__device__ __forceinline__ float cache_score(float lam, int pos, int tcount, int window, bool knorm,
+                                             float lognorm) {
   if (pos >= tcount - window) return __int_as_float(0x7f800000);
   const float s = __fmul_rn(lam, static_cast<float>(tcount + 1 - pos));  // age from T + 1
   return __fadd_rn(s, knorm ? lognorm : 0.f);

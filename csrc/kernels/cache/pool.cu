@@ -1,9 +1,8 @@
 // Pool eviction and segment re-layout: see pool.cuh.
-#include "kernels/cache/pool.cuh"
-
 #include <algorithm>
 #include <climits>
 
+#include "kernels/cache/pool.cuh"
 #include "kernels/common/select_topk.cuh"
 #include "kernels/common/vec_dtypes.cuh"
 
@@ -13,7 +12,9 @@ namespace {
 
 constexpr int kPoolThreads = 1024;  // one thread per head of the segment table
 
-__host__ __device__ inline size_t align256(size_t x) { return (x + 255) & ~static_cast<size_t>(255); }
+__host__ __device__ inline size_t align256(size_t x) {
+  return (x + 255) & ~static_cast<size_t>(255);
+}
 
 /// Per-pool scratch in global memory: keep-keys of the pool's tokens (0 = evicted or dropped),
 /// then the compaction's freed slots and the survivors that move into them.
@@ -54,7 +55,10 @@ __device__ __forceinline__ int head_of(const pool_smem_t& s, int nh, int i) {
   int lo = 0, hi = nh - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
-    if (s.start[mid] <= i) lo = mid; else hi = mid - 1;
+    if (s.start[mid] <= i)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -68,9 +72,10 @@ __device__ __forceinline__ void count_by_head(pool_smem_t& s, int nh, int i, boo
 }
 
 /// Calls on_keep(i, valid, keep) from every thread of the block for i in lo + [0, a multiple of
-/// the block size), valid for i < lo + n, with keep true for the k best live keys (key != 0): keys above the k-th largest,
-/// then keys equal to it in index order (head order breaks full ties, as on the CPU). Every
-/// live key is kept when there are at most k. Every thread calls it with the same arguments.
+/// the block size), valid for i < lo + n, with keep true for the k best live keys (key != 0): keys
+/// above the k-th largest, then keys equal to it in index order (head order breaks full ties, as on
+/// the CPU). Every live key is kept when there are at most k. Every thread calls it with the same
+/// arguments.
 template <typename F>
 __device__ void for_top(const unsigned long long* keys, int lo, int n, int64_t k, F on_keep,
                         pool_smem_t& s) {
@@ -83,7 +88,7 @@ __device__ void for_top(const unsigned long long* keys, int lo, int n, int64_t k
     need = 0;
   } else if (k < n) {
     thr = topk::block_select_kth_largest([&](int i) { return keys[lo + i]; }, n,
-                                          static_cast<int>(k), s.sel);
+                                         static_cast<int>(k), s.sel);
     if (thr == 0) {
       thr = 1;  // fewer than k live keys: all stay
     } else {
@@ -203,9 +208,9 @@ __device__ void evict_pool(const pool_params_t& p, int nh, int total, int tcount
     } else {
       if (tid < nh) s.count[tid] = p.floor_extra;
       __syncthreads();
-      for_top(keys, 0, total, p.floor_pooled,
-              [&](int i, bool, bool keep) { count_by_head(s, nh, i, keep); },
-              s);
+      for_top(
+          keys, 0, total, p.floor_pooled,
+          [&](int i, bool, bool keep) { count_by_head(s, nh, i, keep); }, s);
       for (int j = 0; j < nh; ++j) for_top(keys, s.start[j], s.len[j], s.count[j], zero_evicted, s);
     }
   }
@@ -309,7 +314,8 @@ __device__ void make_room(const pool_params_t& p, int nh, size_t region_base, co
 }
 
 /// grid (nseq * kv_heads / heads_per_pool), block kPoolThreads. See pool.cuh.
-__global__ void __launch_bounds__(kPoolThreads) PoolEvictKernel(const pool_params_t p, void* workspace) {
+__global__ void __launch_bounds__(kPoolThreads)
+    PoolEvictKernel(const pool_params_t p, void* workspace) {
   __shared__ pool_smem_t s;
   __shared__ int head_idx[kPoolMaxHeads];
   const int tid = threadIdx.x;
@@ -358,7 +364,8 @@ __global__ void PoolRebaseKernel(int32_t* head_off, int n, int batch, int kv_hea
   if (i >= n) return;
   const int h = i % kv_heads, b = (i / kv_heads) % batch, l = i / (kv_heads * batch);
   const int64_t pool =
-      (static_cast<int64_t>(l / nlayers) * batch + b) * (kv_heads / heads_per_pool) + h / heads_per_pool;
+      (static_cast<int64_t>(l / nlayers) * batch + b) * (kv_heads / heads_per_pool) +
+      h / heads_per_pool;
   head_off[i] = static_cast<int32_t>(head_off[i] + pool * (new_region - old_region));
 }
 
@@ -381,10 +388,12 @@ cudaError_t PoolEvict(const pool_params_t& p, void* workspace, cudaStream_t stre
   if (smem_cap < 0) {
     int dev = 0, optin = 0;
     cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (e == cudaSuccess)
+      e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     if (e != cudaSuccess) return e;
     const int cap = optin - static_cast<int>(sizeof(pool_smem_t)) - kPoolMaxHeads * 4 - 1024;
-    e = cap > 0 ? cudaFuncSetAttribute(PoolEvictKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cap)
+    e = cap > 0 ? cudaFuncSetAttribute(PoolEvictKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       cap)
                 : cudaSuccess;
     if (e != cudaSuccess) return e;
     smem_cap = cap > 0 ? cap : 0;
@@ -392,7 +401,8 @@ cudaError_t PoolEvict(const pool_params_t& p, void* workspace, cudaStream_t stre
   pool_params_t q = p;
   q.smem_keys = static_cast<int>(std::min<size_t>(static_cast<size_t>(p.region), smem_cap / 8));
   const int pools = p.nseq * (p.kv_heads / p.heads_per_pool);
-  PoolEvictKernel<<<pools, kPoolThreads, static_cast<size_t>(q.smem_keys) * 8, stream>>>(q, workspace);
+  PoolEvictKernel<<<pools, kPoolThreads, static_cast<size_t>(q.smem_keys) * 8, stream>>>(q,
+                                                                                         workspace);
   return cudaGetLastError();
 }
 

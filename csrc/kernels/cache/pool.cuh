@@ -33,35 +33,35 @@ constexpr int kPoolMaxHeads = limits::kPoolMaxHeads;
 /// One PoolEvict launch: the pools of sequences [seq0, seq0 + nseq) that cover layers
 /// [layer0, layer0 + nlayers) and heads_per_pool KV heads each. Device pointers.
 struct pool_params_t {
-  void* k_cache = nullptr;         ///< [slots, head_dim] dtype, every layer
-  void* v_cache = nullptr;         ///< [slots, head_dim] dtype
-  int32_t* pos_cache = nullptr;    ///< [slots]
-  float* lam_cache = nullptr;      ///< [slots]
-  float* lognorm_cache = nullptr;  ///< [slots]; knorm only
-  int32_t* lens = nullptr;         ///< [layers, batch, kv_heads]
-  int32_t* head_off = nullptr;     ///< [layers, batch, kv_heads] first slot of each segment
-  int32_t* head_cap = nullptr;     ///< [layers, batch, kv_heads] slots of each segment
-  int* overflow = nullptr;         ///< set to 1 if a pool cannot give its heads their room
+  void* k_cache = nullptr;             ///< [slots, head_dim] dtype, every layer
+  void* v_cache = nullptr;             ///< [slots, head_dim] dtype
+  int32_t* pos_cache = nullptr;        ///< [slots]
+  float* lam_cache = nullptr;          ///< [slots]
+  float* lognorm_cache = nullptr;      ///< [slots]; knorm only
+  int32_t* lens = nullptr;             ///< [layers, batch, kv_heads]
+  int32_t* head_off = nullptr;         ///< [layers, batch, kv_heads] first slot of each segment
+  int32_t* head_cap = nullptr;         ///< [layers, batch, kv_heads] slots of each segment
+  int* overflow = nullptr;             ///< set to 1 if a pool cannot give its heads their room
   const int32_t* positions = nullptr;  ///< decode: [batch], T = pos + 1, -1 skips the sequence
-  int tcount = 0;                  ///< prefill (positions == nullptr): T of the sequence
+  int tcount = 0;                      ///< prefill (positions == nullptr): T of the sequence
   int layers = 0, batch = 0, kv_heads = 0;
-  int row_bytes = 0;               ///< head_dim * dtype size (a multiple of 16)
-  int layer0 = 0, nlayers = 1;     ///< layers of each pool
-  int heads_per_pool = 1;          ///< KV heads of one layer in a pool (kv_heads or 1)
-  int seq0 = 0, nseq = 0;          ///< sequences of this launch
-  int region = 0;                  ///< slots per pool
-  bool evict = true;               ///< false: only make room
+  int row_bytes = 0;            ///< head_dim * dtype size (a multiple of 16)
+  int layer0 = 0, nlayers = 1;  ///< layers of each pool
+  int heads_per_pool = 1;       ///< KV heads of one layer in a pool (kv_heads or 1)
+  int seq0 = 0, nseq = 0;       ///< sequences of this launch
+  int region = 0;               ///< slots per pool
+  bool evict = true;            ///< false: only make room
   int memory = 0, buffer = 0, window = 0;
   bool knorm = false;
-  bool use_floor = false;          ///< floor ratio (layer / global scopes)
-  int64_t floor_pooled = 0;        ///< floor(nh * M * (1 - f))
-  int floor_extra = 0;             ///< floor(M * f)
+  bool use_floor = false;    ///< floor ratio (layer / global scopes)
+  int64_t floor_pooled = 0;  ///< floor(nh * M * (1 - f))
+  int floor_extra = 0;       ///< floor(M * f)
   bool thresholded = false;
-  float log_tau = 0.f;             ///< ln(threshold)
-  int room = 0;                    ///< free slots every head of the pool needs afterwards
-  int room_layer = -1;             ///< heads of this layer need room_extra instead (prefill)
+  float log_tau = 0.f;  ///< ln(threshold)
+  int room = 0;         ///< free slots every head of the pool needs afterwards
+  int room_layer = -1;  ///< heads of this layer need room_extra instead (prefill)
   int room_extra = 0;
-  int smem_keys = 0;               ///< set by PoolEvict: keys of a pool that fit in shared memory
+  int smem_keys = 0;  ///< set by PoolEvict: keys of a pool that fit in shared memory
 };
 
 /// Workspace bytes for the largest launch (pools_per_launch pools of `region` slots).
@@ -72,7 +72,8 @@ cudaError_t PoolEvict(const pool_params_t& p, void* workspace, cudaStream_t stre
 
 /// After the region grew from old_region to new_region slots (each pool's slots copied to the
 /// start of its new region): moves every head's offset by its pool's shift.
-/// region_of: pool index of head (l, b, h) = ((l / nlayers) * batch + b) * (kv_heads / hpp) + h / hpp.
+/// region_of: pool index of head (l, b, h) = ((l / nlayers) * batch + b) * (kv_heads / hpp) + h /
+/// hpp.
 cudaError_t PoolRebase(int32_t* head_off, int layers, int batch, int kv_heads, int nlayers,
                        int heads_per_pool, int old_region, int new_region, cudaStream_t stream);
 

@@ -38,7 +38,7 @@ __device__ __forceinline__ void st_f4(uint32_t addr, float a, float b, float c, 
 }
 /// As st_f4, two 64-bit values.
 __device__ __forceinline__ void st_u64x2(uint32_t addr, unsigned long long a,
-                                                 unsigned long long b) {
+                                         unsigned long long b) {
   asm volatile("st.shared::cluster.v2.u64 [%0], {%1, %2};\n" ::"r"(addr), "l"(a), "l"(b)
                : "memory");
 }

@@ -49,8 +49,8 @@ struct select_smem_t {
 /// descending order; lane l owns digits 255-8l .. 255-8l-7). The lane that finds it writes the
 /// digit, the rank left inside that bucket and the bucket's count.
 template <typename Count>
-__device__ __forceinline__ void warp_find_kth_bucket(const Count* hist, int kr, int lane, int* digit,
-                                                     int* kr_in_bucket, int* count) {
+__device__ __forceinline__ void warp_find_kth_bucket(const Count* hist, int kr, int lane,
+                                                     int* digit, int* kr_in_bucket, int* count) {
   int c[8], sum = 0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {

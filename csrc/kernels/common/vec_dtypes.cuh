@@ -8,7 +8,6 @@
 
 #include <cstdint>
 
-
 namespace trimkv {
 
 /// Elements of T in one 16-byte vector.
@@ -26,7 +25,10 @@ __device__ __forceinline__ void load_vec_f32(const T* ptr, float* f);
 template <>
 __device__ __forceinline__ void load_vec_f32<float>(const float* ptr, float* f) {
   const float4 v = *reinterpret_cast<const float4*>(ptr);
-  f[0] = v.x; f[1] = v.y; f[2] = v.z; f[3] = v.w;
+  f[0] = v.x;
+  f[1] = v.y;
+  f[2] = v.z;
+  f[3] = v.w;
 }
 
 template <>
@@ -36,7 +38,8 @@ __device__ __forceinline__ void load_vec_f32<__half>(const __half* ptr, float* f
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 t = __half22float2(h[i]);
-    f[2 * i] = t.x; f[2 * i + 1] = t.y;
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
   }
 }
 

@@ -59,8 +59,8 @@ __global__ void __launch_bounds__(kFinishFewThreads)
           sb += vb[k];
         }
       }
-      const float a = GLU ? gate_act(sa, act) * sb
-                          : gate_act(sa + (b1 != nullptr ? to_f32(b1[r]) : 0.f), act);
+      const float a =
+          GLU ? gate_act(sa, act) * sb : gate_act(sa + (b1 != nullptr ? to_f32(b1[r]) : 0.f), act);
 #pragma unroll
       for (int k = 0; k < kHeadGroup; ++k)
         if (h0 + k < kv_heads)
@@ -170,7 +170,7 @@ namespace {
 /// partials.
 template <typename TW>
 cudaError_t launch_finish_typed(const gate_params_t& p, const gate_plan_t& plan, int slots,
-                          const float* ws, bool pdl, cudaStream_t stream) {
+                                const float* ws, bool pdl, cudaStream_t stream) {
   const TW* bias = static_cast<const TW*>(p.bias);
   if (slots > 0) {
     const size_t count = static_cast<size_t>(p.n) * p.kv_heads;
@@ -183,8 +183,8 @@ cudaError_t launch_finish_typed(const gate_params_t& p, const gate_plan_t& plan,
   const bool glu = p.kind == kGateGlu;
   if (p.n < kFewTokens) {
     auto kernel = glu ? GateFinishFewKernel<TW, true> : GateFinishFewKernel<TW, false>;
-    return launch_dependent(pdl, kernel, p.n, kFinishFewThreads, 0, stream, ws, b1, w2, bias,
-                            p.lam, p.n, p.inter, p.kv_heads, plan.splits, p.act);
+    return launch_dependent(pdl, kernel, p.n, kFinishFewThreads, 0, stream, ws, b1, w2, bias, p.lam,
+                            p.n, p.inter, p.kv_heads, plan.splits, p.act);
   }
   auto kernel = glu ? GateFinishManyKernel<TW, true> : GateFinishManyKernel<TW, false>;
   return launch_dependent(pdl, kernel, p.n, kFinishManyThreads, 0, stream, ws, b1, w2, bias, p.lam,
@@ -195,9 +195,8 @@ cudaError_t launch_finish_typed(const gate_params_t& p, const gate_plan_t& plan,
 
 cudaError_t launch_finish(const gate_params_t& p, const gate_plan_t& plan, int slots,
                           const float* ws, bool pdl, cudaStream_t stream) {
-  return TRIMKV_DISPATCH_DTYPE(p.w_dtype, TW, [&] {
-    return launch_finish_typed<TW>(p, plan, slots, ws, pdl, stream);
-  });
+  return TRIMKV_DISPATCH_DTYPE(
+      p.w_dtype, TW, [&] { return launch_finish_typed<TW>(p, plan, slots, ws, pdl, stream); });
 }
 
 }  // namespace gate_detail

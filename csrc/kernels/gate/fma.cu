@@ -34,7 +34,10 @@ __global__ void __launch_bounds__(kFmaThreads)
   for (int t0 = 0; t0 < n; t0 += kTokChunk) {
     float sa[kTokChunk], sb[kTokChunk];
 #pragma unroll
-    for (int j = 0; j < kTokChunk; ++j) { sa[j] = 0.f; sb[j] = 0.f; }
+    for (int j = 0; j < kTokChunk; ++j) {
+      sa[j] = 0.f;
+      sb[j] = 0.f;
+    }
     for (int c = c_begin + lane; c < c_end; c += 32) {
       float w[8], w2[8];
       load8<TW>(ra + c * 8, w);
@@ -64,7 +67,10 @@ __global__ void __launch_bounds__(kFmaThreads)
       float va = 0.f, vb = 0.f;
 #pragma unroll
       for (int j = 0; j < kTokChunk; ++j)
-        if (j == lane) { va = sa[j]; vb = sb[j]; }
+        if (j == lane) {
+          va = sa[j];
+          vb = sb[j];
+        }
       ua[static_cast<size_t>(t0 + lane) * inter] = va;
       if (GLU) ub[static_cast<size_t>(t0 + lane) * inter] = vb;
     }
@@ -77,14 +83,14 @@ namespace {
 
 template <typename TX, typename TW>
 cudaError_t launch_fma_typed(const gate_params_t& p, const gate_plan_t& plan, float* ws,
-                       cudaStream_t stream) {
+                             cudaStream_t stream) {
   const dim3 grid(ceil_div(p.inter, kFmaRows), plan.splits);
   if (grid.y > 65535u) return cudaErrorInvalidValue;
   const TX* x = static_cast<const TX*>(p.x);
   if (p.kind == kGateGlu) {
     GateFmaKernel<TX, TW, true><<<grid, kFmaThreads, 0, stream>>>(
-        x, static_cast<const TW*>(p.w_gate), static_cast<const TW*>(p.w_up), ws, p.n,
-        p.in_dim, p.inter, plan.kslice);
+        x, static_cast<const TW*>(p.w_gate), static_cast<const TW*>(p.w_up), ws, p.n, p.in_dim,
+        p.inter, plan.kslice);
   } else {
     GateFmaKernel<TX, TW, false><<<grid, kFmaThreads, 0, stream>>>(
         x, static_cast<const TW*>(p.w1), nullptr, ws, p.n, p.in_dim, p.inter, plan.kslice);

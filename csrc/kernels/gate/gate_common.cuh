@@ -40,34 +40,34 @@ constexpr int kFmaMinSlice = 256;           // 32 lanes x 8 elements
 // GateFinishFewKernel puts every row's loads in flight at once. From kFewTokens on, blocks
 // are many and occupancy rules: GateFinishManyKernel is light enough for 8 blocks per SM.
 constexpr int kFewTokens = 256;
-constexpr int kFinishFewThreads = 512;   // one intermediate row per thread up to inter 512
+constexpr int kFinishFewThreads = 512;  // one intermediate row per thread up to inter 512
 constexpr int kFinishManyThreads = 256;
-constexpr int kFinishChunk = 2048;       // Many: activations staged in shared memory per pass
-constexpr int kHeadGroup = 8;            // Few: heads accumulated in registers per pass
-constexpr int kSplitBatch = 16;  // partial loads in flight per row: all of them up to kMaxSplits
+constexpr int kFinishChunk = 2048;  // Many: activations staged in shared memory per pass
+constexpr int kHeadGroup = 8;       // Few: heads accumulated in registers per pass
+constexpr int kSplitBatch = 16;     // partial loads in flight per row: all of them up to kMaxSplits
 constexpr int kFinishZThreads = 256;
 
 // One-pass decode kernel. Its arrival counters sit at the front of the workspace in a layout
 // that depends on inter alone (so that calls with different n agree on it): one counter per
 // (token tile, kCtrBM-row tile), then one per token tile; token tiles are >= 8 tokens wide
 // and n < kFewTokens, so there are at most kMaxTokTiles.
-constexpr int kCtrBM = 64;                     // rows of every one-pass tile (the skinny ones)
+constexpr int kCtrBM = 64;  // rows of every one-pass tile (the skinny ones)
 constexpr int kMaxTokTiles = kFewTokens / 8;
-constexpr int kCtrAlign = 256;                 // the data after the counters stays aligned
-constexpr int kOnePassSmem = 96 * 1024;        // stage budget: fits every sm_80+ part
-constexpr int kOnePassStages = 16;             // so that a whole K slice fits before the wait
-constexpr int kExtPre = 8;                     // W2 / b1 / bias loads per thread before the wait
+constexpr int kCtrAlign = 256;           // the data after the counters stays aligned
+constexpr int kOnePassSmem = 96 * 1024;  // stage budget: fits every sm_80+ part
+constexpr int kOnePassStages = 16;       // so that a whole K slice fits before the wait
+constexpr int kExtPre = 8;               // W2 / b1 / bias loads per thread before the wait
 
 // Rows decode kernel (GateRowsKernel, automatic for n <= kRowsTokens): no K split. A block
 // owns up to kRowsMax whole hidden rows (of each GLU matrix), so one cross-block reduction
 // (z partials, one arrival counter) finishes the call.
-constexpr int kRowsThreads = 256;                 // 8 warps; 2 blocks per SM (registers)
-constexpr int kRowsMaxWarps = 16;                 // the largest block any variant runs
-constexpr int kRowsMax = 4;          // rows per block: with GLU's two matrices, one n8 mma tile
-constexpr int kRowsTokens = 8;       // tokens: the live rows of one m16 mma tile
-constexpr int kRowsBlockTarget = 128;    // blocks wanted (~one per SM of an H100): R rows each
-constexpr int kRowsSmem = 96 * 1024;     // dynamic shared memory budget: fits every sm_80+ part
-constexpr int kRowsStaticSmem = 1024;    // margin for static shared memory under the opt-in cap
+constexpr int kRowsThreads = 256;      // 8 warps; 2 blocks per SM (registers)
+constexpr int kRowsMaxWarps = 16;      // the largest block any variant runs
+constexpr int kRowsMax = 4;            // rows per block: with GLU's two matrices, one n8 mma tile
+constexpr int kRowsTokens = 8;         // tokens: the live rows of one m16 mma tile
+constexpr int kRowsBlockTarget = 128;  // blocks wanted (~one per SM of an H100): R rows each
+constexpr int kRowsSmem = 96 * 1024;   // dynamic shared memory budget: fits every sm_80+ part
+constexpr int kRowsStaticSmem = 1024;  // margin for static shared memory under the opt-in cap
 // The rows kernel is automatic only where it measured faster (H100, NOTES.md): rg3 with x and
 // weights both fp16 or both bf16 on sm_80+, up to this many tokens. Each of its blocks reads
 // the whole of x from L2 (all blocks at once), ~1.1 us at n 1 and ~2.6 us at n 8 for Qwen3-4B,
@@ -75,12 +75,12 @@ constexpr int kRowsStaticSmem = 1024;    // margin for static shared memory unde
 // faster. Other dtypes and devices keep the FMA path and its finisher, against which the rows
 // kernel was not timed; forced plans test it there.
 constexpr int kRowsTcTokensGlu = 4;
-constexpr int kRowsSlices = 16;          // last block: slices of the blocks summed in parallel
-constexpr int kRowsLoads = 8;            // last block: partial loads in flight per thread
+constexpr int kRowsSlices = 16;  // last block: slices of the blocks summed in parallel
+constexpr int kRowsLoads = 8;    // last block: partial loads in flight per thread
 
-constexpr int kBK = 32;               // K per pipeline stage
-constexpr int kLds = kBK + 8;         // shared row pitch in elements: 80 B keeps ldmatrix
-                                      // conflict-free (8 rows hit 8 distinct 16-byte bank groups)
+constexpr int kBK = 32;        // K per pipeline stage
+constexpr int kLds = kBK + 8;  // shared row pitch in elements: 80 B keeps ldmatrix
+                               // conflict-free (8 rows hit 8 distinct 16-byte bank groups)
 
 /// 8 consecutive elements as float (16 bytes for 2-byte types, 32 for float).
 template <typename T>
@@ -95,13 +95,16 @@ __device__ __forceinline__ void load8<float>(const float* p, float* f) {
 
 __device__ __forceinline__ float gate_act(float u, int act) {
   switch (act) {
-    case kGateSilu: return u / (1.f + expf(-u));
-    case kGateGelu: return 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
+    case kGateSilu:
+      return u / (1.f + expf(-u));
+    case kGateGelu:
+      return 0.5f * u * (1.f + erff(u * 0.70710678118654752f));
     case kGateGeluTanh: {
       const float c = 0.7978845608028654f;  // sqrt(2/pi)
       return 0.5f * u * (1.f + tanhf(c * (u + 0.044715f * u * u * u)));
     }
-    default: return fmaxf(u, 0.f);
+    default:
+      return fmaxf(u, 0.f);
   }
 }
 
@@ -167,13 +170,21 @@ constexpr int kHugeSmem = 96 * 1024;
 template <bool GLU, int ID>
 struct tc_cfg_of;
 template <bool GLU>
-struct tc_cfg_of<GLU, kSkinny8> { using type = tc_cfg_t<GLU, 64, 8, 4, 1, kSmallSmem>; };
+struct tc_cfg_of<GLU, kSkinny8> {
+  using type = tc_cfg_t<GLU, 64, 8, 4, 1, kSmallSmem>;
+};
 template <bool GLU>
-struct tc_cfg_of<GLU, kSkinny16> { using type = tc_cfg_t<GLU, 64, 16, 4, 1, kSmallSmem>; };
+struct tc_cfg_of<GLU, kSkinny16> {
+  using type = tc_cfg_t<GLU, 64, 16, 4, 1, kSmallSmem>;
+};
 template <bool GLU>
-struct tc_cfg_of<GLU, kSkinny32> { using type = tc_cfg_t<GLU, 64, 32, 4, 1, kSmallSmem>; };
+struct tc_cfg_of<GLU, kSkinny32> {
+  using type = tc_cfg_t<GLU, 64, 32, 4, 1, kSmallSmem>;
+};
 template <bool GLU>
-struct tc_cfg_of<GLU, kSkinny64> { using type = tc_cfg_t<GLU, 64, 64, 4, 1, kSmallSmem>; };
+struct tc_cfg_of<GLU, kSkinny64> {
+  using type = tc_cfg_t<GLU, 64, 64, 4, 1, kSmallSmem>;
+};
 // GLU holds two accumulators per element, so its prefill tiles take half the tokens.
 template <bool GLU>
 struct tc_cfg_of<GLU, kBig> {
@@ -213,47 +224,52 @@ __host__ __device__ constexpr int one_pass_pitch() {
 template <bool GLU, typename F>
 cudaError_t with_tc_cfg(int id, F&& f) {
   switch (id) {
-    case kSkinny8: return f(typename tc_cfg_of<GLU, kSkinny8>::type{});
-    case kSkinny16: return f(typename tc_cfg_of<GLU, kSkinny16>::type{});
-    case kSkinny32: return f(typename tc_cfg_of<GLU, kSkinny32>::type{});
-    case kSkinny64: return f(typename tc_cfg_of<GLU, kSkinny64>::type{});
-    case kBig: return f(typename tc_cfg_of<GLU, kBig>::type{});
-    case kHuge: return f(typename tc_cfg_of<GLU, kHuge>::type{});
+    case kSkinny8:
+      return f(typename tc_cfg_of<GLU, kSkinny8>::type{});
+    case kSkinny16:
+      return f(typename tc_cfg_of<GLU, kSkinny16>::type{});
+    case kSkinny32:
+      return f(typename tc_cfg_of<GLU, kSkinny32>::type{});
+    case kSkinny64:
+      return f(typename tc_cfg_of<GLU, kSkinny64>::type{});
+    case kBig:
+      return f(typename tc_cfg_of<GLU, kBig>::type{});
+    case kHuge:
+      return f(typename tc_cfg_of<GLU, kHuge>::type{});
   }
   return cudaErrorInvalidValue;
 }
 
 template <typename T>
 struct tc_args_t {
-  const T* x;    ///< [n, in_dim]
-  const T* wa;   ///< [inter, in_dim]: W1 or W_gate
-  const T* wb;   ///< [inter, in_dim]: W_up (GLU) or null
-  const T* b1;   ///< [inter] or null (MLP)
-  const T* w2;   ///< [kv_heads, inter]
-  float* out;    ///< fused: z partials [slots, n, kv_heads]; split: u partials (see kernel)
+  const T* x;   ///< [n, in_dim]
+  const T* wa;  ///< [inter, in_dim]: W1 or W_gate
+  const T* wb;  ///< [inter, in_dim]: W_up (GLU) or null
+  const T* b1;  ///< [inter] or null (MLP)
+  const T* w2;  ///< [kv_heads, inter]
+  float* out;   ///< fused: z partials [slots, n, kv_heads]; split: u partials (see kernel)
   int n, in_dim, inter, kv_heads, kslice, act;
   // One pass only.
-  const T* bias;        ///< [kv_heads] or null
-  float* lam;           ///< [n, kv_heads]
-  unsigned* counters;   ///< arrival counters (layout: kCtrBM); zero on entry, zero on exit
-  float* zp;            ///< z partials [row tiles, n, kv_heads]
-  int ctr_rows;         ///< ceil(inter / kCtrBM): row tiles of the counter layout
-  int stage_bytes;      ///< dynamic shared memory before the W2 / b1 / bias / z area
-  int diag;             ///< harness timing diagnostics (kDiag*), 0 in every real call
+  const T* bias;       ///< [kv_heads] or null
+  float* lam;          ///< [n, kv_heads]
+  unsigned* counters;  ///< arrival counters (layout: kCtrBM); zero on entry, zero on exit
+  float* zp;           ///< z partials [row tiles, n, kv_heads]
+  int ctr_rows;        ///< ceil(inter / kCtrBM): row tiles of the counter layout
+  int stage_bytes;     ///< dynamic shared memory before the W2 / b1 / bias / z area
+  int diag;            ///< harness timing diagnostics (kDiag*), 0 in every real call
 };
 
 /// Timing diagnostics of the one-pass kernel (gate_harness bench only; results are wrong).
 enum OnePassDiag : int {
-  kDiagLateWeights = 1,  ///< request the W tiles after griddepcontrol.wait, with x
-  kDiagHiddenOnly = 2,   ///< every block exits after its partials: no finishing
-  kDiagNoLevel2 = 4,     ///< the row-tile finishers exit after writing zp
-  kDiagNoPdl = 8,        ///< launch in plain stream order (host side)
-  kDiagCarveMax = 16,    ///< rows: prefer the largest shared-memory carveout (host side)
+  kDiagLateWeights = 1,    ///< request the W tiles after griddepcontrol.wait, with x
+  kDiagHiddenOnly = 2,     ///< every block exits after its partials: no finishing
+  kDiagNoLevel2 = 4,       ///< the row-tile finishers exit after writing zp
+  kDiagNoPdl = 8,          ///< launch in plain stream order (host side)
+  kDiagCarveMax = 16,      ///< rows: prefer the largest shared-memory carveout (host side)
   kDiagCarveDefault = 32,  ///< rows: no carveout preference (host side)
-  kDiagNoX = 64,         ///< rows: x is not loaded
-  kDiagStaggerX = 128,   ///< rows: each block requests x's chunks starting at its own offset
+  kDiagNoX = 64,           ///< rows: x is not loaded
+  kDiagStaggerX = 128,     ///< rows: each block requests x's chunks starting at its own offset
 };
-
 
 /// Raw 16-bit weight element i of the one-pass kernel's shared W2 / b1 / bias area (0 past
 /// the matrix): loaded into a register before griddepcontrol.wait, converted after it, so the
@@ -279,8 +295,10 @@ __device__ __forceinline__ unsigned short ext_raw(const tc_args_t<T>& p, int m0,
 
 template <typename T>
 __device__ __forceinline__ float raw_to_f32(unsigned short v) {
-  if constexpr (std::is_same_v<T, __half>) return __half2float(__ushort_as_half(v));
-  else return __uint_as_float(static_cast<uint32_t>(v) << 16);
+  if constexpr (std::is_same_v<T, __half>)
+    return __half2float(__ushort_as_half(v));
+  else
+    return __uint_as_float(static_cast<uint32_t>(v) << 16);
 }
 
 __device__ __forceinline__ void vzero(float& a) { a = 0.f; }
@@ -301,8 +319,7 @@ __device__ __forceinline__ void vadd(float4& a, const float4& b) {
 /// (kG items x kSB splits): one L2 round trip per 16 / kG splits.
 template <typename C, typename V>
 __device__ __forceinline__ void sum_split_partials(const float* __restrict__ part, float* u_s,
-                                                   int splits, int n, int inter, int m0,
-                                                   int n0) {
+                                                   int splits, int n, int inter, int m0, int n0) {
   constexpr int kVec = sizeof(V) / sizeof(float);
   constexpr int kRowVecs = C::BM / kVec;
   constexpr int kItems = C::kMats * C::BN * kRowVecs;
@@ -361,10 +378,7 @@ __device__ __forceinline__ bool arrive_last(unsigned* c, unsigned arrivals, int*
   __syncthreads();
   if (threadIdx.x == 0) {
     unsigned prev;
-    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
-                 : "=r"(prev)
-                 : "l"(c)
-                 : "memory");
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n" : "=r"(prev) : "l"(c) : "memory");
     const bool last = prev == arrivals - 1;
     if (last) *reinterpret_cast<volatile unsigned*>(c) = 0u;
     *flag = last;
@@ -384,7 +398,7 @@ namespace gate_detail {
 /// previous kernel in the stream when pdl is set (sm_90+).
 template <typename... Params, typename... Args>
 inline cudaError_t launch_dependent(bool pdl, void (*kernel)(Params...), dim3 grid, dim3 block,
-                             size_t smem, cudaStream_t stream, Args... args) {
+                                    size_t smem, cudaStream_t stream, Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;

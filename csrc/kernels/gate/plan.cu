@@ -1,8 +1,8 @@
 // The retention gate's launch plans (plan.h): shape-only, so that the workspace size is known
 // without a device; the device facts (compute capability, shared memory) enter auto_plan only.
-#include "kernels/gate/plan.h"
-
 #include <algorithm>
+
+#include "kernels/gate/plan.h"
 
 namespace trimkv {
 namespace gate_detail {
@@ -20,8 +20,10 @@ tc_shape_t tc_shape(int cfg, bool glu) {
     s = {C::BM, C::BN, C::WM};
     return cudaSuccess;
   };
-  if (glu) with_tc_cfg<true>(cfg, get);
-  else with_tc_cfg<false>(cfg, get);
+  if (glu)
+    with_tc_cfg<true>(cfg, get);
+  else
+    with_tc_cfg<false>(cfg, get);
   return s;
 }
 
@@ -55,12 +57,18 @@ gate_plan_t tc_plan(const gate_params_t& p, int cfg, int splits) {
   };
   const bool automatic = cfg < 0;
   if (automatic) {
-    if (p.n <= 8) cfg = kSkinny8;
-    else if (p.n <= 16) cfg = kSkinny16;
-    else if (p.n <= 32) cfg = kSkinny32;
-    else if (p.n <= 256) cfg = kSkinny64;
-    else if (glu && tiles_of(kBig) >= kHugeTiles) cfg = kHuge;
-    else cfg = kBig;
+    if (p.n <= 8)
+      cfg = kSkinny8;
+    else if (p.n <= 16)
+      cfg = kSkinny16;
+    else if (p.n <= 32)
+      cfg = kSkinny32;
+    else if (p.n <= 256)
+      cfg = kSkinny64;
+    else if (glu && tiles_of(kBig) >= kHugeTiles)
+      cfg = kHuge;
+    else
+      cfg = kBig;
   }
   gate_plan_t plan;
   plan.cfg = cfg;
@@ -71,22 +79,22 @@ gate_plan_t tc_plan(const gate_params_t& p, int cfg, int splits) {
   // fewer, longer slices (its finishing blocks sum the splits, and the weight loads of the
   // next call overlap this one's finishing anyway).
   const int target = plan.one_pass ? kOnePassBlocks : kSplitTarget;
-  const int s = splits > 0 ? splits
-                           : std::max(1, std::min({target / tiles_of(cfg), kMaxSplits,
-                                                   p.in_dim / (2 * kBK)}));
+  const int s =
+      splits > 0
+          ? splits
+          : std::max(1, std::min({target / tiles_of(cfg), kMaxSplits, p.in_dim / (2 * kBK)}));
   set_splits(p, s, kBK, plan);
   if (plan.one_pass) {
-    const size_t parts = plan.splits > 1 ? static_cast<size_t>(plan.splits) * p.n * p.inter *
-                                               (glu ? 2 : 1)
-                                         : 0;
+    const size_t parts =
+        plan.splits > 1 ? static_cast<size_t>(plan.splits) * p.n * p.inter * (glu ? 2 : 1) : 0;
     const size_t zp = static_cast<size_t>(ceil_div(p.inter, sh.bm)) * p.n * p.kv_heads;
     plan.ws_bytes = (parts + zp) * sizeof(float);
   } else if (plan.splits == 1) {
     const size_t slots = static_cast<size_t>(ceil_div(p.inter, sh.bm)) * sh.wm;
     plan.ws_bytes = slots * p.n * p.kv_heads * sizeof(float);
   } else {
-    plan.ws_bytes = static_cast<size_t>(plan.splits) * p.n * p.inter * (glu ? 2 : 1) *
-                    sizeof(float);
+    plan.ws_bytes =
+        static_cast<size_t>(plan.splits) * p.n * p.inter * (glu ? 2 : 1) * sizeof(float);
   }
   plan.ws_bytes += counter_bytes(p);
   return plan;
@@ -97,13 +105,15 @@ gate_plan_t tc_plan(const gate_params_t& p, int cfg, int splits) {
 /// is compute bound at large n, where splitting only adds traffic).
 gate_plan_t fma_plan(const gate_params_t& p, int splits) {
   gate_plan_t plan;
-  const int s = splits > 0 ? splits
-                           : std::min({ceil_div(kTargetBlocks, ceil_div(p.inter, kFmaRows)),
-                                       std::max(1, p.in_dim / kFmaMinSlice),
-                                       std::max(1, p.in_dim / (2 * p.n))});
+  const int s =
+      splits > 0
+          ? splits
+          : std::min({ceil_div(kTargetBlocks, ceil_div(p.inter, kFmaRows)),
+                      std::max(1, p.in_dim / kFmaMinSlice), std::max(1, p.in_dim / (2 * p.n))});
   set_splits(p, s, 8, plan);
-  plan.ws_bytes = static_cast<size_t>(plan.splits) * p.n * p.inter *
-                  (p.kind == kGateGlu ? 2 : 1) * sizeof(float) + counter_bytes(p);
+  plan.ws_bytes = static_cast<size_t>(plan.splits) * p.n * p.inter * (p.kind == kGateGlu ? 2 : 1) *
+                      sizeof(float) +
+                  counter_bytes(p);
   return plan;
 }
 
@@ -113,8 +123,8 @@ int rows_pitch(size_t bytes) { return static_cast<int>((bytes + 127) / 128 * 128
 
 /// Bytes of the rows kernel's float area (see rows_args_t), a multiple of 128.
 int rows_ext_bytes(int kv_heads) {
-  const int floats = kRowsMaxWarps * 64 + kRowsTokens * kRowsMax + kv_heads * kRowsMax + kRowsMax +
-                     kv_heads;
+  const int floats =
+      kRowsMaxWarps * 64 + kRowsTokens * kRowsMax + kv_heads * kRowsMax + kRowsMax + kv_heads;
   return (floats * 4 + 127) / 128 * 128;
 }
 
@@ -123,7 +133,8 @@ size_t rows_smem_bytes(const gate_params_t& p, int rows) {
   const size_t mats = p.kind == kGateGlu ? 2 : 1;
   return rows_ext_bytes(p.kv_heads) +
          mats * rows * rows_pitch(static_cast<size_t>(p.in_dim) * dtype_size(p.w_dtype)) +
-         static_cast<size_t>(p.n) * rows_pitch(static_cast<size_t>(p.in_dim) * dtype_size(p.x_dtype));
+         static_cast<size_t>(p.n) *
+             rows_pitch(static_cast<size_t>(p.in_dim) * dtype_size(p.x_dtype));
 }
 
 /// Workspace of the rows kernel: the counters, then z partials [blocks, n, kv_heads].
@@ -151,8 +162,8 @@ gate_plan_t rows_plan(const gate_params_t& p, size_t smem_budget, int rows) {
 }
 
 bool shapes_valid(const gate_params_t& p) {
-  return p.n > 0 && p.in_dim > 0 && p.in_dim % limits::kGateInputMultiple == 0 && p.inter > 0 && p.kv_heads > 0 &&
-         p.act >= 0 && p.act <= 3 && (p.kind == kGateMlp || p.kind == kGateGlu);
+  return p.n > 0 && p.in_dim > 0 && p.in_dim % limits::kGateInputMultiple == 0 && p.inter > 0 &&
+         p.kv_heads > 0 && p.act >= 0 && p.act <= 3 && (p.kind == kGateMlp || p.kind == kGateGlu);
 }
 
 bool tc_dtypes(const gate_params_t& p) {
@@ -188,8 +199,8 @@ bool rows_automatic(const gate_params_t& p, int cc_major) {
 /// or the FMA path.
 gate_plan_t auto_plan(const gate_params_t& p, int cc_major, int smem_optin) {
   if (rows_automatic(p, cc_major)) {
-    const size_t budget = static_cast<size_t>(
-        std::max(0, std::min(kRowsSmem, smem_optin - kRowsStaticSmem)));
+    const size_t budget =
+        static_cast<size_t>(std::max(0, std::min(kRowsSmem, smem_optin - kRowsStaticSmem)));
     const gate_plan_t rows = rows_plan(p, budget);
     if (rows.rows > 0) return rows;
   }

@@ -22,14 +22,14 @@ constexpr int kRowsCfg = -3;  ///< gate_plan_t::cfg of the rows decode kernel
 /// workspace that needs (arrival counters included). Shape-only, so that the workspace size is
 /// known without a device.
 struct gate_plan_t {
-  int cfg = kFmaCfg;     ///< kFmaCfg, kRowsCfg or a TcCfg
+  int cfg = kFmaCfg;  ///< kFmaCfg, kRowsCfg or a TcCfg
   int splits = 1;
   int kslice = 0;
   bool one_pass = false;
-  int rows = 0;          ///< kRowsCfg: hidden rows per block (0: the rows kernel does not apply)
-  int threads = 0;       ///< kRowsCfg: block size (harness timing only; 0: kRowsThreads)
+  int rows = 0;     ///< kRowsCfg: hidden rows per block (0: the rows kernel does not apply)
+  int threads = 0;  ///< kRowsCfg: block size (harness timing only; 0: kRowsThreads)
   size_t ws_bytes = 0;
-  int diag = 0;          ///< OnePassDiag bits (harness timing only)
+  int diag = 0;  ///< OnePassDiag bits (harness timing only)
 };
 
 /// Bytes of arrival counters at the front of every workspace (every plan keeps its data past
@@ -111,8 +111,8 @@ cudaError_t launch_rows(const gate_params_t& p, const gate_plan_t& plan, unsigne
                         float* zp, bool pdl, cudaStream_t stream);
 /// Runs a plan (retention_gate.cu): the rows kernel, the one-pass kernel, or the hidden layer
 /// then its finishing kernel. cc_major as device_cc_major.
-cudaError_t run_plan(const gate_params_t& p, const gate_plan_t& plan, int cc_major,
-                     void* workspace, cudaStream_t stream);
+cudaError_t run_plan(const gate_params_t& p, const gate_plan_t& plan, int cc_major, void* workspace,
+                     cudaStream_t stream);
 
 }  // namespace gate_detail
 }  // namespace trimkv

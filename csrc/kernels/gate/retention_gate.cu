@@ -39,7 +39,8 @@
 // dependent launches.
 // Tensor cores need sm_80 and x and the weights in the same 16-bit dtype: 16-bit products are
 // exact in fp32, so the result matches the FMA path's accuracy. Every other case (fp32, mixed
-// dtypes, sm_75) beyond the rows kernel runs GateFmaKernel, which splits K the same way.#include "kernels/gate/retention_gate.cuh"
+// dtypes, sm_75) beyond the rows kernel runs GateFmaKernel, which splits K the same way.#include
+// "kernels/gate/retention_gate.cuh"
 
 #include <algorithm>
 
@@ -63,8 +64,8 @@ cudaError_t launch_hidden(const gate_params_t& p, const gate_plan_t& plan, void*
 
 }  // namespace
 
-cudaError_t run_plan(const gate_params_t& p, const gate_plan_t& plan, int cc_major,
-                     void* workspace, cudaStream_t stream) {
+cudaError_t run_plan(const gate_params_t& p, const gate_plan_t& plan, int cc_major, void* workspace,
+                     cudaStream_t stream) {
   const bool pdl = cc_major >= 9 && !(plan.diag & kDiagNoPdl);
   if (plan.cfg == kRowsCfg) {
     unsigned* counter = static_cast<unsigned*>(workspace);
@@ -85,7 +86,6 @@ cudaError_t run_plan(const gate_params_t& p, const gate_plan_t& plan, int cc_maj
 }
 
 }  // namespace gate_detail
-
 
 using namespace gate_detail;
 

@@ -5,8 +5,8 @@
 // n <= 8): one kernel per call, the rows kernel (each block owns a few whole hidden rows, one
 // cross-block reduction) for rg3 up to 4 tokens, else the one-pass kernel (in_dim split over
 // blocks, two levels of last-block elections). Other small n: the weights are read once per
-// call by many blocks that split in_dim and a finishing kernel sums the partials. Large n: tensor cores, the activation and W2 fused into the
-// product's epilogue where in_dim is not split.
+// call by many blocks that split in_dim and a finishing kernel sums the partials. Large n: tensor
+// cores, the activation and W2 fused into the product's epilogue where in_dim is not split.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -30,13 +30,13 @@ constexpr int kGateGlu = static_cast<int>(GateArch::kGlu);  // rg3
 
 /// Parameters of one gate evaluation over n tokens. All pointers are device pointers.
 struct gate_params_t {
-  int kind = kGateMlp;    ///< GateArch
-  int act = kGateSilu;    ///< Activation
-  int n = 0;              ///< tokens
-  int in_dim = 0;         ///< input width (Dm, or kv_heads * 2 * head_dim for rg2/rg3); % 8 == 0
-  int inter = 0;          ///< intermediate size I
-  int kv_heads = 0;       ///< outputs per token
-  const void* x = nullptr;       ///< [n, in_dim] in x_dtype
+  int kind = kGateMlp;      ///< GateArch
+  int act = kGateSilu;      ///< Activation
+  int n = 0;                ///< tokens
+  int in_dim = 0;           ///< input width (Dm, or kv_heads * 2 * head_dim for rg2/rg3); % 8 == 0
+  int inter = 0;            ///< intermediate size I
+  int kv_heads = 0;         ///< outputs per token
+  const void* x = nullptr;  ///< [n, in_dim] in x_dtype
   DType x_dtype = DType::kF32;
   DType w_dtype = DType::kF32;   ///< dtype of every weight and bias below
   const void* w1 = nullptr;      ///< kMlp: [inter, in_dim]

@@ -26,7 +26,7 @@ struct rows_args_t {
   unsigned* counter;  ///< one arrival counter (workspace front): zero on entry and on exit
   int n, in_dim, inter, kv_heads, rows, act;
   int pitch_w, pitch_x, ext_bytes;  ///< shared memory layout (bytes), see above
-  int diag;           ///< harness timing diagnostics (kDiag*), 0 in every real call
+  int diag;                         ///< harness timing diagnostics (kDiag*), 0 in every real call
 };
 
 /// Entry i of the rows kernel's float area past the per-warp sums and activations: W2 columns
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(THREADS, 2) GateRowsKernel(const rows_args_t<T
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int R = p.rows, row0 = blockIdx.x * R, H = p.kv_heads;
   float* red = reinterpret_cast<float*>(smem_raw);  // [kWarps, 8 tokens x 8 columns]
-  float* hs = red + kWarps * 64;                // [8 tokens, kRowsMax]
+  float* hs = red + kWarps * 64;                    // [8 tokens, kRowsMax]
   float* ext = hs + kRowsTokens * kRowsMax;         // rows_ext_raw's entries, as float
   const float* w2s = ext;
   const float* b1s = ext + H * kRowsMax;
@@ -139,8 +139,7 @@ __global__ void __launch_bounds__(THREADS, 2) GateRowsKernel(const rows_args_t<T
   }
   cp_async_commit();
   if (tid < n_ext) ext[tid] = to_f32(raw);
-  for (int i = tid + THREADS; i < n_ext; i += THREADS)
-    ext[i] = to_f32(rows_ext_raw(p, row0, i));
+  for (int i = tid + THREADS; i < n_ext; i += THREADS) ext[i] = to_f32(rows_ext_raw(p, row0, i));
   cp_async_wait<0>();
   __syncthreads();
 
@@ -158,13 +157,13 @@ __global__ void __launch_bounds__(THREADS, 2) GateRowsKernel(const rows_args_t<T
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[a][e] = 0.f;
     const int steps = (p.in_dim + 31) / 32;
-    auto step = [&](int s, float (&d0)[4], float (&d1)[4]) {
+    auto step = [&](int s, float(&d0)[4], float(&d1)[4]) {
       const int k = s * 32 + q * 8;
       const bool kok = k < p.in_dim;
-      const uint4 xa = (xok && kok) ? *reinterpret_cast<const uint4*>(xrow + k * 2)
-                                    : make_uint4(0, 0, 0, 0);
-      const uint4 wa = (wok && kok) ? *reinterpret_cast<const uint4*>(wrow + k * 2)
-                                    : make_uint4(0, 0, 0, 0);
+      const uint4 xa =
+          (xok && kok) ? *reinterpret_cast<const uint4*>(xrow + k * 2) : make_uint4(0, 0, 0, 0);
+      const uint4 wa =
+          (wok && kok) ? *reinterpret_cast<const uint4*>(wrow + k * 2) : make_uint4(0, 0, 0, 0);
       const uint32_t a0[4] = {xa.x, 0u, xa.y, 0u};
       const uint32_t a1[4] = {xa.z, 0u, xa.w, 0u};
       mma::mma_16816<TW>(d0, a0, wa.x, wa.y);
@@ -271,8 +270,10 @@ __global__ void __launch_bounds__(THREADS, 2) GateRowsKernel(const rows_args_t<T
 #pragma unroll
       for (int k = 0; k < kRowsLoads; ++k) z += v[k];
     }
-    if (slices == 1) p.lam[o] = log_sigmoid(bias_s[o % H] + z);
-    else part[i] = z;
+    if (slices == 1)
+      p.lam[o] = log_sigmoid(bias_s[o % H] + z);
+    else
+      part[i] = z;
   }
   if (slices == 1) return;
   __syncthreads();
@@ -292,7 +293,7 @@ namespace {
 /// workspace (zero), zp: past counter_bytes(p).
 template <typename TX, typename TW>
 cudaError_t launch_rows_typed(const gate_params_t& p, const gate_plan_t& plan, unsigned* counter,
-                        float* zp, bool pdl, cudaStream_t stream) {
+                              float* zp, bool pdl, cudaStream_t stream) {
   if (plan.rows < 1 || plan.rows > kRowsMax || p.n > kRowsTokens) return cudaErrorInvalidValue;
   const bool glu = p.kind == kGateGlu;
   rows_args_t<TX, TW> a{};

@@ -231,8 +231,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) GateTcKernel(const
       const int r = row0 + i * 16 + hi * 8;
       const bool valid = r < p.inter;
       float bias = 0.f;
-      if constexpr (ONE_PASS) bias = s_b1[r - m0];
-      else bias = (!GLU && valid && p.b1 != nullptr) ? to_f32(p.b1[r]) : 0.f;
+      if constexpr (ONE_PASS)
+        bias = s_b1[r - m0];
+      else
+        bias = (!GLU && valid && p.b1 != nullptr) ? to_f32(p.b1[r]) : 0.f;
 #pragma unroll
       for (int j = 0; j < C::NT; ++j)
 #pragma unroll
@@ -259,8 +261,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) GateTcKernel(const
 #pragma unroll
       for (int hi = 0; hi < 2; ++hi) {
         const int r = row0 + i * 16 + hi * 8;
-        if constexpr (ONE_PASS) w[i][hi] = s_w2[h * C::BM + r - m0];
-        else w[i][hi] = r < p.inter ? to_f32(w2[r]) : 0.f;
+        if constexpr (ONE_PASS)
+          w[i][hi] = s_w2[h * C::BM + r - m0];
+        else
+          w[i][hi] = r < p.inter ? to_f32(w2[r]) : 0.f;
       }
     float s[C::NT][2];
 #pragma unroll
@@ -358,15 +362,15 @@ tc_args_t<T> tc_args(const gate_params_t& p, const gate_plan_t& plan, float* out
 /// slots it writes when fused (0 when split) through `slots`.
 template <typename T, bool GLU>
 cudaError_t launch_tc_typed(const gate_params_t& p, const gate_plan_t& plan, float* ws, int& slots,
-                      cudaStream_t stream) {
+                            cudaStream_t stream) {
   return with_tc_cfg<GLU>(plan.cfg, [&](auto c) -> cudaError_t {
     using C = decltype(c);
     const dim3 grid(ceil_div(p.inter, C::BM), ceil_div(p.n, C::BN), plan.splits);
     if (grid.y > 65535u || grid.z > 65535u) return cudaErrorInvalidValue;
     auto kernel = GateTcKernel<T, GLU, C, false>;
     if (C::kSmemBytes > 48 * 1024) {
-      const cudaError_t e = cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+      const cudaError_t e =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
       if (e != cudaSuccess) return e;
     }
     const tc_args_t<T> a = tc_args<T, GLU>(p, plan, ws);
@@ -380,8 +384,8 @@ cudaError_t launch_tc_typed(const gate_params_t& p, const gate_plan_t& plan, flo
 /// dependent of the previous kernel in the stream when pdl is set. counters: the front of the
 /// workspace (zero), data: past counter_bytes(p).
 template <typename T, bool GLU>
-cudaError_t launch_one_pass_typed(const gate_params_t& p, const gate_plan_t& plan, unsigned* counters,
-                            float* data, bool pdl, cudaStream_t stream) {
+cudaError_t launch_one_pass_typed(const gate_params_t& p, const gate_plan_t& plan,
+                                  unsigned* counters, float* data, bool pdl, cudaStream_t stream) {
   return with_tc_cfg<GLU>(plan.cfg, [&](auto c) -> cudaError_t {
     using C0 = decltype(c);
     if constexpr (C0::BM != kCtrBM || C0::WN != 1) {
