@@ -9,9 +9,14 @@ namespace gate_detail {
 
 namespace {
 
-struct tc_shape_t {
-  int bm, bn, wm;
-};
+/// Sets the plan's K slices from a wanted count s: kslice a multiple of align.
+void set_splits(const gate_params_t& p, int s, int align, gate_plan_t& plan) {
+  s = std::max(1, std::min(s, ceil_div(p.in_dim, align)));
+  plan.kslice = ceil_div(ceil_div(p.in_dim, s), align) * align;
+  plan.splits = ceil_div(p.in_dim, plan.kslice);
+}
+
+}  // namespace
 
 tc_shape_t tc_shape(int cfg, bool glu) {
   tc_shape_t s{0, 0, 0};
@@ -26,15 +31,6 @@ tc_shape_t tc_shape(int cfg, bool glu) {
     with_tc_cfg<false>(cfg, get);
   return s;
 }
-
-/// Sets the plan's K slices from a wanted count s: kslice a multiple of align.
-void set_splits(const gate_params_t& p, int s, int align, gate_plan_t& plan) {
-  s = std::max(1, std::min(s, ceil_div(p.in_dim, align)));
-  plan.kslice = ceil_div(ceil_div(p.in_dim, s), align) * align;
-  plan.splits = ceil_div(p.in_dim, plan.kslice);
-}
-
-}  // namespace
 
 /// Bytes of arrival counters at the front of every workspace (every plan keeps its data past
 /// them, so that they stay zero whatever plan ran before): one per (token tile, kCtrBM-row

@@ -32,6 +32,12 @@ struct gate_plan_t {
   int diag = 0;  ///< OnePassDiag bits (harness timing only)
 };
 
+/// Tile shape (rows BM, tokens BN, warp rows WM) of tensor-core configuration cfg.
+struct tc_shape_t {
+  int bm, bn, wm;
+};
+tc_shape_t tc_shape(int cfg, bool glu);
+
 /// Bytes of arrival counters at the front of every workspace (every plan keeps its data past
 /// them, so that they stay zero whatever plan ran before): one per (token tile, kCtrBM-row
 /// tile) and one per token tile, for up to kMaxTokTiles token tiles.
