@@ -1,7 +1,7 @@
 /** The memory-bounded KV cache of TRIM-KV for a batch of sequences (SPEC sections 4-7). */
 import { native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeCacheHandle } from './native.js';
-import { CUDA_HEAD_DIM_MULTIPLE, CUDA_MAX_HEAD_DIM, CUDA_MAX_POOL_HEADS, CUDA_MMA_MAX_GROUP, DTYPE_BYTES, DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
+import { DTYPE_BYTES, DTYPES, MAX_HEAD_DIM, SCOPES, STRATEGIES } from './constants.js';
 import { checkTensor, expectTensor, released } from './tensor.js';
 import { types } from 'node:util';
 import type { BackendName, CacheConfig, DecodeInputs, DType, HeadSnapshot, PrefillBatchInputs, PrefillInputs } from './types.js';
@@ -42,42 +42,17 @@ export function resolveCacheConfig(config: CacheConfig): ResolvedCacheConfig {
 
 /**
  * Why a backend cannot run a (valid) cache configuration, or null when it can. The CPU runs
- * every configuration; the CUDA kernels run every scope (a 'global' pool of at most
- * CUDA_MAX_POOL_HEADS heads per sequence) and threshold, with head dims that are multiples of
- * 8 up to 256 and the query groups per KV head that the decode kernel takes.
+ * every configuration; for CUDA the addon answers from the kernels' limits (the native support
+ * query, csrc/ops/support.h): head dims that are multiples of 8 up to 256, the query groups the
+ * decode kernels run, at most 1,024 pooled heads per sequence for scope 'global'.
  * @throws {TrimKVError} for an invalid configuration, as `resolveCacheConfig`
  */
 export function cacheSupport(backend: BackendName, config: CacheConfig | ResolvedCacheConfig): string | null {
   oneOf(backend, 'backend', ['cpu', 'cuda'] as const);
   const c = resolveCacheConfig(config as CacheConfig);
   if (backend === 'cpu') return null;
-  if (c.scope === 'global' && c.layers * c.kvHeads > CUDA_MAX_POOL_HEADS) {
-    return `scope 'global' on the CUDA backend pools at most ${CUDA_MAX_POOL_HEADS} heads per sequence (layers x kvHeads), got ${c.layers * c.kvHeads}; use scope 'layer' or the CPU backend`;
-  }
-  if (c.headDim % CUDA_HEAD_DIM_MULTIPLE !== 0 || c.headDim > CUDA_MAX_HEAD_DIM) {
-    return `headDim ${c.headDim} is not supported by the CUDA backend (multiples of ${CUDA_HEAD_DIM_MULTIPLE} up to ${CUDA_MAX_HEAD_DIM})`;
-  }
-  const group = c.qHeads / c.kvHeads;
-  if (!cudaDecodeGroupOk(group, c.headDim, c.dtype)) {
-    return `qHeads / kvHeads = ${group} is not supported by the CUDA decode kernel for ${c.dtype} at headDim ${c.headDim} ` +
-      `(fp16/bf16 take groups up to ${CUDA_MMA_MAX_GROUP} on sm_80+; otherwise groups of 1, 2, 4, 8 and some larger powers of two)`;
-  }
-  return null;
-}
-
-/**
- * Mirrors DecodeGroupSupported (csrc/kernels/decode.cu) on a GPU with tensor cores (sm_80+):
- * fp16/bf16 groups up to CUDA_MMA_MAX_GROUP run on tensor cores; the CUDA-core kernel (fp32,
- * larger groups) spreads a head's group over lane groups of 256 threads (one 16-byte vector
- * per lane, at most 32 lanes a token), which group / (heads per lane group) must divide.
- */
-function cudaDecodeGroupOk(group: number, headDim: number, dtype: DType): boolean {
-  if (dtype !== 'fp32' && group <= CUDA_MMA_MAX_GROUP) return true;
-  const perLaneGroup = group % 4 === 0 ? 4 : group % 2 === 0 ? 2 : 1;
-  const dpad = headDim <= 64 ? 64 : headDim <= 128 ? 128 : 256;
-  const vectors = dpad / (dtype === 'fp32' ? 4 : 8);
-  const laneGroups = 256 / Math.min(vectors, 32);
-  return laneGroups % (group / perLaneGroup) === 0;
+  const r = native(() => loadAddon().cacheSupport(BACKEND_INDEX[backend], c));
+  return r.ok ? null : (r.reason ?? 'unsupported');
 }
 
 export class KVCache {

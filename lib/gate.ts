@@ -1,7 +1,7 @@
 /** The retention gate (SPEC section 3): lam = logsigmoid(gate(x)) for a batch of tokens. */
 import { native, TrimKVError } from './errors.js';
 import { BACKEND_INDEX, loadAddon, type NativeGateHandle } from './native.js';
-import { ACTIVATIONS, CUDA_GATE_INPUT_MULTIPLE, DTYPES, GATE_KINDS } from './constants.js';
+import { ACTIVATIONS, DTYPES, GATE_KINDS } from './constants.js';
 import { checkTensor, expectTensor, released, type Tensor } from './tensor.js';
 import type { BackendName, DType, GateKind, GateSpec, WeightInput } from './types.js';
 import { argObject, integerIn, invalid, invalidText, oneOf, shapeOf } from './validate.js';
@@ -27,10 +27,9 @@ function weightParts(w: WeightInput, name: string): { dtype: DType; data: Float3
 export function gateSupport(backend: BackendName, inputSize: number): string | null {
   oneOf(backend, 'backend', ['cpu', 'cuda'] as const);
   integerIn(inputSize, 'inputSize', 1, 2 ** 20);
-  if (backend === 'cuda' && inputSize % CUDA_GATE_INPUT_MULTIPLE !== 0) {
-    return `inputSize ${inputSize} is not supported by the CUDA gate (a multiple of ${CUDA_GATE_INPUT_MULTIPLE} is needed)`;
-  }
-  return null;
+  if (backend === 'cpu') return null;
+  const r = native(() => loadAddon().gateSupport(BACKEND_INDEX[backend], inputSize));
+  return r.ok ? null : (r.reason ?? 'unsupported');
 }
 
 export class RetentionGate {

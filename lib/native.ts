@@ -64,7 +64,7 @@ export interface NativeAddon {
   /** Device-to-device copy bandwidth in GB/s (read + write), median of iters. */
   copyBandwidth(bytes: number, iters: number): number;
   /**
-   * Benchmark of the eviction's selection alone (csrc/kernels/select_bench.cu): per-launch ms of
+   * Benchmark of the eviction's selection alone (csrc/bench/select_bench.cu): per-launch ms of
    * `rows` blocks each selecting the top k of n keys; keptMin / keptMax check the result.
    * ERR_UNSUPPORTED without CUDA.
    */
@@ -72,6 +72,20 @@ export interface NativeAddon {
     warmup: number; keys: 'random' | 'scores'; seed: number }): { ms: Float64Array; keptMin: number; keptMax: number };
   /** Bytes in use on the GPU (cudaMemGetInfo: total - free). ERR_UNSUPPORTED without CUDA. */
   deviceMemoryUsed(backend: number): number;
+  /**
+   * Whether a backend runs a cache of this (resolved) configuration, from the kernels' limits
+   * (csrc/common/limits.h, csrc/ops/support.h); no device needed.
+   */
+  cacheSupport(backend: number, config: { layers: number; qHeads: number; kvHeads: number; headDim: number;
+    dtype: string; scope: string }): SupportResult;
+  /** Whether a backend runs a gate of this input width (csrc/ops/support.h). */
+  gateSupport(backend: number, inputSize: number): SupportResult;
+}
+
+/** The answer of the native support query: ok, or the reason why not. */
+export interface SupportResult {
+  ok: boolean;
+  reason?: string;
 }
 
 /** Where the loaded binary came from, for `trimkv info`. */
@@ -116,5 +130,5 @@ export function addonOrigin(): AddonOrigin {
   return origin!;
 }
 
-/** Backend indices shared with csrc/ops/device.h. */
+/** Backend indices shared with csrc/common/enums.h. */
 export const BACKEND_INDEX = { cpu: 0, cuda: 1 } as const;

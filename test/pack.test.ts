@@ -57,7 +57,7 @@ describe('npm pack and an offline install', () => {
       const files: string[] = json[0].files.map((f: { path: string }) => f.path);
       // What users need, and nothing of the development tree.
       for (const need of ['dist/lib/index.js', 'dist/lib/index.d.ts', 'dist/lib/cli/index.js', 'dist/bench/cli.js', 'dist/bench/suite.js', 'bin/trimkv.js', 'scripts/install.mjs',
-        'CMakeLists.txt', 'binding.gyp', 'csrc/ops/cache.h', 'csrc/kernels/decode.cuh', 'package.json', 'README.md']) {
+        'CMakeLists.txt', 'binding.gyp', 'csrc/ops/cache.h', 'csrc/kernels/attention/decode.cuh', 'package.json', 'README.md']) {
         expect(files, `tarball lacks ${need}`).toContain(need);
       }
       // Sources, tests, the benchmark's results, plots and Python baseline stay in the repository.

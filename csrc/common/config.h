@@ -7,15 +7,10 @@
 #include <string>
 
 #include "common/dtype.h"
+#include "common/enums.h"
 #include "common/errors.h"
 
 namespace trimkv {
-
-enum class Strategy : int { kAlpha = 0, kKnormAlpha = 1 };
-enum class Scope : int { kHead = 0, kLayer = 1, kGlobal = 2 };
-enum class GateKind : int { kRg = 0, kRg2 = 1, kRg3 = 2 };
-/// Gate activations; the integer values are shared with the CUDA gate kernels.
-enum class Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
 
 inline DType parse_dtype(const std::string& s) {
   if (s == "fp32") return DType::kF32;
@@ -65,21 +60,30 @@ struct cache_config_t {
   float scale = 0.f;       // 0 = 1 / sqrt(head_dim)
 
   int group() const { return q_heads / kv_heads; }
-  float softmax_scale() const { return scale > 0.f ? scale : 1.0f / std::sqrt(static_cast<float>(head_dim)); }
+  float softmax_scale() const {
+    return scale > 0.f ? scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
+  }
 
   void validate() const {
-    TRIMKV_CHECK(layers >= 1 && layers <= 4096, code::kRange, "layers must be in [1, 4096], got ", layers);
-    TRIMKV_CHECK(batch >= 1 && batch <= 65536, code::kRange, "batch must be in [1, 65536], got ", batch);
-    TRIMKV_CHECK(kv_heads >= 1 && kv_heads <= 1024, code::kRange, "kvHeads must be in [1, 1024], got ", kv_heads);
+    TRIMKV_CHECK(layers >= 1 && layers <= 4096, code::kRange, "layers must be in [1, 4096], got ",
+                 layers);
+    TRIMKV_CHECK(batch >= 1 && batch <= 65536, code::kRange, "batch must be in [1, 65536], got ",
+                 batch);
+    TRIMKV_CHECK(kv_heads >= 1 && kv_heads <= 1024, code::kRange,
+                 "kvHeads must be in [1, 1024], got ", kv_heads);
     TRIMKV_CHECK(q_heads >= kv_heads && q_heads % kv_heads == 0, code::kRange,
-                 "qHeads must be a multiple of kvHeads, got qHeads=", q_heads, " kvHeads=", kv_heads);
-    TRIMKV_CHECK(head_dim >= 1 && head_dim <= 1024, code::kRange, "headDim must be in [1, 1024], got ", head_dim);
+                 "qHeads must be a multiple of kvHeads, got qHeads=", q_heads,
+                 " kvHeads=", kv_heads);
+    TRIMKV_CHECK(head_dim >= 1 && head_dim <= 1024, code::kRange,
+                 "headDim must be in [1, 1024], got ", head_dim);
     TRIMKV_CHECK(memory >= 1, code::kRange, "memory must be >= 1, got ", memory);
     TRIMKV_CHECK(buffer >= 0, code::kRange, "buffer must be >= 0, got ", buffer);
     TRIMKV_CHECK(window >= 0, code::kRange, "window must be >= 0, got ", window);
     TRIMKV_CHECK(floor >= 0.0 && floor < 1.0, code::kRange, "floor must be in [0, 1), got ", floor);
-    TRIMKV_CHECK(threshold >= 0.0 && threshold <= 1.0, code::kRange, "threshold must be in (0, 1], got ", threshold);
-    TRIMKV_CHECK(scale >= 0.f && std::isfinite(scale), code::kRange, "scale must be a positive finite number");
+    TRIMKV_CHECK(threshold >= 0.0 && threshold <= 1.0, code::kRange,
+                 "threshold must be in (0, 1], got ", threshold);
+    TRIMKV_CHECK(scale >= 0.f && std::isfinite(scale), code::kRange,
+                 "scale must be a positive finite number");
   }
 };
 

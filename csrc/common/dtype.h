@@ -14,9 +14,12 @@ inline size_t dtype_size(DType t) { return t == DType::kF32 ? 4 : 2; }
 
 inline const char* dtype_name(DType t) {
   switch (t) {
-    case DType::kF32: return "fp32";
-    case DType::kF16: return "fp16";
-    case DType::kBF16: return "bf16";
+    case DType::kF32:
+      return "fp32";
+    case DType::kF16:
+      return "fp16";
+    case DType::kBF16:
+      return "bf16";
   }
   return "?";
 }
@@ -86,9 +89,12 @@ inline float fp16_to_float(uint16_t h) {
 /// Reads element i of a buffer of dtype t as float.
 inline float load_as_float(const void* p, DType t, size_t i) {
   switch (t) {
-    case DType::kF32: return static_cast<const float*>(p)[i];
-    case DType::kF16: return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
-    case DType::kBF16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    case DType::kF32:
+      return static_cast<const float*>(p)[i];
+    case DType::kF16:
+      return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
+    case DType::kBF16:
+      return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
   }
   return 0.f;
 }
@@ -96,9 +102,15 @@ inline float load_as_float(const void* p, DType t, size_t i) {
 /// Writes element i of a buffer of dtype t from a float (rounded to nearest even).
 inline void store_from_float(void* p, DType t, size_t i, float v) {
   switch (t) {
-    case DType::kF32: static_cast<float*>(p)[i] = v; break;
-    case DType::kF16: static_cast<uint16_t*>(p)[i] = float_to_fp16(v); break;
-    case DType::kBF16: static_cast<uint16_t*>(p)[i] = float_to_bf16(v); break;
+    case DType::kF32:
+      static_cast<float*>(p)[i] = v;
+      break;
+    case DType::kF16:
+      static_cast<uint16_t*>(p)[i] = float_to_fp16(v);
+      break;
+    case DType::kBF16:
+      static_cast<uint16_t*>(p)[i] = float_to_bf16(v);
+      break;
   }
 }
 
@@ -106,7 +118,9 @@ inline void store_from_float(void* p, DType t, size_t i, float v) {
 /// sits outside the loop so each loop is a plain, vectorisable conversion.
 inline void to_float_n(const void* p, DType t, size_t first, size_t n, float* dst) {
   switch (t) {
-    case DType::kF32: std::memcpy(dst, static_cast<const float*>(p) + first, n * 4); break;
+    case DType::kF32:
+      std::memcpy(dst, static_cast<const float*>(p) + first, n * 4);
+      break;
     case DType::kF16: {
       const uint16_t* s = static_cast<const uint16_t*>(p) + first;
       for (size_t i = 0; i < n; ++i) dst[i] = fp16_to_float(s[i]);

@@ -48,9 +48,9 @@ template <typename... Parts>
   throw Error(code, os.str());
 }
 
-#define TRIMKV_CHECK(cond, code_, ...)                 \
-  do {                                                 \
-    if (!(cond)) ::trimkv::fail(code_, __VA_ARGS__);   \
+#define TRIMKV_CHECK(cond, code_, ...)               \
+  do {                                               \
+    if (!(cond)) ::trimkv::fail(code_, __VA_ARGS__); \
   } while (0)
 
 }  // namespace trimkv

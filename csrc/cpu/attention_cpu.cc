@@ -6,8 +6,8 @@
 
 namespace trimkv::cpu {
 
-void attend_row(const float* q, const float* keys, const float* values, int n, int D, float scale, float* out,
-                std::vector<float>& logits) {
+void attend_row(const float* q, const float* keys, const float* values, int n, int D, float scale,
+                float* out, std::vector<float>& logits) {
   std::fill(out, out + D, 0.f);
   if (n == 0) return;
   logits.resize(static_cast<size_t>(n));
@@ -20,7 +20,8 @@ void attend_row(const float* q, const float* keys, const float* values, int n, i
     for (; d + 8 <= D; d += 8)
       for (int j = 0; j < 8; ++j) acc[j] += q[d + j] * k[d + j];
     for (; d < D; ++d) acc[0] += q[d] * k[d];
-    logits[t] = (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) * scale;
+    logits[t] =
+        (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) * scale;
     m = std::max(m, logits[t]);
   }
   float denom = 0.f;

@@ -11,7 +11,7 @@
 #include "cpu/attention_cpu.h"
 #include "cpu/parallel.h"
 #include "ops/cache.h"
-#include "ops/device.h"
+#include "runtime/device.h"
 
 namespace trimkv {
 namespace {
@@ -90,7 +90,8 @@ class CpuCache final : public Cache {
       for (int g = 0; g < G; ++g) {
         const size_t qoff = static_cast<size_t>(b * Hq + h * G + g) * D;
         to_float_n(a.q->data(), dt, qoff, D, qrow.data());
-        cpu::attend_row(qrow.data(), keys.data(), values.data(), hs.len + 1, D, scale, orow.data(), logits);
+        cpu::attend_row(qrow.data(), keys.data(), values.data(), hs.len + 1, D, scale, orow.data(),
+                        logits);
         for (int d = 0; d < D; ++d) store_from_float(a.out->data(), dt, qoff + d, orow[d]);
       }
       append(hs, a.k->data(), a.v->data(), new_row, a.positions[b], lam_in[tasks[t]]);
@@ -144,7 +145,8 @@ class CpuCache final : public Cache {
           const size_t qoff = ((row0 + i) * Hq + h * G + g) * D;
           to_float_n(a.q->data(), dt, qoff, D, qrow.data());
           // Causal within the chunk: query i sees every cached token and chunk tokens 0..i.
-          cpu::attend_row(qrow.data(), keys.data(), values.data(), cached + i + 1, D, scale, orow.data(), logits);
+          cpu::attend_row(qrow.data(), keys.data(), values.data(), cached + i + 1, D, scale,
+                          orow.data(), logits);
           for (int d = 0; d < D; ++d) store_from_float(a.out->data(), dt, qoff + d, orow[d]);
         }
       }
@@ -172,8 +174,8 @@ class CpuCache final : public Cache {
   }
 
   // Cached rows of `hs`, then `n_new` input rows (row stride kv_heads * D), as float32.
-  void gather_rows(const HeadStore& hs, const void* k_in, const void* v_in, size_t first_row, int n_new,
-                   std::vector<float>& keys, std::vector<float>& values) const {
+  void gather_rows(const HeadStore& hs, const void* k_in, const void* v_in, size_t first_row,
+                   int n_new, std::vector<float>& keys, std::vector<float>& values) const {
     const int D = cfg_.head_dim;
     const size_t stride = static_cast<size_t>(cfg_.kv_heads) * D;
     const size_t total = static_cast<size_t>(hs.len + n_new) * D;
@@ -183,12 +185,15 @@ class CpuCache final : public Cache {
     to_float_n(hs.k.data(), cfg_.dtype, 0, cached, keys.data());
     to_float_n(hs.v.data(), cfg_.dtype, 0, cached, values.data());
     for (int t = 0; t < n_new; ++t) {
-      to_float_n(k_in, cfg_.dtype, first_row + t * stride, D, keys.data() + cached + static_cast<size_t>(t) * D);
-      to_float_n(v_in, cfg_.dtype, first_row + t * stride, D, values.data() + cached + static_cast<size_t>(t) * D);
+      to_float_n(k_in, cfg_.dtype, first_row + t * stride, D,
+                 keys.data() + cached + static_cast<size_t>(t) * D);
+      to_float_n(v_in, cfg_.dtype, first_row + t * stride, D,
+                 values.data() + cached + static_cast<size_t>(t) * D);
     }
   }
 
-  void append(HeadStore& hs, const void* k_in, const void* v_in, size_t row, int32_t pos, float lam) {
+  void append(HeadStore& hs, const void* k_in, const void* v_in, size_t row, int32_t pos,
+              float lam) {
     const size_t off = row * dtype_size(cfg_.dtype);
     const uint8_t* kp = static_cast<const uint8_t*>(k_in) + off;
     const uint8_t* vp = static_cast<const uint8_t*>(v_in) + off;
@@ -205,7 +210,8 @@ class CpuCache final : public Cache {
     if (cfg_.strategy == Strategy::kKnormAlpha) {
       // Norm of the key as stored (after rounding to the cache dtype), in the canonical order
       // the CUDA kernels use too (common/score.h), so both keep the same tokens.
-      lognorm = lognorm_of_sumsq(key_sumsq(cfg_.head_dim, [&](int d) { return load_as_float(kp, cfg_.dtype, d); }));
+      lognorm = lognorm_of_sumsq(
+          key_sumsq(cfg_.head_dim, [&](int d) { return load_as_float(kp, cfg_.dtype, d); }));
     }
     hs.lognorm.push_back(lognorm);
     hs.len += 1;
@@ -224,13 +230,16 @@ class CpuCache final : public Cache {
         for (int h = 0; h < cfg_.kv_heads; ++h) evict_head(layer, seq, h);
         break;
       case Scope::kLayer:
-        for (int h = 0; h < cfg_.kv_heads; ++h) pool.push_back({&at(layer, seq, h), layer * cfg_.kv_heads + h});
+        for (int h = 0; h < cfg_.kv_heads; ++h)
+          pool.push_back({&at(layer, seq, h), layer * cfg_.kv_heads + h});
         evict_pool(pool, seq);
         break;
       case Scope::kGlobal:
-        if (layer != cfg_.layers - 1) break;  // the whole sequence is one pool, after the last layer
+        if (layer != cfg_.layers - 1)
+          break;  // the whole sequence is one pool, after the last layer
         for (int l = 0; l < cfg_.layers; ++l)
-          for (int h = 0; h < cfg_.kv_heads; ++h) pool.push_back({&at(l, seq, h), l * cfg_.kv_heads + h});
+          for (int h = 0; h < cfg_.kv_heads; ++h)
+            pool.push_back({&at(l, seq, h), l * cfg_.kv_heads + h});
         evict_pool(pool, seq);
         break;
     }
@@ -268,8 +277,10 @@ class CpuCache final : public Cache {
       } else {
         // Floor ratio: the pool keeps its best floor(budget * (1 - f)); each head then keeps
         // its own best (that count + floor(M * f)), so no head is wiped out.
-        const int64_t pooled = static_cast<int64_t>(std::floor(static_cast<double>(budget) * (1.0 - cfg_.floor)));
-        const int64_t extra = static_cast<int64_t>(std::floor(static_cast<double>(cfg_.memory) * cfg_.floor));
+        const int64_t pooled =
+            static_cast<int64_t>(std::floor(static_cast<double>(budget) * (1.0 - cfg_.floor)));
+        const int64_t extra =
+            static_cast<int64_t>(std::floor(static_cast<double>(cfg_.memory) * cfg_.floor));
         std::vector<std::vector<char>> first(pool.size());
         for (size_t i = 0; i < pool.size(); ++i) first[i].assign(pool[i].first->len, 0);
         keep_best(cands, pooled, first);
@@ -286,7 +297,8 @@ class CpuCache final : public Cache {
   }
 
   // Marks the k best candidates (all of them when there are fewer) in `keep`.
-  static void keep_best(std::vector<Candidate>& cands, int64_t k, std::vector<std::vector<char>>& keep) {
+  static void keep_best(std::vector<Candidate>& cands, int64_t k,
+                        std::vector<std::vector<char>>& keep) {
     if (k <= 0) return;
     if (k < static_cast<int64_t>(cands.size())) {
       std::nth_element(cands.begin(), cands.begin() + (k - 1), cands.end(), better);
@@ -317,6 +329,8 @@ class CpuCache final : public Cache {
 
 }  // namespace
 
-std::unique_ptr<Cache> create_cpu_cache(const cache_config_t& cfg) { return std::make_unique<CpuCache>(cfg); }
+std::unique_ptr<Cache> create_cpu_cache(const cache_config_t& cfg) {
+  return std::make_unique<CpuCache>(cfg);
+}
 
 }  // namespace trimkv

@@ -11,13 +11,16 @@ namespace {
 
 float activate(Activation act, float u) {
   switch (act) {
-    case Activation::kSilu: return u / (1.f + std::exp(-u));
-    case Activation::kGelu: return 0.5f * u * (1.f + std::erf(u * 0.70710678118654752f));
+    case Activation::kSilu:
+      return u / (1.f + std::exp(-u));
+    case Activation::kGelu:
+      return 0.5f * u * (1.f + std::erf(u * 0.70710678118654752f));
     case Activation::kGeluTanh: {
       const float c = 0.79788456080286536f;  // sqrt(2 / pi)
       return 0.5f * u * (1.f + std::tanh(c * (u + 0.044715f * u * u * u)));
     }
-    case Activation::kRelu: return u > 0.f ? u : 0.f;
+    case Activation::kRelu:
+      return u > 0.f ? u : 0.f;
   }
   return u;
 }
@@ -62,19 +65,23 @@ class CpuGate final : public Gate {
       const int r1 = std::min(I, (task + 1) * kRowsPerTask);
       for (int i = task * kRowsPerTask; i < r1; ++i) {
         const float* row = a_.data() + static_cast<size_t>(i) * In;
-        const float* up_row = spec_.kind == GateKind::kRg3 ? b_.data() + static_cast<size_t>(i) * In : nullptr;
+        const float* up_row =
+            spec_.kind == GateKind::kRg3 ? b_.data() + static_cast<size_t>(i) * In : nullptr;
         for (int t = 0; t < n; ++t) {
           const float* xrow = xs.data() + static_cast<size_t>(t) * In;
           const float u = dot(row, xrow, In);
-          hidden[static_cast<size_t>(t) * I + i] = up_row ? activate(spec_.activation, u) * dot(up_row, xrow, In)
-                                                           : activate(spec_.activation, u + b_[i]);
+          hidden[static_cast<size_t>(t) * I + i] =
+              up_row ? activate(spec_.activation, u) * dot(up_row, xrow, In)
+                     : activate(spec_.activation, u + b_[i]);
         }
       }
     });
     float* lam_out = static_cast<float*>(lam.data());
     for (int t = 0; t < n; ++t) {
       for (int h = 0; h < H; ++h) {
-        const float z = dot(out_.data() + static_cast<size_t>(h) * I, hidden.data() + static_cast<size_t>(t) * I, I) + bias_[h];
+        const float z = dot(out_.data() + static_cast<size_t>(h) * I,
+                            hidden.data() + static_cast<size_t>(t) * I, I) +
+                        bias_[h];
         lam_out[static_cast<size_t>(t) * H + h] = log_sigmoid(z);
       }
     }

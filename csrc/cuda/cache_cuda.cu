@@ -17,22 +17,18 @@
 #include <mutex>
 #include <vector>
 
+#include "common/cuda_check.h"
 #include "common/errors.h"
-#include "cuda/launch_order.h"
-#include "kernels/decode.cuh"
-#include "kernels/pool.cuh"
-#include "kernels/prefill.cuh"
+#include "cuda/stream_context.h"
+#include "kernels/attention/decode.cuh"
+#include "kernels/attention/prefill.cuh"
+#include "kernels/cache/pool.cuh"
 #include "ops/cache.h"
 
 namespace trimkv {
 namespace {
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return;
-  cudaGetLastError();  // clear a non-sticky error so later calls are not blamed for it
-  if (e == cudaErrorMemoryAllocation) fail(code::kOutOfMemory, what, ": out of GPU memory");
-  fail(code::kNative, what, " failed: ", cudaGetErrorName(e), ": ", cudaGetErrorString(e));
-}
+void check_cuda(cudaError_t e, const char* what) { cuda_check(e, what); }
 
 /// Fixed layout: one layer's slot arrays, [batch, kv_heads, M + B] slots.
 struct LayerStore {
@@ -45,8 +41,8 @@ struct PoolStore {
   int nlayers = 1;         // layers per pool: every layer for "global", else 1
   int heads_per_pool = 1;  // KV heads of a layer in a pool: all for "layer"/"global", else 1
   int npools = 0;
-  int region = 0;          // slots per pool
-  int chunk_room = 1;      // the largest chunk the regions are sized for
+  int region = 0;      // slots per pool
+  int chunk_room = 1;  // the largest chunk the regions are sized for
   std::unique_ptr<Buffer> k, v, pos, lam, lognorm;
   std::unique_ptr<Buffer> lens, off, cap;
   std::unique_ptr<Buffer> ws, overflow;
@@ -58,7 +54,8 @@ class PinnedRing {
   PinnedRing(size_t bytes, int slots) : bytes_(bytes), slots_(slots) {
     check_cuda(cudaMallocHost(&host_, bytes * slots), "cudaMallocHost");
     events_.resize(slots, nullptr);
-    for (auto& ev : events_) check_cuda(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");
+    for (auto& ev : events_)
+      check_cuda(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreate");
   }
   ~PinnedRing() {
     for (auto ev : events_) cudaEventDestroy(ev);
@@ -67,10 +64,12 @@ class PinnedRing {
   /// Copies `src` to `dst` (device) asynchronously through the next free slot.
   void upload(void* dst, const void* src, cudaStream_t stream) {
     const int i = next_++ % slots_;
-    check_cuda(cudaEventSynchronize(events_[i]), "waiting for a staging slot");  // normally done long ago
+    check_cuda(cudaEventSynchronize(events_[i]),
+               "waiting for a staging slot");  // normally done long ago
     uint8_t* slot = static_cast<uint8_t*>(host_) + static_cast<size_t>(i) * bytes_;
     std::memcpy(slot, src, bytes_);
-    check_cuda(cudaMemcpyAsync(dst, slot, bytes_, cudaMemcpyHostToDevice, stream), "positions upload");
+    check_cuda(cudaMemcpyAsync(dst, slot, bytes_, cudaMemcpyHostToDevice, stream),
+               "positions upload");
     check_cuda(cudaEventRecord(events_[i], stream), "cudaEventRecord");
   }
 
@@ -85,15 +84,19 @@ class PinnedRing {
 class CudaCache final : public Cache {
  public:
   explicit CudaCache(const cache_config_t& cfg) : Cache(Backend::kCuda, cfg) {
-    TRIMKV_CHECK(cfg.head_dim % 8 == 0 && cfg.head_dim <= 256, code::kUnsupported, "headDim ", cfg.head_dim,
-                 " is not supported by the CUDA backend (multiples of 8 up to 256)");
+    TRIMKV_CHECK(limits::head_dim_supported(cfg.head_dim), code::kUnsupported, "headDim ",
+                 cfg.head_dim, " is not supported by the CUDA backend (multiples of ",
+                 limits::kHeadDimMultiple, " up to ", limits::kMaxHeadDim, ")");
     int major = 0;
     check_cuda(cudaGetDevice(&dev_), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev_), "cudaDeviceGetAttribute");
-    TRIMKV_CHECK(DecodeGroupSupported(cfg.group(), cfg.head_dim, cfg.dtype, major >= 8), code::kUnsupported,
-                 "qHeads / kvHeads = ", cfg.group(), " is not supported by the CUDA decode kernel for ", dtype_name(cfg.dtype),
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev_),
+               "cudaDeviceGetAttribute");
+    TRIMKV_CHECK(DecodeGroupSupported(cfg.group(), cfg.head_dim, cfg.dtype, major >= 8),
+                 code::kUnsupported, "qHeads / kvHeads = ", cfg.group(),
+                 " is not supported by the CUDA decode kernel for ", dtype_name(cfg.dtype),
                  " at headDim ", cfg.head_dim, major >= 8 ? "" : " on this GPU",
-                 " (fp16/bf16 take groups up to 8 on sm_80+; otherwise groups of 1, 2, 4, 8 and some larger powers of two)");
+                 " (fp16/bf16 take groups up to ", limits::kMmaMaxGroup,
+                 " on sm_80+; otherwise groups of 1, 2, 4, 8 and some larger powers of two)");
     if (cfg.scope == Scope::kHead && cfg.threshold <= 0.0) {
       init_fixed();
     } else {
@@ -109,7 +112,8 @@ class CudaCache final : public Cache {
     // Decode's workspace is fixed by the config; its leading counters must start at zero and
     // every step leaves them at zero, so it is never shared with prefill.
     const decode_params_t p = decode_params(0, nullptr);
-    decode_ws_ = std::make_unique<Buffer>(Backend::kCuda, std::max<size_t>(DecodeWorkspaceBytes(p), 256));
+    decode_ws_ =
+        std::make_unique<Buffer>(Backend::kCuda, std::max<size_t>(DecodeWorkspaceBytes(p), 256));
     check_cuda(cudaMemsetAsync(decode_ws_->data(), 0, decode_ws_->bytes(), stream_), "cudaMemset");
   }
 
@@ -142,18 +146,14 @@ class CudaCache final : public Cache {
     } else if (layer == 0) {
       ring_->upload(positions_->data(), a.positions.data, stream_);  // PoolEvict reads them too
     }
-    {
-      // The kernel reads its cache tiles before its dependency wait only right after another
-      // layer's decode step: safe then (DecodeStep's contract) and it pays there. After a gate
-      // call it would compete with the gate's latency-bound tail: the whole-model steps of
-      // 8144d3d, which prefetched there too, were 2-18% slower on the H100 (the likely cause).
-      LaunchOrder& order = launch_order();
-      std::lock_guard<std::mutex> lock(order.mu);
-      const void*& last = order.of(dev_);
-      p.prefetch_before_wait = last != nullptr && last != gate_launch_tag() && last != p.k_cache;
-      check_cuda(DecodeStep(p, cfg_.dtype, decode_ws_->data(), stream_), "decode kernel");
-      last = p.k_cache;
-    }
+    // Whether the kernel may read its tiles before its dependency wait: cuda/stream_context.h.
+    check_cuda(StreamContext::of(dev_).decode_step(p.k_cache,
+                                                   [&](bool early) {
+                                                     p.prefetch_before_wait = early ? 1 : 0;
+                                                     return DecodeStep(p, cfg_.dtype,
+                                                                       decode_ws_->data(), stream_);
+                                                   }),
+               "decode kernel");
     if (pool_ && (cfg_.scope != Scope::kGlobal || layer == cfg_.layers - 1)) {
       pool_params_t e = pool_params(layer, 0, cfg_.batch);
       e.positions = static_cast<const int32_t*>(positions_->data());
@@ -238,7 +238,8 @@ class CudaCache final : public Cache {
     const void *pos_src, *lam_src, *lognorm_src;
     if (pool_) {
       int32_t off = 0;
-      copy_to_host(&off, static_cast<const int32_t*>(pool_->off->data()) + table_index(layer, seq, head),
+      copy_to_host(&off,
+                   static_cast<const int32_t*>(pool_->off->data()) + table_index(layer, seq, head),
                    sizeof(off));
       first = static_cast<size_t>(off);
       pos_src = pool_->pos->data();
@@ -257,7 +258,8 @@ class CudaCache final : public Cache {
     copy_to_host(pos.data(), static_cast<const int32_t*>(pos_src) + first, n * sizeof(int32_t));
     copy_to_host(lam.data(), static_cast<const float*>(lam_src) + first, n * sizeof(float));
     if (lognorm_src)
-      copy_to_host(lognorm.data(), static_cast<const float*>(lognorm_src) + first, n * sizeof(float));
+      copy_to_host(lognorm.data(), static_cast<const float*>(lognorm_src) + first,
+                   n * sizeof(float));
   }
 
  private:
@@ -300,7 +302,10 @@ class CudaCache final : public Cache {
   int checked_region(int chunk) const {
     const int64_t region = region_for(chunk);
     TRIMKV_CHECK(region * pool_->npools < std::numeric_limits<int32_t>::max(), code::kUnsupported,
-                 "the CUDA backend's pooled layout (scope '", cfg_.scope == Scope::kLayer ? "layer" : cfg_.scope == Scope::kGlobal ? "global" : "head",
+                 "the CUDA backend's pooled layout (scope '",
+                 cfg_.scope == Scope::kLayer    ? "layer"
+                 : cfg_.scope == Scope::kGlobal ? "global"
+                                                : "head",
                  "' or a threshold) addresses at most 2^31 slots; this cache and chunk of ", chunk,
                  " tokens need ", region * pool_->npools);
     return static_cast<int>(region);
@@ -311,8 +316,9 @@ class CudaCache final : public Cache {
     PoolStore& s = *pool_;
     s.nlayers = cfg_.scope == Scope::kGlobal ? cfg_.layers : 1;
     s.heads_per_pool = cfg_.scope == Scope::kHead ? 1 : cfg_.kv_heads;
-    TRIMKV_CHECK(pool_heads() <= kPoolMaxHeads, code::kUnsupported, "scope 'global' on the CUDA backend pools at most ",
-                 kPoolMaxHeads, " heads per sequence (layers x kvHeads), got ", pool_heads());
+    TRIMKV_CHECK(pool_heads() <= kPoolMaxHeads, code::kUnsupported,
+                 "scope 'global' on the CUDA backend pools at most ", kPoolMaxHeads,
+                 " heads per sequence (layers x kvHeads), got ", pool_heads());
     s.npools = (cfg_.layers / s.nlayers) * cfg_.batch * (cfg_.kv_heads / s.heads_per_pool);
     s.chunk_room = 1;
     s.region = checked_region(s.chunk_room);
@@ -337,8 +343,12 @@ class CudaCache final : public Cache {
                                         static_cast<int64_t>(j) * share + std::min(j, rest));
           cap[i] = share + (j < rest ? 1 : 0);
         }
-    check_cuda(cudaMemcpy(s.off->data(), off.data(), table * sizeof(int32_t), cudaMemcpyHostToDevice), "cudaMemcpy");
-    check_cuda(cudaMemcpy(s.cap->data(), cap.data(), table * sizeof(int32_t), cudaMemcpyHostToDevice), "cudaMemcpy");
+    check_cuda(
+        cudaMemcpy(s.off->data(), off.data(), table * sizeof(int32_t), cudaMemcpyHostToDevice),
+        "cudaMemcpy");
+    check_cuda(
+        cudaMemcpy(s.cap->data(), cap.data(), table * sizeof(int32_t), cudaMemcpyHostToDevice),
+        "cudaMemcpy");
   }
 
   // (Re)allocates the slot arrays and the pool workspace for regions of `region` slots; an
@@ -349,8 +359,8 @@ class CudaCache final : public Cache {
     auto grow = [&](std::unique_ptr<Buffer>& buf, size_t elem) {
       auto fresh = std::make_unique<Buffer>(Backend::kCuda, slots * elem);
       if (buf) {
-        check_cuda(cudaMemcpy2DAsync(fresh->data(), region * elem, buf->data(), s.region * elem, s.region * elem,
-                                     s.npools, cudaMemcpyDeviceToDevice, stream_),
+        check_cuda(cudaMemcpy2DAsync(fresh->data(), region * elem, buf->data(), s.region * elem,
+                                     s.region * elem, s.npools, cudaMemcpyDeviceToDevice, stream_),
                    "cudaMemcpy2D");
       }
       buf = std::move(fresh);  // the old buffer's cudaFree waits for the copy
@@ -370,8 +380,8 @@ class CudaCache final : public Cache {
     const int region = checked_region(chunk);
     const int old = s.region;
     alloc_regions(region);
-    check_cuda(PoolRebase(static_cast<int32_t*>(s.off->data()), cfg_.layers, cfg_.batch, cfg_.kv_heads, s.nlayers,
-                          s.heads_per_pool, old, region, stream_),
+    check_cuda(PoolRebase(static_cast<int32_t*>(s.off->data()), cfg_.layers, cfg_.batch,
+                          cfg_.kv_heads, s.nlayers, s.heads_per_pool, old, region, stream_),
                "pool rebase kernel");
     s.region = region;
     s.chunk_room = chunk;
@@ -385,8 +395,8 @@ class CudaCache final : public Cache {
       chunk_table_ = std::make_unique<Buffer>(Backend::kCuda, chunk_table_bytes());
       chunk_staging_.resize(chunk_table_bytes());
       prefill_segs_ = static_cast<const prefill_seg_t*>(chunk_table_->data());
-      prefill_last_ = reinterpret_cast<const int32_t*>(static_cast<const char*>(chunk_table_->data()) +
-                                                       sizeof(prefill_seg_t) * cfg_.batch);
+      prefill_last_ = reinterpret_cast<const int32_t*>(
+          static_cast<const char*>(chunk_table_->data()) + sizeof(prefill_seg_t) * cfg_.batch);
     }
     // Segments past chunks.size() keep an earlier call's values: the kernels read only nseg.
     char* table = chunk_staging_.data();
@@ -400,14 +410,17 @@ class CudaCache final : public Cache {
     }
     chunk_ring_->upload(chunk_table_->data(), table, stream_);  // copies: the staging is free again
   }
-  size_t chunk_table_bytes() const { return (sizeof(prefill_seg_t) + sizeof(int32_t)) * cfg_.batch; }
+  size_t chunk_table_bytes() const {
+    return (sizeof(prefill_seg_t) + sizeof(int32_t)) * cfg_.batch;
+  }
 
   size_t table_index(int layer, int seq, int head) const {
     return (static_cast<size_t>(layer) * cfg_.batch + seq) * cfg_.kv_heads + head;
   }
   int pool_of(int layer, int seq, int head) const {
     const PoolStore& s = *pool_;
-    return ((layer / s.nlayers) * cfg_.batch + seq) * (cfg_.kv_heads / s.heads_per_pool) + head / s.heads_per_pool;
+    return ((layer / s.nlayers) * cfg_.batch + seq) * (cfg_.kv_heads / s.heads_per_pool) +
+           head / s.heads_per_pool;
   }
 
   int32_t* lens_of(int layer) const {
@@ -419,7 +432,8 @@ class CudaCache final : public Cache {
     if (!pool_) return;
     int flag = 0;
     copy_to_host(&flag, pool_->overflow->data(), sizeof(flag));
-    TRIMKV_CHECK(flag == 0, code::kNative, "internal error: a KV pool ran out of slots (please report it)");
+    TRIMKV_CHECK(flag == 0, code::kNative,
+                 "internal error: a KV pool ran out of slots (please report it)");
   }
 
   // The PoolEvict launch that covers `layer` (all layers for "global") for sequences
@@ -453,7 +467,8 @@ class CudaCache final : public Cache {
     // The CPU backend's rules, computed the same way (cpu/cache_cpu.cc evict_pool).
     e.use_floor = cfg_.scope != Scope::kHead && cfg_.floor > 0.0;
     const int64_t budget = static_cast<int64_t>(pool_heads()) * cfg_.memory;
-    e.floor_pooled = static_cast<int64_t>(std::floor(static_cast<double>(budget) * (1.0 - cfg_.floor)));
+    e.floor_pooled =
+        static_cast<int64_t>(std::floor(static_cast<double>(budget) * (1.0 - cfg_.floor)));
     e.floor_extra = static_cast<int>(std::floor(static_cast<double>(cfg_.memory) * cfg_.floor));
     e.thresholded = cfg_.threshold > 0.0;
     e.log_tau = e.thresholded ? static_cast<float>(std::log(cfg_.threshold)) : 0.f;
@@ -494,7 +509,9 @@ class CudaCache final : public Cache {
     p.scale = cfg_.softmax_scale();
   }
 
-  size_t head_index(int seq, int head) const { return static_cast<size_t>(seq) * cfg_.kv_heads + head; }
+  size_t head_index(int seq, int head) const {
+    return static_cast<size_t>(seq) * cfg_.kv_heads + head;
+  }
 
   // Whether decode positions go through the device buffer: PoolEvict reads them from there, and
   // the launch parameters hold at most kInlinePositions.
@@ -514,15 +531,15 @@ class CudaCache final : public Cache {
     return p;
   }
 
-  int cap_ = 0;                    // fixed layout: slots per head
-  int dev_ = 0;                    // the device the cache lives on
-  cudaStream_t stream_ = nullptr;  // legacy default stream: ordered with cudaMemcpy
-  std::vector<LayerStore> layers_;  // fixed layout
-  std::unique_ptr<PoolStore> pool_;  // pooled layout
+  int cap_ = 0;                        // fixed layout: slots per head
+  int dev_ = 0;                        // the device the cache lives on
+  cudaStream_t stream_ = nullptr;      // legacy default stream: ordered with cudaMemcpy
+  std::vector<LayerStore> layers_;     // fixed layout
+  std::unique_ptr<PoolStore> pool_;    // pooled layout
   std::unique_ptr<Buffer> positions_;  // decode positions, when uploads_positions()
   std::unique_ptr<PinnedRing> ring_;   // their staging, likewise
   std::unique_ptr<Buffer> decode_ws_;
-  std::unique_ptr<Buffer> prefill_ws_;  // grown to the largest chunk seen
+  std::unique_ptr<Buffer> prefill_ws_;      // grown to the largest chunk seen
   std::unique_ptr<PinnedRing> chunk_ring_;  // varlen prefill: staged chunk tables
   std::unique_ptr<Buffer> chunk_table_;     // [batch] prefill_seg_t, then [batch] last positions
   std::vector<char> chunk_staging_;         // host copy of chunk_table_, filled per varlen call

@@ -5,9 +5,10 @@
 
 #include <memory>
 
+#include "common/cuda_check.h"
 #include "common/errors.h"
-#include "cuda/launch_order.h"
-#include "kernels/retention_gate.cuh"
+#include "cuda/stream_context.h"
+#include "kernels/gate/retention_gate.cuh"
 #include "ops/gate.h"
 
 namespace trimkv {
@@ -15,14 +16,12 @@ namespace {
 
 class CudaGate final : public Gate {
  public:
-  CudaGate(const gate_spec_t& spec, const gate_weights_t& w) : Gate(Backend::kCuda, spec), wdtype_(w.dtype) {
-    TRIMKV_CHECK(spec.input_size % 8 == 0, code::kUnsupported, "inputSize ", spec.input_size,
+  CudaGate(const gate_spec_t& spec, const gate_weights_t& w)
+      : Gate(Backend::kCuda, spec), wdtype_(w.dtype) {
+    TRIMKV_CHECK(spec.input_size % limits::kGateInputMultiple == 0, code::kUnsupported,
+                 "inputSize ", spec.input_size,
                  " is not supported by the CUDA gate (a multiple of 8 is needed)");
-    const cudaError_t d = cudaGetDevice(&dev_);
-    if (d != cudaSuccess) {
-      cudaGetLastError();
-      fail(code::kNative, "cudaGetDevice failed: ", cudaGetErrorName(d), ": ", cudaGetErrorString(d));
-    }
+    cuda_check(cudaGetDevice(&dev_), "cudaGetDevice");
     a_ = upload(w.a);
     b_ = upload(w.b);
     out_ = upload(w.out);
@@ -63,21 +62,16 @@ class CudaGate final : public Gate {
       if (z != cudaSuccess) {
         cudaGetLastError();
         workspace_.reset();
-        fail(code::kNative, "zeroing the retention gate workspace failed: ",
-             cudaGetErrorName(z), ": ", cudaGetErrorString(z));
+        fail(code::kNative, "zeroing the retention gate workspace failed: ", cuda_error_text(z));
       }
     }
-    cudaError_t e;
-    {
-      LaunchOrder& order = launch_order();  // cuda/launch_order.h: decode steps read it
-      std::lock_guard<std::mutex> lock(order.mu);
-      e = RetentionGate(p, workspace_->data(), nullptr);
-      if (e == cudaSuccess) order.of(dev_) = gate_launch_tag();
-    }
+    // Recorded for the decode steps that follow (cuda/stream_context.h).
+    const cudaError_t e = StreamContext::of(dev_).gate_call(
+        [&] { return RetentionGate(p, workspace_->data(), nullptr); });
     if (e != cudaSuccess) {
       cudaGetLastError();
       workspace_.reset();  // a failed call may leave counters set: the next call starts afresh
-      fail(code::kNative, "retention gate kernel failed: ", cudaGetErrorName(e), ": ", cudaGetErrorString(e));
+      fail(code::kNative, "retention gate kernel failed: ", cuda_error_text(e));
     }
   }
 

@@ -11,6 +11,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   trimkv::napi::register_gate(env, exports);
   trimkv::napi::register_cache(env, exports);
   trimkv::napi::register_bench(env, exports);
+  trimkv::napi::register_support(env, exports);
   return exports;
 }
 

@@ -4,9 +4,10 @@
 #include <chrono>
 #include <string>
 
-#include "kernels/select_bench.h"
+#include "bench/select_bench.h"
+#include "bench/timing.h"
 #include "napi/common.h"
-#include "ops/device.h"
+#include "runtime/device.h"
 
 namespace trimkv::napi {
 namespace {
@@ -19,12 +20,15 @@ Napi::Value TimeCalls(const Napi::CallbackInfo& info) {
     const Backend backend = static_cast<Backend>(int_arg(info, 0, "backend"));
     const int n = static_cast<int>(int_arg(info, 1, "n"));
     TRIMKV_CHECK(n >= 1 && n <= 1000000, code::kRange, "n must be in [1, 1e6]");
-    TRIMKV_CHECK(info.Length() > 3 && info[2].IsNumber() && info[3].IsFunction(), code::kInvalidArgument,
-                 "timeCalls(backend, n, spinMs, fn)");
+    TRIMKV_CHECK(info.Length() > 3 && info[2].IsNumber() && info[3].IsFunction(),
+                 code::kInvalidArgument, "timeCalls(backend, n, spinMs, fn)");
     const double spin_ms = info[2].As<Napi::Number>().DoubleValue();
     Napi::Function fn = info[3].As<Napi::Function>();
-    const int group = info.Length() > 4 && !info[4].IsUndefined() ? static_cast<int>(int_arg(info, 4, "group")) : 1;
-    TRIMKV_CHECK(group >= 1 && n % group == 0, code::kRange, "n (", n, ") must be a multiple of group (", group, ")");
+    const int group = info.Length() > 4 && !info[4].IsUndefined()
+                          ? static_cast<int>(int_arg(info, 4, "group"))
+                          : 1;
+    TRIMKV_CHECK(group >= 1 && n % group == 0, code::kRange, "n (", n,
+                 ") must be a multiple of group (", group, ")");
     auto call = [&](int i) {
       fn.Call({Napi::Number::New(env, i)});
       if (env.IsExceptionPending()) throw env.GetAndClearPendingException();
@@ -37,7 +41,9 @@ Napi::Value TimeCalls(const Napi::CallbackInfo& info) {
       for (int r = 0; r < n / group; ++r) {
         const auto t0 = std::chrono::steady_clock::now();
         for (int i = 0; i < group; ++i) call(r * group + i);
-        ms[r] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / group;
+        ms[r] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                    .count() /
+                group;
       }
     }
     Napi::Float64Array out = Napi::Float64Array::New(env, ms.size());
@@ -55,8 +61,10 @@ Napi::Value HostTimes(const Napi::CallbackInfo& info) {
     const Backend backend = static_cast<Backend>(int_arg(info, 0, "backend"));
     const int n = static_cast<int>(int_arg(info, 1, "n"));
     const int group = static_cast<int>(int_arg(info, 2, "group"));
-    TRIMKV_CHECK(n >= 1 && n <= 1000000 && group >= 1, code::kRange, "n must be in [1, 1e6] and group >= 1");
-    TRIMKV_CHECK(info.Length() > 3 && info[3].IsFunction(), code::kInvalidArgument, "hostTimes(backend, n, group, fn)");
+    TRIMKV_CHECK(n >= 1 && n <= 1000000 && group >= 1, code::kRange,
+                 "n must be in [1, 1e6] and group >= 1");
+    TRIMKV_CHECK(info.Length() > 3 && info[3].IsFunction(), code::kInvalidArgument,
+                 "hostTimes(backend, n, group, fn)");
     Napi::Function fn = info[3].As<Napi::Function>();
     Napi::Float64Array out = Napi::Float64Array::New(env, n);
     for (int i = 0; i < n; ++i) {
@@ -72,8 +80,9 @@ Napi::Value HostTimes(const Napi::CallbackInfo& info) {
   });
 }
 
-// launchCost(iters): {kernelUs, clusterUs, streamKernelUs, eventUs, uploadUs}, the CUDA runtime's own host cost
-// per enqueue on this machine (ops/device.h launch_cost_t); clusterUs is NaN before sm_90.
+// launchCost(iters): {kernelUs, clusterUs, streamKernelUs, eventUs, uploadUs}, the CUDA runtime's
+// own host cost per enqueue on this machine (bench/timing.h launch_cost_t); clusterUs is NaN before
+// sm_90.
 Napi::Value LaunchCost(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return guard(env, [&]() -> Napi::Value {
@@ -117,8 +126,9 @@ Napi::Value SelectBench(const Napi::CallbackInfo& info) {
     const Backend backend = static_cast<Backend>(int_arg(info, 0, "backend"));
     TRIMKV_CHECK(info.Length() > 1 && info[1].IsObject(), code::kInvalidArgument,
                  "selectBench(backend, options)");
-    TRIMKV_CHECK(backend == Backend::kCuda, code::kUnsupported,
-                 "selectBench times a CUDA kernel; the CPU backend has no separate selection kernel");
+    TRIMKV_CHECK(
+        backend == Backend::kCuda, code::kUnsupported,
+        "selectBench times a CUDA kernel; the CPU backend has no separate selection kernel");
     const Napi::Object o = info[1].As<Napi::Object>();
     select_bench_params_t p;
     p.rows = int_prop(o, "rows");

@@ -1,6 +1,7 @@
 // KV-cache handles: decode / prefill enqueue synchronously (fast); queries return copies.
-#include "napi/common.h"
 #include "ops/cache.h"
+
+#include "napi/common.h"
 
 namespace trimkv::napi {
 namespace {
@@ -8,20 +9,23 @@ namespace {
 class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
  public:
   static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "NativeCache",
-                       {InstanceMethod("decode", &CacheWrap::Decode), InstanceMethod("prefill", &CacheWrap::Prefill),
-                        InstanceMethod("reset", &CacheWrap::Reset), InstanceMethod("seen", &CacheWrap::Seen),
-                        InstanceMethod("length", &CacheWrap::Length), InstanceMethod("lengths", &CacheWrap::Lengths),
-                        InstanceMethod("inspect", &CacheWrap::Inspect),
-                        InstanceMethod("memoryBytes", &CacheWrap::MemoryBytes),
-                        InstanceMethod("dispose", &CacheWrap::Dispose)});
+    return DefineClass(
+        env, "NativeCache",
+        {InstanceMethod("decode", &CacheWrap::Decode),
+         InstanceMethod("prefill", &CacheWrap::Prefill), InstanceMethod("reset", &CacheWrap::Reset),
+         InstanceMethod("seen", &CacheWrap::Seen), InstanceMethod("length", &CacheWrap::Length),
+         InstanceMethod("lengths", &CacheWrap::Lengths),
+         InstanceMethod("inspect", &CacheWrap::Inspect),
+         InstanceMethod("memoryBytes", &CacheWrap::MemoryBytes),
+         InstanceMethod("dispose", &CacheWrap::Dispose)});
   }
 
   // new NativeCache(backend, config) with the fields of cache_config_t under their TS names.
   explicit CacheWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CacheWrap>(info) {
     guard(info.Env(), [&]() -> Napi::Value {
       const Backend backend = static_cast<Backend>(int_arg(info, 0, "backend"));
-      TRIMKV_CHECK(info.Length() > 1 && info[1].IsObject(), code::kInvalidArgument, "NativeCache(backend, config)");
+      TRIMKV_CHECK(info.Length() > 1 && info[1].IsObject(), code::kInvalidArgument,
+                   "NativeCache(backend, config)");
       Napi::Object o = info[1].As<Napi::Object>();
       cache_config_t c;
       c.layers = static_cast<int>(number_prop(o, "layers"));
@@ -63,7 +67,8 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
       a.lam = unwrap_tensor(info[4], "lam");
       a.out = unwrap_tensor(info[5], "out");
       Napi::TypedArray pa = info[6].As<Napi::TypedArray>();
-      TRIMKV_CHECK(pa.TypedArrayType() == napi_int32_array, code::kInvalidArgument, "positions must be an Int32Array");
+      TRIMKV_CHECK(pa.TypedArrayType() == napi_int32_array, code::kInvalidArgument,
+                   "positions must be an Int32Array");
       Napi::Int32Array p = pa.As<Napi::Int32Array>();
       a.positions = {p.Data(), p.ElementLength()};
       c->decode(layer, a);
@@ -80,7 +85,8 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
       prefill_args_t a;
       const int layer = static_cast<int>(int_arg(info, 0, "layer"));
       Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
-      TRIMKV_CHECK(ta.TypedArrayType() == napi_int32_array && ta.ElementLength() % 3 == 0, code::kInvalidArgument,
+      TRIMKV_CHECK(ta.TypedArrayType() == napi_int32_array && ta.ElementLength() % 3 == 0,
+                   code::kInvalidArgument,
                    "chunks must be an Int32Array of (seq, start, length) triples");
       Napi::Int32Array t = ta.As<Napi::Int32Array>();
       for (size_t i = 0; i + 2 < t.ElementLength(); i += 3) {
@@ -109,15 +115,17 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
 
   Napi::Value Seen(const Napi::CallbackInfo& info) {
     return guard(info.Env(), [&]() -> Napi::Value {
-      return Napi::Number::New(info.Env(), static_cast<double>(get()->seen(static_cast<int>(int_arg(info, 0, "seq")))));
+      return Napi::Number::New(
+          info.Env(), static_cast<double>(get()->seen(static_cast<int>(int_arg(info, 0, "seq")))));
     });
   }
 
   Napi::Value Length(const Napi::CallbackInfo& info) {
     return guard(info.Env(), [&]() -> Napi::Value {
-      return Napi::Number::New(info.Env(), get()->length(static_cast<int>(int_arg(info, 0, "seq")),
-                                                         static_cast<int>(int_arg(info, 1, "layer")),
-                                                         static_cast<int>(int_arg(info, 2, "head"))));
+      return Napi::Number::New(info.Env(),
+                               get()->length(static_cast<int>(int_arg(info, 0, "seq")),
+                                             static_cast<int>(int_arg(info, 1, "layer")),
+                                             static_cast<int>(int_arg(info, 2, "head"))));
     });
   }
 
@@ -126,8 +134,8 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
     return guard(info.Env(), [&]() -> Napi::Value {
       Cache* c = get();
       const cache_config_t& cfg = c->config();
-      Napi::Int32Array out =
-          Napi::Int32Array::New(info.Env(), static_cast<size_t>(cfg.batch) * cfg.layers * cfg.kv_heads);
+      Napi::Int32Array out = Napi::Int32Array::New(
+          info.Env(), static_cast<size_t>(cfg.batch) * cfg.layers * cfg.kv_heads);
       size_t i = 0;
       for (int b = 0; b < cfg.batch; ++b)
         for (int l = 0; l < cfg.layers; ++l)
@@ -172,6 +180,8 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
 
 }  // namespace
 
-void register_cache(Napi::Env env, Napi::Object exports) { exports.Set("NativeCache", CacheWrap::Define(env)); }
+void register_cache(Napi::Env env, Napi::Object exports) {
+  exports.Set("NativeCache", CacheWrap::Define(env));
+}
 
 }  // namespace trimkv::napi

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "common/errors.h"
-#include "ops/tensor.h"
+#include "runtime/tensor.h"
 
 namespace trimkv::napi {
 
@@ -37,7 +37,8 @@ Napi::Value guard(Napi::Env env, Fn&& fn) {
 }
 
 inline int64_t int_arg(const Napi::CallbackInfo& info, size_t i, const char* name) {
-  TRIMKV_CHECK(info.Length() > i && info[i].IsNumber(), code::kInvalidArgument, "Expected a number for ", name);
+  TRIMKV_CHECK(info.Length() > i && info[i].IsNumber(), code::kInvalidArgument,
+               "Expected a number for ", name);
   const double v = info[i].As<Napi::Number>().DoubleValue();
   // Range first: casting NaN or a double beyond int64 to int64 is undefined behaviour.
   TRIMKV_CHECK(v >= -9007199254740991.0 && v <= 9007199254740991.0 && v == static_cast<double>(static_cast<int64_t>(v)),
@@ -79,5 +80,6 @@ void register_gate(Napi::Env env, Napi::Object exports);
 void register_cache(Napi::Env env, Napi::Object exports);
 void register_runtime(Napi::Env env, Napi::Object exports);
 void register_bench(Napi::Env env, Napi::Object exports);
+void register_support(Napi::Env env, Napi::Object exports);
 
 }  // namespace trimkv::napi

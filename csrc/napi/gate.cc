@@ -1,6 +1,7 @@
 // Retention-gate handles.
-#include "napi/common.h"
 #include "ops/gate.h"
+
+#include "napi/common.h"
 
 namespace trimkv::napi {
 namespace {
@@ -8,8 +9,9 @@ namespace {
 class GateWrap : public Napi::ObjectWrap<GateWrap> {
  public:
   static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "NativeGate",
-                       {InstanceMethod("run", &GateWrap::Run), InstanceMethod("dispose", &GateWrap::Dispose)});
+    return DefineClass(
+        env, "NativeGate",
+        {InstanceMethod("run", &GateWrap::Run), InstanceMethod("dispose", &GateWrap::Dispose)});
   }
 
   // new NativeGate(backend, spec: {kind, activation, inputSize, intermediateSize, kvHeads},
@@ -17,8 +19,8 @@ class GateWrap : public Napi::ObjectWrap<GateWrap> {
   explicit GateWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<GateWrap>(info) {
     guard(info.Env(), [&]() -> Napi::Value {
       const Backend backend = static_cast<Backend>(int_arg(info, 0, "backend"));
-      TRIMKV_CHECK(info.Length() >= 7 && info[1].IsObject() && info[2].IsString(), code::kInvalidArgument,
-                   "NativeGate(backend, spec, dtype, a, b, out, bias)");
+      TRIMKV_CHECK(info.Length() >= 7 && info[1].IsObject() && info[2].IsString(),
+                   code::kInvalidArgument, "NativeGate(backend, spec, dtype, a, b, out, bias)");
       Napi::Object s = info[1].As<Napi::Object>();
       gate_spec_t spec;
       spec.kind = parse_gate_kind(string_prop(s, "kind"));
@@ -59,6 +61,8 @@ class GateWrap : public Napi::ObjectWrap<GateWrap> {
 
 }  // namespace
 
-void register_gate(Napi::Env env, Napi::Object exports) { exports.Set("NativeGate", GateWrap::Define(env)); }
+void register_gate(Napi::Env env, Napi::Object exports) {
+  exports.Set("NativeGate", GateWrap::Define(env));
+}
 
 }  // namespace trimkv::napi

@@ -1,6 +1,6 @@
 // Backend discovery and device-wide operations.
 #include "napi/common.h"
-#include "ops/device.h"
+#include "runtime/device.h"
 
 namespace trimkv::napi {
 namespace {
@@ -34,7 +34,8 @@ Napi::Value CudaStatus(const Napi::CallbackInfo& info) {
 
 class SyncWorker : public Napi::AsyncWorker {
  public:
-  explicit SyncWorker(Napi::Env env) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)) {}
+  explicit SyncWorker(Napi::Env env)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)) {}
   Napi::Promise promise() { return deferred_.Promise(); }
   void Execute() override {
     try {

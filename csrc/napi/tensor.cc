@@ -32,16 +32,18 @@ class TensorWrap : public Napi::ObjectWrap<TensorWrap> {
  public:
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "NativeTensor",
-                       {InstanceMethod("write", &TensorWrap::Write), InstanceMethod("readSync", &TensorWrap::ReadSync),
-                        InstanceMethod("read", &TensorWrap::Read), InstanceMethod("dispose", &TensorWrap::Dispose)});
+                       {InstanceMethod("write", &TensorWrap::Write),
+                        InstanceMethod("readSync", &TensorWrap::ReadSync),
+                        InstanceMethod("read", &TensorWrap::Read),
+                        InstanceMethod("dispose", &TensorWrap::Dispose)});
   }
 
   // new NativeTensor(backend: 0 | 1, dtype: string, shape: number[])
   explicit TensorWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<TensorWrap>(info) {
     guard(info.Env(), [&]() -> Napi::Value {
       const Backend backend = static_cast<Backend>(int_arg(info, 0, "backend"));
-      TRIMKV_CHECK(info.Length() > 2 && info[1].IsString() && info[2].IsArray(), code::kInvalidArgument,
-                   "NativeTensor(backend, dtype, shape)");
+      TRIMKV_CHECK(info.Length() > 2 && info[1].IsString() && info[2].IsArray(),
+                   code::kInvalidArgument, "NativeTensor(backend, dtype, shape)");
       const DType dtype = parse_dtype(info[1].As<Napi::String>().Utf8Value());
       Napi::Array dims = info[2].As<Napi::Array>();
       std::vector<int64_t> shape;
@@ -98,7 +100,9 @@ class TensorWrap : public Napi::ObjectWrap<TensorWrap> {
   class ReadWorker : public Napi::AsyncWorker {
    public:
     ReadWorker(Napi::Env env, std::shared_ptr<Tensor> t)
-        : Napi::AsyncWorker(env), tensor_(std::move(t)), deferred_(Napi::Promise::Deferred::New(env)) {}
+        : Napi::AsyncWorker(env),
+          tensor_(std::move(t)),
+          deferred_(Napi::Promise::Deferred::New(env)) {}
     Napi::Promise promise() { return deferred_.Promise(); }
     void Execute() override {
       try {
@@ -118,7 +122,9 @@ class TensorWrap : public Napi::ObjectWrap<TensorWrap> {
       std::copy(values_.begin(), values_.end(), out.Data());
       deferred_.Resolve(out);
     }
-    void OnError(const Napi::Error& e) override { deferred_.Reject(make_error(Env(), code_, e.Message()).Value()); }
+    void OnError(const Napi::Error& e) override {
+      deferred_.Reject(make_error(Env(), code_, e.Message()).Value());
+    }
 
    private:
     std::shared_ptr<Tensor> tensor_;  // keeps the buffer alive even if disposed meanwhile
@@ -150,8 +156,8 @@ class TensorWrap : public Napi::ObjectWrap<TensorWrap> {
 Tensor* unwrap_tensor(const Napi::Value& v, const char* name) {
   // A type tag, not instanceof: it cannot be forged from JavaScript (a prototype swap fools
   // instanceof) and it is far cheaper, which matters on the decode path (five per call).
-  TRIMKV_CHECK(v.IsObject() && v.As<Napi::Object>().CheckTypeTag(&kTensorTag), code::kInvalidArgument,
-               "Expected a Tensor for ", name);
+  TRIMKV_CHECK(v.IsObject() && v.As<Napi::Object>().CheckTypeTag(&kTensorTag),
+               code::kInvalidArgument, "Expected a Tensor for ", name);
   return TensorWrap::Unwrap(v.As<Napi::Object>())->get();
 }
 

@@ -29,22 +29,23 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 void check_tensor(const Tensor* t, const char* name, Backend backend, DType dtype,
                   std::initializer_list<int64_t> shape) {
   TRIMKV_CHECK(t != nullptr, code::kInvalidArgument, name, " is missing");
-  TRIMKV_CHECK(t->backend() == backend, code::kInvalidArgument, name, " lives on the ", backend_name(t->backend()),
-               " backend but the cache on ", backend_name(backend));
-  TRIMKV_CHECK(t->dtype() == dtype, code::kDType, "Expected dtype ", dtype_name(dtype), " for ", name,
-               " but received ", t->describe());
+  TRIMKV_CHECK(t->backend() == backend, code::kInvalidArgument, name, " lives on the ",
+               backend_name(t->backend()), " backend but the cache on ", backend_name(backend));
+  TRIMKV_CHECK(t->dtype() == dtype, code::kDType, "Expected dtype ", dtype_name(dtype), " for ",
+               name, " but received ", t->describe());
   // Compared in place: this runs for every tensor of every call.
-  const bool same = t->shape().size() == shape.size() && std::equal(shape.begin(), shape.end(), t->shape().begin());
-  TRIMKV_CHECK(same, code::kShape, "Expected shape ", shape_text(std::vector<int64_t>(shape)), " for ", name,
-               " but received ", t->describe());
+  const bool same = t->shape().size() == shape.size() &&
+                    std::equal(shape.begin(), shape.end(), t->shape().begin());
+  TRIMKV_CHECK(same, code::kShape, "Expected shape ", shape_text(std::vector<int64_t>(shape)),
+               " for ", name, " but received ", t->describe());
 }
 
 }  // namespace
 
 void Cache::check_step(int layer, bool is_decode, const positions_view_t* positions,
                        const std::vector<prefill_chunk_t>* chunks) const {
-  TRIMKV_CHECK(layer >= 0 && layer < cfg_.layers, code::kRange, "layer ", layer, " out of range [0, ", cfg_.layers,
-               ")");
+  TRIMKV_CHECK(layer >= 0 && layer < cfg_.layers, code::kRange, "layer ", layer,
+               " out of range [0, ", cfg_.layers, ")");
   if (layer == 0) {
     TRIMKV_CHECK(step_ == Step::kNone, code::kState, "a step is in progress: layer ", next_layer_,
                  " must be called next (layers of one step run in order 0..", cfg_.layers - 1, ")");
@@ -58,8 +59,7 @@ void Cache::check_step(int layer, bool is_decode, const positions_view_t* positi
   if (is_decode) {
     const bool same = positions->size == step_positions_.size() &&
                       std::equal(step_positions_.begin(), step_positions_.end(), positions->data);
-    TRIMKV_CHECK(same, code::kState,
-                 "positions differ from those of layer 0 of this step");
+    TRIMKV_CHECK(same, code::kState, "positions differ from those of layer 0 of this step");
   } else {
     TRIMKV_CHECK(*chunks == step_chunks_, code::kState,
                  "prefill chunks differ from those of layer 0 of this step (seq, start, length)");
@@ -71,7 +71,8 @@ void Cache::advance_step(int layer, bool is_decode, const positions_view_t* posi
   if (layer == 0) {
     step_ = is_decode ? Step::kDecode : Step::kPrefill;
     if (is_decode) {
-      step_positions_.assign(positions->data, positions->data + positions->size);  // reuses capacity
+      step_positions_.assign(positions->data,
+                             positions->data + positions->size);  // reuses capacity
       for (int b = 0; b < cfg_.batch; ++b) {
         if ((*positions)[b] >= 0) seen_[b] = int64_t{(*positions)[b]} + 1;
       }
@@ -100,9 +101,11 @@ void Cache::decode(int layer, const decode_args_t& a) {
   if (layer == 0) {
     for (int b = 0; b < B; ++b) {
       int32_t p = a.positions[b];
-      TRIMKV_CHECK(p >= -1, code::kRange, "position ", p, " of sequence ", b, " is negative (use -1 for inactive)");
+      TRIMKV_CHECK(p >= -1, code::kRange, "position ", p, " of sequence ", b,
+                   " is negative (use -1 for inactive)");
       TRIMKV_CHECK(p < 0 || p >= seen_[b], code::kRange, "position ", p, " of sequence ", b,
-                   " is not new: the sequence has already seen ", seen_[b], " tokens (reset it to start over)");
+                   " is not new: the sequence has already seen ", seen_[b],
+                   " tokens (reset it to start over)");
     }
   }
   advance_step(layer, true, &a.positions, nullptr);
@@ -111,24 +114,30 @@ void Cache::decode(int layer, const decode_args_t& a) {
 
 void Cache::prefill(int layer, prefill_args_t& a) {
   const int Hq = cfg_.q_heads, Hkv = cfg_.kv_heads, D = cfg_.head_dim;
-  TRIMKV_CHECK(!a.chunks.empty(), code::kInvalidArgument, "a prefill call needs at least one chunk");
-  TRIMKV_CHECK(a.chunks.size() <= static_cast<size_t>(cfg_.batch), code::kRange, "a prefill call takes at most ",
-               cfg_.batch, " chunks (one per sequence), got ", a.chunks.size());
+  TRIMKV_CHECK(!a.chunks.empty(), code::kInvalidArgument,
+               "a prefill call needs at least one chunk");
+  TRIMKV_CHECK(a.chunks.size() <= static_cast<size_t>(cfg_.batch), code::kRange,
+               "a prefill call takes at most ", cfg_.batch, " chunks (one per sequence), got ",
+               a.chunks.size());
   std::vector<char> taken(static_cast<size_t>(cfg_.batch), 0);
   int64_t total = 0;
   for (prefill_chunk_t& c : a.chunks) {
-    TRIMKV_CHECK(c.seq >= 0 && c.seq < cfg_.batch, code::kRange, "seq ", c.seq, " out of range [0, ", cfg_.batch, ")");
+    TRIMKV_CHECK(c.seq >= 0 && c.seq < cfg_.batch, code::kRange, "seq ", c.seq,
+                 " out of range [0, ", cfg_.batch, ")");
     TRIMKV_CHECK(!taken[c.seq], code::kInvalidArgument, "sequence ", c.seq,
                  " has two chunks in one prefill call (one chunk per sequence)");
     taken[c.seq] = 1;
-    TRIMKV_CHECK(c.length >= 1, code::kRange, "chunk length ", c.length, " of sequence ", c.seq, " must be >= 1");
+    TRIMKV_CHECK(c.length >= 1, code::kRange, "chunk length ", c.length, " of sequence ", c.seq,
+                 " must be >= 1");
     c.first = static_cast<int>(std::min<int64_t>(total, INT32_MAX));
     total += c.length;
   }
-  TRIMKV_CHECK(total <= (int64_t{1} << 24), code::kRange, "prefill call of ", total, " tokens is too long");
+  TRIMKV_CHECK(total <= (int64_t{1} << 24), code::kRange, "prefill call of ", total,
+               " tokens is too long");
   TRIMKV_CHECK(a.q != nullptr, code::kInvalidArgument, "q is missing");
-  TRIMKV_CHECK(a.q->shape().size() == 3 && a.q->shape()[0] == total, code::kShape, "Expected q of shape [", total,
-               ", ", Hq, ", ", D, "] (the chunks' tokens) but received ", a.q->describe());
+  TRIMKV_CHECK(a.q->shape().size() == 3 && a.q->shape()[0] == total, code::kShape,
+               "Expected q of shape [", total, ", ", Hq, ", ", D,
+               "] (the chunks' tokens) but received ", a.q->describe());
   check_step(layer, false, nullptr, &a.chunks);
   check_tensor(a.q, "q", backend_, cfg_.dtype, {total, Hq, D});
   check_tensor(a.k, "k", backend_, cfg_.dtype, {total, Hkv, D});
@@ -138,8 +147,10 @@ void Cache::prefill(int layer, prefill_args_t& a) {
   if (layer == 0) {
     for (const prefill_chunk_t& c : a.chunks) {
       TRIMKV_CHECK(c.start >= seen_[c.seq], code::kRange, "start ", c.start, " of sequence ", c.seq,
-                   " is not new: the sequence has already seen ", seen_[c.seq], " tokens (reset it to start over)");
-      TRIMKV_CHECK(c.start + c.length <= INT32_MAX, code::kRange, "positions beyond 2^31 - 1 are not supported");
+                   " is not new: the sequence has already seen ", seen_[c.seq],
+                   " tokens (reset it to start over)");
+      TRIMKV_CHECK(c.start + c.length <= INT32_MAX, code::kRange,
+                   "positions beyond 2^31 - 1 are not supported");
     }
   }
   advance_step(layer, false, nullptr, &a.chunks);
@@ -147,24 +158,28 @@ void Cache::prefill(int layer, prefill_args_t& a) {
 }
 
 void Cache::reset(int seq) {
-  TRIMKV_CHECK(seq >= 0 && seq < cfg_.batch, code::kRange, "seq ", seq, " out of range [0, ", cfg_.batch, ")");
-  TRIMKV_CHECK(step_ == Step::kNone, code::kState, "cannot reset a sequence while a step is in progress (layer ",
-               next_layer_, " is next)");
+  TRIMKV_CHECK(seq >= 0 && seq < cfg_.batch, code::kRange, "seq ", seq, " out of range [0, ",
+               cfg_.batch, ")");
+  TRIMKV_CHECK(step_ == Step::kNone, code::kState,
+               "cannot reset a sequence while a step is in progress (layer ", next_layer_,
+               " is next)");
   do_reset(seq);
   seen_[seq] = 0;
 }
 
 int64_t Cache::seen(int seq) const {
-  TRIMKV_CHECK(seq >= 0 && seq < cfg_.batch, code::kRange, "seq ", seq, " out of range [0, ", cfg_.batch, ")");
+  TRIMKV_CHECK(seq >= 0 && seq < cfg_.batch, code::kRange, "seq ", seq, " out of range [0, ",
+               cfg_.batch, ")");
   return seen_[seq];
 }
 
 int Cache::length(int seq, int layer, int head) const {
-  TRIMKV_CHECK(seq >= 0 && seq < cfg_.batch, code::kRange, "seq ", seq, " out of range [0, ", cfg_.batch, ")");
-  TRIMKV_CHECK(layer >= 0 && layer < cfg_.layers, code::kRange, "layer ", layer, " out of range [0, ", cfg_.layers,
-               ")");
-  TRIMKV_CHECK(head >= 0 && head < cfg_.kv_heads, code::kRange, "head ", head, " out of range [0, ", cfg_.kv_heads,
-               ")");
+  TRIMKV_CHECK(seq >= 0 && seq < cfg_.batch, code::kRange, "seq ", seq, " out of range [0, ",
+               cfg_.batch, ")");
+  TRIMKV_CHECK(layer >= 0 && layer < cfg_.layers, code::kRange, "layer ", layer,
+               " out of range [0, ", cfg_.layers, ")");
+  TRIMKV_CHECK(head >= 0 && head < cfg_.kv_heads, code::kRange, "head ", head, " out of range [0, ",
+               cfg_.kv_heads, ")");
   return do_length(seq, layer, head);
 }
 

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "common/config.h"
-#include "ops/tensor.h"
+#include "runtime/tensor.h"
 
 namespace trimkv {
 
@@ -83,8 +83,8 @@ class Cache {
   virtual void do_reset(int seq) = 0;
   virtual int do_length(int seq, int layer, int head) const = 0;
   /// Unsorted positions, lam and log-norm (0 for "alpha") of the retained tokens.
-  virtual void do_snapshot(int seq, int layer, int head, std::vector<int32_t>& pos, std::vector<float>& lam,
-                           std::vector<float>& lognorm) const = 0;
+  virtual void do_snapshot(int seq, int layer, int head, std::vector<int32_t>& pos,
+                           std::vector<float>& lam, std::vector<float>& lognorm) const = 0;
 
   Backend backend_;
   cache_config_t cfg_;

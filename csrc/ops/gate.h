@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "common/config.h"
-#include "ops/tensor.h"
+#include "runtime/tensor.h"
 
 namespace trimkv {
 
@@ -26,7 +26,8 @@ struct gate_weights_t {
 
 class Gate {
  public:
-  static std::unique_ptr<Gate> create(Backend backend, const gate_spec_t& spec, const gate_weights_t& w);
+  static std::unique_ptr<Gate> create(Backend backend, const gate_spec_t& spec,
+                                      const gate_weights_t& w);
   virtual ~Gate() = default;
   const gate_spec_t& spec() const { return spec_; }
   Backend backend() const { return backend_; }
