@@ -41,9 +41,9 @@ inline int64_t int_arg(const Napi::CallbackInfo& info, size_t i, const char* nam
                "Expected a number for ", name);
   const double v = info[i].As<Napi::Number>().DoubleValue();
   // Range first: casting NaN or a double beyond int64 to int64 is undefined behaviour.
-  TRIMKV_CHECK(v >= -9007199254740991.0 && v <= 9007199254740991.0 && v == static_cast<double>(static_cast<int64_t>(v)),
-               code::kInvalidArgument,
-               "Expected an integer for ", name, " but received ", v);
+  TRIMKV_CHECK(v >= -9007199254740991.0 && v <= 9007199254740991.0 &&
+                   v == static_cast<double>(static_cast<int64_t>(v)),
+               code::kInvalidArgument, "Expected an integer for ", name, " but received ", v);
   return static_cast<int64_t>(v);
 }
 

@@ -17,11 +17,13 @@ constexpr size_t kMaxFloat32ArrayLength = size_t{1} << 32;
 /// malloc cannot have it, neither can v8, and the caller gets ERR_OUT_OF_MEMORY instead.
 void check_host_copy(size_t n) {
   if (n > kMaxFloat32ArrayLength) {
-    fail(code::kOutOfMemory, "out of host memory: a Float32Array of ", n, " elements exceeds the typed-array limit of ",
-         kMaxFloat32ArrayLength);
+    fail(code::kOutOfMemory, "out of host memory: a Float32Array of ", n,
+         " elements exceeds the typed-array limit of ", kMaxFloat32ArrayLength);
   }
   void* probe = std::malloc(n == 0 ? 1 : n * sizeof(float));
-  if (probe == nullptr) fail(code::kOutOfMemory, "out of host memory allocating ", n * sizeof(float), " bytes for a read");
+  if (probe == nullptr)
+    fail(code::kOutOfMemory, "out of host memory allocating ", n * sizeof(float),
+         " bytes for a read");
   std::free(probe);
 }
 
@@ -52,8 +54,9 @@ class TensorWrap : public Napi::ObjectWrap<TensorWrap> {
         TRIMKV_CHECK(d.IsNumber(), code::kShape, "shape entries must be numbers");
         const double v = d.As<Napi::Number>().DoubleValue();
         // Checked before the cast: converting NaN or a double beyond int64 is undefined.
-        TRIMKV_CHECK(v >= 0 && v <= 1099511627776.0 && v == static_cast<double>(static_cast<int64_t>(v)), code::kShape,
-                     "invalid dimension ", v);
+        TRIMKV_CHECK(
+            v >= 0 && v <= 1099511627776.0 && v == static_cast<double>(static_cast<int64_t>(v)),
+            code::kShape, "invalid dimension ", v);
         shape.push_back(static_cast<int64_t>(v));
       }
       tensor_ = std::make_shared<Tensor>(backend, dtype, shape);

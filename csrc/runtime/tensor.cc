@@ -44,7 +44,8 @@ Buffer::~Buffer() {
 namespace {
 int64_t count(const std::vector<int64_t>& shape) {
   constexpr int64_t kMaxElements = int64_t{1} << 40;
-  for (int64_t d : shape) TRIMKV_CHECK(d >= 0 && d <= kMaxElements, code::kShape, "invalid dimension ", d);
+  for (int64_t d : shape)
+    TRIMKV_CHECK(d >= 0 && d <= kMaxElements, code::kShape, "invalid dimension ", d);
   // A zero anywhere makes the tensor empty; otherwise the product is checked before each
   // multiplication, so it can never wrap (2^32 x 2^32 would be 0 in 64 bits).
   for (int64_t d : shape) {
