@@ -4,7 +4,7 @@
 # of the base commit, carried along), which this builds with this checkout's node_modules. Runs
 # `trimkv bench --backend cuda --only $AB_ONLY` alternately in the two trees, ROUNDS times each,
 # then bench/ab.mjs sets the rows side by side with the noise between runs of one tree.
-#   bash scripts/gpu-ab.sh BEFORE_DIR [ROUNDS]      (AB_ONLY default decode,prefill,gate)
+#   bash scripts/gpu-ab.sh BEFORE_DIR [ROUNDS]      (AB_ONLY default decode,prefill,gate; AB_QUICK=1: --quick)
 # Writes $OUT/ab.md and $OUT/ab/{before,after}-N/bench.json.
 set -uo pipefail
 OUT=${OUT:-/tmp/trimkv-out}
@@ -22,7 +22,7 @@ for i in $(seq 1 "$rounds"); do
   for side in before after; do
     dir=$PWD; [ $side = before ] && dir=$before
     echo "gpu-ab: $side round $i ($(date +%T))"
-    (cd "$dir" && node bin/trimkv.js bench --backend cuda --only "$only" --out "$OUT/ab/$side-$i" \
+    (cd "$dir" && node bin/trimkv.js bench --backend cuda --only "$only" ${AB_QUICK:+--quick} --out "$OUT/ab/$side-$i" \
       > "$OUT/ab/$side-$i.md" 2> "$OUT/ab/$side-$i.log") || { echo "gpu-ab: bench failed in $dir"; tail -5 "$OUT/ab/$side-$i.log"; }
     [ $side = before ] && a+=("$OUT/ab/$side-$i/bench.json") || b+=("$OUT/ab/$side-$i/bench.json")
   done
