@@ -15,7 +15,7 @@ mkdir -p "$OUT/ab"
 [ -e "$before/node_modules" ] || ln -s "$PWD/node_modules" "$before/node_modules"
 if [ ! -f "$before/build/Release/trimkv.node" ]; then
   (cd "$before" && TRIMKV_FORCE_BUILD=1 node scripts/install.mjs > "$OUT/ab/before-build.log" 2>&1 \
-    && npx tsc -p tsconfig.build.json) || { echo "gpu-ab: building $before failed"; tail -20 "$OUT/ab/before-build.log"; exit 1; }
+    && { [ -d dist ] || npx tsc -p tsconfig.build.json; }) || { echo "gpu-ab: building $before failed"; tail -20 "$OUT/ab/before-build.log"; exit 1; }
 fi
 a=() b=()
 for i in $(seq 1 "$rounds"); do
