@@ -172,7 +172,7 @@ function runMarkdown(r: BackendRun, plotDir: string): string {
     const skipped = sk.find((x) => 'skipped' in x) as { skipped: string } | undefined;
     out.push('### Selection kernel alone (top-M radix select, one launch)\n');
     out.push('One launch of a kernel in which every block (one row: a sequence x KV head) finds the M-th largest of its n 64-bit keys with ' +
-      '`topk::block_select_kth_largest` (csrc/kernels/select_topk.cuh, the select of the decode and prefill evictions) and marks the keys >= it as kept; ' +
+      '`topk::block_select_kth_largest` (csrc/kernels/common/select_topk.cuh, the select of the decode and prefill evictions) and marks the keys >= it as kept; ' +
       'n = M + B candidates for a decode eviction, M + C for a prefill chunk\'s. Keys in global memory, filled on the GPU: "random" = 32 random high bits ' +
       'over the index; "scores" = keep_key(lam (T + 1 - p), p) with lam uniform in [-0.05, 0), decayed scores whose top bits agree (more radix passes). ' +
       'CUDA events around each launch, after warm-up; the addon checks that every row kept exactly M.' +

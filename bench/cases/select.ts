@@ -73,7 +73,7 @@ export interface SelectKernelResult extends SelectKernelCase {
 }
 
 /**
- * The eviction's top-k selection on its own (csrc/kernels/select_bench.cu): rows x candidates
+ * The eviction's top-k selection on its own (csrc/bench/select_bench.cu): rows x candidates
  * 64-bit keys filled on the GPU, one launch in which each block finds the k-th largest key of
  * its row with topk::block_select_kth_largest and marks the keys >= it; CUDA events, after
  * warm-up. The addon checks that every row kept exactly `keep` keys.
