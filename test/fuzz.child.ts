@@ -6,10 +6,13 @@
  *
  * Parts: `api` (random valid and invalid calls on every export; every throw must be a
  * TrimKVError with a documented code and leave every object as it was), `checkpoints` (bit
- * flips and truncations of the fixtures), `memory` (create/dispose cycles on one runtime).
+ * flips and truncations of the fixtures), `models` (the same for model directories: config.json
+ * fields replaced by junk, bit flips and truncations of model.safetensors, each directory read
+ * as the model runner reads it), `memory` (create/dispose cycles on one runtime).
  * Prints one JSON line: { ok: true, ... } or { ok: false, seed, step, call, error }.
  */
-import { readdirSync, readFileSync } from 'node:fs';
+import { cpSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as trimkv from '../lib/index.js';
@@ -25,6 +28,7 @@ const CODES = new Set([
   'ERR_INVALID_ARGUMENT', 'ERR_SHAPE', 'ERR_DTYPE', 'ERR_RANGE', 'ERR_STATE', 'ERR_DISPOSED', 'ERR_BACKEND_UNAVAILABLE',
   'ERR_UNSUPPORTED', 'ERR_OUT_OF_MEMORY', 'ERR_NATIVE', 'ERR_ADDON_LOAD', 'ERR_CHECKPOINT_MISSING', 'ERR_CHECKPOINT_FORMAT',
   'ERR_CHECKPOINT_UNSAFE', 'ERR_CHECKPOINT_DTYPE', 'ERR_CHECKPOINT_SHAPE', 'ERR_CHECKPOINT_CONFIG',
+  'ERR_MODEL_MISSING', 'ERR_MODEL_FORMAT', 'ERR_MODEL_CONFIG', 'ERR_MODEL_SHAPE', 'ERR_MODEL_DTYPE', 'ERR_TOKENIZER',
 ]);
 
 let state = SEED;
@@ -293,6 +297,79 @@ function mutate(f: { d: string; source: 'pth' | 'safetensors'; config: Record<st
 }
 
 // ---------------------------------------------------------------------------------------------
+// models: mutated model directories, read as the model runner reads them
+// ---------------------------------------------------------------------------------------------
+
+async function runModels(): Promise<Record<string, number>> {
+  const root = join(dirname(fileURLToPath(import.meta.url)), 'fixtures', 'models');
+  const models = readdirSync(root).filter((d) => !d.includes('.'));
+  const work = mkdtempSync(join(tmpdir(), 'trimkv-fuzz-models-'));
+  const counts: Record<string, number> = { loaded: 0, refused: 0 };
+  try {
+    for (let step = 0; step < ITERS; step++) {
+      const m = pick(models);
+      const dir = join(work, `s${step}`);
+      cpSync(join(root, m), dir, { recursive: true, filter: (src) => !src.includes('gates-') && !src.endsWith('logits.safetensors') && !src.endsWith('expected.json') });
+      let what: string;
+      if (chance(0.4)) {
+        const config = JSON.parse(readFileSync(join(dir, 'config.json'), 'utf8')) as Record<string, unknown>;
+        const key = pick(Object.keys(config));
+        config[key] = junk();
+        what = `config.json ${key} replaced`;
+        let text: string;
+        try {
+          text = JSON.stringify(config) ?? '{}';
+        } catch {
+          text = '{"model_type": [[[[[[[[[[[[[[]]]]]]]]]]]]]]}';
+        }
+        writeFileSync(join(dir, 'config.json'), text);
+      } else {
+        const file = join(dir, 'model.safetensors');
+        const b = new Uint8Array(readFileSync(file));
+        if (chance(0.3)) {
+          const n = int(0, b.length - 1);
+          what = `model.safetensors truncated to ${n}`;
+          writeFileSync(file, b.subarray(0, n));
+        } else {
+          // Most flips land in the header's JSON, where the checks are.
+          const at: number[] = [];
+          for (let i = 0, flips = int(1, 6); i < flips; i++) {
+            const p = chance(0.7) ? int(0, Math.min(b.length - 1, 4096)) : int(0, b.length - 1);
+            b[p]! ^= 1 << int(0, 7);
+            at.push(p);
+          }
+          what = `model.safetensors bits flipped at ${at.join(',')}`;
+          writeFileSync(file, b);
+        }
+      }
+      const call = `${m} ${what}`;
+      const t0 = performance.now();
+      try {
+        const config = await trimkv.loadModelConfig(dir);
+        const weights = await trimkv.openModelWeights(dir);
+        try {
+          trimkv.checkModelTensors(weights, config);
+          for (const name of [...weights.tensors.keys()].slice(0, 4)) await weights.readWeight(name);
+        } finally {
+          await weights.close();
+        }
+        counts.loaded!++;
+      } catch (e) {
+        counts.refused!++;
+        if (!(e instanceof TrimKVError)) fail(step, call, `threw ${(e as Error)?.constructor?.name}: ${String((e as Error)?.message ?? e)}`);
+        if (!CODES.has(e.code)) fail(step, call, `undocumented code ${e.code}`);
+      }
+      const ms = performance.now() - t0;
+      if (ms > 2000) fail(step, call, `took ${ms.toFixed(0)} ms`);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+  return counts;
+}
+
+// ---------------------------------------------------------------------------------------------
 // memory: one long-lived runtime, objects created and disposed
 // ---------------------------------------------------------------------------------------------
 
@@ -344,7 +421,7 @@ function randomGateSpecValid(): GateSpec {
 }
 
 try {
-  const result = part === 'api' ? runApi() : part === 'checkpoints' ? runCheckpoints() : await runMemory();
+  const result = part === 'api' ? runApi() : part === 'checkpoints' ? runCheckpoints() : part === 'models' ? await runModels() : await runMemory();
   process.stdout.write(`${JSON.stringify({ ok: true, part, seed: SEED, ...result })}\n`);
 } catch (e) {
   fail(-1, part, `harness error: ${(e as Error)?.stack ?? String(e)}`);

@@ -48,6 +48,12 @@ describe('fuzz', () => {
     expect(r.refused as number).toBeGreaterThan(100);
   });
 
+  test('mutated model directories (config.json junk, safetensors bit flips, truncations) are refused with documented codes, quickly', () => {
+    const r = runChild('models', ITERATIONS || 300);
+    expect(r.refused as number).toBeGreaterThan(50);
+    expect(r.loaded as number).toBeGreaterThan(0);
+  });
+
   test('memory stays flat on one long-lived runtime (tensors, gates, caches)', () => {
     const r = runChild('memory', ITERATIONS || 20_000);
     // Before issue 17 a cycle kept ~1 KB (the runtime's owned set). A robust bound: V8's heap
