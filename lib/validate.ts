@@ -82,10 +82,12 @@ export function isArgObject(v: unknown): v is object {
  * Reads `key` of an argument object once; a getter that throws becomes ERR_INVALID_ARGUMENT
  * (user code must not leak an arbitrary exception through the API).
  */
-export function readField(v: object, key: string, label: string): unknown {
+export function readField(v: object, key: string, name: string, sub?: string | number): unknown {
   try {
     return (v as Record<string, unknown>)[key];
   } catch (e) {
+    // The label is built only here: this runs for every argument of every call.
+    const label = sub === undefined ? name : typeof sub === 'number' ? `${name}[${sub}]` : `${name}.${sub}`;
     return invalidText('a readable value', label, `a getter that threw ${describe(e instanceof Error ? e.message : e)}`);
   }
 }
@@ -97,8 +99,10 @@ export function readField(v: object, key: string, label: string): unknown {
  */
 export function argObject<K extends string>(v: unknown, name: string, what: string, keys?: readonly K[]): { [P in K]: unknown } {
   if (!isArgObject(v) || Array.isArray(v)) invalid(what, name, v);
-  const out = Object.create(null) as Record<string, unknown>;
-  for (const k of keys ?? (Object.keys(v) as K[])) out[k] = readField(v, k, `${name}.${k}`);
+  // A fixed key list fills an ordinary object (fast properties: this runs on every decode call);
+  // arbitrary own keys go into a null-prototype one, where '__proto__' is just a key.
+  const out: Record<string, unknown> = keys ? {} : Object.create(null);
+  for (const k of keys ?? (Object.keys(v) as K[])) out[k] = readField(v, k, name, k);
   return out as { [P in K]: unknown };
 }
 
@@ -115,7 +119,7 @@ export function arrayOf<T>(v: unknown, name: string, what: string, item: (x: unk
   const max = opts.maxLength ?? 64;
   if (v.length > max) invalid(`${what} of at most ${max} entries`, name, v, 'ERR_SHAPE');
   const out = new Array<T>(v.length);
-  for (let i = 0; i < v.length; i++) out[i] = item(readField(v, String(i), `${name}[${i}]`), `${name}[${i}]`);
+  for (let i = 0; i < v.length; i++) out[i] = item(readField(v, String(i), name, i), `${name}[${i}]`);
   return out;
 }
 

@@ -406,11 +406,22 @@ async function runMemory(): Promise<Record<string, number>> {
     }
   };
   await batch(5000); // warm-up: JIT, allocator pools
-  const m0 = await measure();
-  await batch(n);
-  const m1 = await measure();
+  // Growth per cycle in each of 5 windows, and the median of those: a leak grows every window,
+  // while the RSS also jumps now and then by megabytes (the allocator or V8 taking a new
+  // segment), which moves one window, not the median.
+  const windows = 5, per = Math.ceil(n / windows);
+  const heap: number[] = [], rss: number[] = [];
+  let m0 = await measure();
+  for (let w = 0; w < windows; w++) {
+    await batch(per);
+    const m1 = await measure();
+    heap.push((m1.heap - m0.heap) / per);
+    rss.push((m1.rss - m0.rss) / per);
+    m0 = m1;
+  }
   rt.dispose();
-  return { cycles: n, heapPerCycle: (m1.heap - m0.heap) / n, rssPerCycle: (m1.rss - m0.rss) / n };
+  const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  return { cycles: per * windows, heapPerCycle: median(heap), rssPerCycle: median(rss), rssWindows: rss.map((x) => Math.round(x)) as unknown as number };
 }
 
 function randomGateSpecValid(): GateSpec {
