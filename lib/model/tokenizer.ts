@@ -130,8 +130,15 @@ export class ModelTokenizer {
     files: TokenizerFiles,
   ) {
     const where = join(dir, 'tokenizer.json');
+    // transformers (5.x, the reference) ignores clean_up_tokenization_spaces for BPE models: the
+    // clean-up is meant for WordPiece and would turn "hello , world" into "hello, world". Llama
+    // 3's tokenizer_config.json sets it; the decoded text must still be what transformers gives.
+    const model = (files.tokenizer as { model?: { type?: unknown } }).model;
+    const bpe = typeof model === 'object' && model !== null && model.type === 'BPE';
+    this.cleanup = files.config.clean_up_tokenization_spaces === true && !bpe;
+    const config = { ...files.config, clean_up_tokenization_spaces: this.cleanup };
     try {
-      this.tokenizer = new Tokenizer(files.tokenizer, files.config);
+      this.tokenizer = new Tokenizer(files.tokenizer, config);
     } catch (e) {
       throw new TrimKVError('ERR_TOKENIZER', `${where}: cannot build the tokenizer (${(e as Error).message})`, { cause: e });
     }
@@ -140,7 +147,6 @@ export class ModelTokenizer {
     if (max < 0) throw new TrimKVError('ERR_TOKENIZER', `${where}: the tokenizer has an empty vocabulary`);
     this.vocabSize = max + 1;
     this.specialIds = new Set([...this.tokenizer.get_added_tokens_decoder()].filter(([, t]) => t.special).map(([id]) => id));
-    this.cleanup = files.config.clean_up_tokenization_spaces === true;
 
     const cfg = files.config;
     const gen = files.generation;
@@ -295,6 +301,7 @@ export class ModelTokenizer {
   }
 
   private rawDecode(ids: number[], skip: boolean): string {
+    if (ids.length === 0) return ''; // the library refuses an empty list
     try {
       return this.tokenizer.decode(ids, { skip_special_tokens: skip });
     } catch (e) {
