@@ -17,6 +17,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { TrimKVError } from '../lib/errors.js';
 import { loadTokenizer, type ChatMessage, type ModelTokenizer } from '../lib/model/tokenizer.js';
+import { TEMPLATE_TIME_LIMIT_MS } from '../lib/model/template_sandbox.js';
 import { randInt, SEED } from './helpers.js';
 import { tempDirs } from './model_helpers.js';
 
@@ -236,6 +237,25 @@ describe('ModelTokenizer.applyChatTemplate', () => {
   test("the template's raise_exception is ERR_TOKENIZER with its message", async () => {
     const t = await loadTokenizer(linkedDir(QWEN3_DIR, { 'chat_template.jinja': "{{ raise_exception('Conversation roles must alternate') }}" }));
     expectError(() => t.applyChatTemplate(user), 'ERR_TOKENIZER', /failed to render.*Conversation roles must alternate/);
+  });
+
+  test.each([
+    ['loops a billion times', '{% for i in range(1000000000) %}x{% endfor %}'],
+    ['nests loops', '{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}'],
+    ['doubles a string until memory runs out', "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}"],
+  ])('a hostile chat template that %s is stopped within its budget (ERR_TOKENIZER), and the next render works', async (_, template) => {
+    const t = await loadTokenizer(linkedDir(QWEN3_DIR, { 'chat_template.jinja': template }));
+    const t0 = performance.now();
+    // Stopped at the time or memory budget, or refused by the engine's own limits (a string
+    // longer than V8 allows): either way quickly, and as ERR_TOKENIZER.
+    expectError(() => t.applyChatTemplate(user), 'ERR_TOKENIZER', /chat template (was stopped|failed to render)/);
+    expect(performance.now() - t0).toBeLessThan(TEMPLATE_TIME_LIMIT_MS + 3000);
+    // The sandbox starts afresh: an honest template renders as before.
+    expect(qwen.applyChatTemplate(user)).toContain(`<|im_start|>user\n${user[0]!.content}<|im_end|>`);
+  }, 30_000);
+
+  test('template variables that cannot be copied (a function in tools) are ERR_INVALID_ARGUMENT', () => {
+    expectError(() => qwen.applyChatTemplate(user, { tools: [{ f: () => 1 }] as never }), 'ERR_INVALID_ARGUMENT', /plain data/);
   });
 
   test('a template that does not parse is ERR_TOKENIZER', async () => {

@@ -13,11 +13,11 @@
  */
 import { join } from 'node:path';
 import { readFile } from 'node:fs/promises';
-import { Template } from '@huggingface/jinja';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { TrimKVError } from '../errors.js';
 import { argObject, arrayOf, invalid } from '../validate.js';
 import { loadGenerationConfig, type GenerationConfig } from './config.js';
+import { renderTemplate, TemplateError } from './template_sandbox.js';
 import { isFile, MAX_SMALL_JSON_BYTES, MAX_TOKENIZER_JSON_BYTES, readJsonObject, requireDir } from './files.js';
 
 /** One chat message; fields beyond role and content (tool_calls, reasoning_content) reach the template. */
@@ -121,7 +121,6 @@ export class ModelTokenizer {
   readonly chatTemplate?: string;
   private readonly tokenizer: Tokenizer;
   private readonly cleanup: boolean;
-  private template?: Template;
   private readonly specialIds: ReadonlySet<number>;
 
   /** @internal Use `loadTokenizer`. */
@@ -244,11 +243,6 @@ export class ModelTokenizer {
     if (this.chatTemplate === undefined) {
       throw new TrimKVError('ERR_TOKENIZER', `${this.dir}: the model has no chat template (tokenizer_config.json chat_template or chat_template.jinja)`);
     }
-    try {
-      this.template ??= new Template(this.chatTemplate);
-    } catch (e) {
-      throw new TrimKVError('ERR_TOKENIZER', `${this.dir}: the chat template does not parse (${(e as Error).message})`, { cause: e });
-    }
     // transformers passes the special tokens as strings, and kwargs only when given.
     const vars: Record<string, unknown> = {
       bos_token: this.bosToken ?? '',
@@ -260,10 +254,14 @@ export class ModelTokenizer {
     };
     if (tools !== undefined) vars.tools = tools;
     if (enableThinking !== undefined) vars.enable_thinking = enableThinking;
+    // In a worker with a time and memory budget: the template is code from the model directory.
     try {
-      return this.template.render(vars);
+      return renderTemplate(this.chatTemplate, vars);
     } catch (e) {
-      throw new TrimKVError('ERR_TOKENIZER', `${this.dir}: the chat template failed to render (${(e as Error).message})`, { cause: e });
+      if (!(e instanceof TemplateError)) throw e;
+      if (e.stage === 'input') throw new TrimKVError('ERR_INVALID_ARGUMENT', `Expected plain data for the chat's messages, tools and extra but ${e.message}`, { cause: e });
+      const what = e.stage === 'parse' ? 'does not parse' : e.stage === 'render' ? 'failed to render' : 'was stopped';
+      throw new TrimKVError('ERR_TOKENIZER', `${this.dir}: the chat template ${what} (${e.message})`, { cause: e });
     }
   }
 
