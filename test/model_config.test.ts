@@ -7,7 +7,6 @@ import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, test } from 'vitest';
 import { encodeSafetensors, parseCheckpoint, type Checkpoint } from '../lib/checkpoint/index.js';
-import { TrimKVError } from '../lib/errors.js';
 import {
   checkGatesAgainstModel,
   loadGenerationConfig,
@@ -21,32 +20,12 @@ import {
   type ModelConfig,
 } from '../lib/model/config.js';
 import type { GateKind, WeightArray } from '../lib/types.js';
-import { tempDirs, tinyConfig } from './model_helpers.js';
+import { tempDirs, tinyConfig, expectError, expectRejects } from './model_helpers.js';
 
 const dirs = tempDirs('trimkv-model-config-');
 afterAll(() => dirs.cleanup());
 
-function expectError(fn: () => unknown, code: string, message: RegExp): void {
-  let err: unknown;
-  try {
-    fn();
-  } catch (e) {
-    err = e;
-  }
-  expect(err).toBeInstanceOf(TrimKVError);
-  expect((err as TrimKVError).code).toBe(code);
-  expect((err as TrimKVError).message).toMatch(message);
-}
 
-async function expectRejects(p: Promise<unknown>, code: string, message: RegExp): Promise<void> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(TrimKVError);
-  expect((err as TrimKVError).code).toBe(code);
-  expect((err as TrimKVError).message).toMatch(message);
-}
 
 /** The published shapes of the real models (MODELS.md), with made-up longrope factors. */
 const PHI3_MINI_128K = {

@@ -3,6 +3,8 @@
  * real ones: Qwen3's head_dim larger than hidden / heads, Llama's llama3 rope, Phi-3's MHA
  * without head_dim and longrope factors), and writers of safetensors model directories.
  */
+import { expect } from 'vitest';
+import { TrimKVError } from '../lib/errors.js';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -204,4 +206,28 @@ export function rawSafetensors(header: unknown, data: Uint8Array = new Uint8Arra
   out.set(json, 8);
   out.set(data, 8 + json.length);
   return out;
+}
+
+/** `fn` must throw a TrimKVError with `code` and a message matching `message`. */
+export function expectError(fn: () => unknown, code: string, message: RegExp): void {
+  let err: unknown;
+  try {
+    fn();
+  } catch (e) {
+    err = e;
+  }
+  expect(err).toBeInstanceOf(TrimKVError);
+  expect((err as TrimKVError).code).toBe(code);
+  expect((err as TrimKVError).message).toMatch(message);
+}
+
+/** `p` must reject with a TrimKVError with `code` and a message matching `message`. */
+export async function expectRejects(p: Promise<unknown>, code: string, message: RegExp): Promise<void> {
+  const err = await p.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(TrimKVError);
+  expect((err as TrimKVError).code).toBe(code);
+  expect((err as TrimKVError).message).toMatch(message);
 }

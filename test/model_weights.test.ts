@@ -6,36 +6,15 @@
 import { closeSync, ftruncateSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, test } from 'vitest';
-import { TrimKVError } from '../lib/errors.js';
 import { parseModelConfig } from '../lib/model/config.js';
 import { checkModelTensors, expectedModelTensors, openModelWeights, readSafetensorsHeader } from '../lib/model/weights.js';
 import type { DType } from '../lib/types.js';
-import { bytesOf, expectedShapes, modelTensors, patterned, rawSafetensors, tempDirs, tinyConfig, writeModelDir } from './model_helpers.js';
+import { bytesOf, expectedShapes, modelTensors, patterned, rawSafetensors, tempDirs, tinyConfig, writeModelDir, expectError, expectRejects } from './model_helpers.js';
 
 const dirs = tempDirs('trimkv-model-weights-');
 afterAll(() => dirs.cleanup());
 
-async function expectRejects(p: Promise<unknown>, code: string, message: RegExp): Promise<void> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(TrimKVError);
-  expect((err as TrimKVError).code).toBe(code);
-  expect((err as TrimKVError).message).toMatch(message);
-}
 
-function expectError(fn: () => unknown, code: string, message: RegExp): void {
-  let err: unknown;
-  try {
-    fn();
-  } catch (e) {
-    err = e;
-  }
-  expect(err).toBeInstanceOf(TrimKVError);
-  expect((err as TrimKVError).code).toBe(code);
-  expect((err as TrimKVError).message).toMatch(message);
-}
 
 /** A directory holding only `model.safetensors` with these bytes. */
 function singleFile(bytes: Uint8Array): string {

