@@ -39,6 +39,58 @@ function formatError(file: string, message: string): TrimKVError {
   return new TrimKVError('ERR_CHECKPOINT_FORMAT', `${file}: ${message}`);
 }
 
+/** A safetensors header entry: its dtype name as written, shape, and byte span in the data. */
+export interface SafetensorsEntry { dtype: string; shape: number[]; begin: number; end: number }
+
+/**
+ * @internal Parses and checks a safetensors header's JSON (the bytes after the 8-byte length),
+ * for the checkpoint reader and the model-directory reader alike: a JSON object of entries
+ * `{ dtype, shape, data_offsets }` within `dataLength` data bytes, and `__metadata__` a map of
+ * strings. Dtypes are checked by the callers (their error codes differ).
+ * @throws what `fail` makes of a message, for anything malformed.
+ */
+export function parseSafetensorsHeader(json: Uint8Array, dataLength: number, fail: (message: string) => Error):
+  { entries: Map<string, SafetensorsEntry>; metadata: Record<string, string> } {
+  let header: unknown;
+  try {
+    header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(json));
+  } catch (e) {
+    throw fail(`safetensors header is not valid JSON (${(e as Error).message})`);
+  }
+  if (typeof header !== 'object' || header === null || Array.isArray(header)) throw fail('safetensors header is not a JSON object');
+  const entries = new Map<string, SafetensorsEntry>();
+  let metadata: Record<string, string> = {};
+  for (const [key, v] of Object.entries(header as Record<string, unknown>)) {
+    if (key === '__metadata__') {
+      if (typeof v !== 'object' || v === null || Array.isArray(v) || !Object.values(v).every((x) => typeof x === 'string')) {
+        throw fail('__metadata__ is not a map of strings');
+      }
+      metadata = v as Record<string, string>;
+      continue;
+    }
+    const e = v as Partial<Record<'dtype' | 'shape' | 'data_offsets', unknown>> | null;
+    const shape = e?.shape;
+    const offs = e?.data_offsets;
+    if (
+      typeof e?.dtype !== 'string' ||
+      !Array.isArray(shape) ||
+      shape.length > 16 ||
+      !shape.every((d) => Number.isSafeInteger(d) && d >= 0) ||
+      !Array.isArray(offs) ||
+      offs.length !== 2 ||
+      !offs.every((d) => Number.isSafeInteger(d) && d >= 0)
+    ) {
+      throw fail(`header entry of tensor '${key}' is malformed (${describe(v)})`);
+    }
+    const [begin, end] = offs as [number, number];
+    if (begin > end || end > dataLength) {
+      throw fail(`tensor '${key}' has data_offsets [${begin}, ${end}] outside the ${dataLength} data bytes; truncated?`);
+    }
+    entries.set(key, { dtype: e.dtype, shape: shape as number[], begin, end });
+  }
+  return { entries, metadata };
+}
+
 /**
  * Parses the header of a `.safetensors` file.
  * @param bytes The whole file.
@@ -58,44 +110,7 @@ export function readSafetensors(bytes: Uint8Array, file: string): SafetensorsFil
   }
   const dataStart = 8 + Number(n);
   const dataLength = bytes.length - dataStart;
-  let header: unknown;
-  try {
-    header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes.subarray(8, dataStart)));
-  } catch (e) {
-    throw formatError(file, `safetensors header is not valid JSON (${(e as Error).message})`);
-  }
-  if (typeof header !== 'object' || header === null || Array.isArray(header)) {
-    throw formatError(file, 'safetensors header is not a JSON object');
-  }
-  const entries = new Map<string, Entry>();
-  let metadata: Record<string, string> = {};
-  for (const [key, v] of Object.entries(header as Record<string, unknown>)) {
-    if (key === '__metadata__') {
-      if (typeof v !== 'object' || v === null || Array.isArray(v) || !Object.values(v).every((s) => typeof s === 'string')) {
-        throw formatError(file, '__metadata__ is not a map of strings');
-      }
-      metadata = v as Record<string, string>;
-      continue;
-    }
-    const e = v as Partial<Record<'dtype' | 'shape' | 'data_offsets', unknown>> | null;
-    const shape = e?.shape;
-    const offs = e?.data_offsets;
-    if (
-      typeof e?.dtype !== 'string' ||
-      !Array.isArray(shape) ||
-      !shape.every((d) => Number.isSafeInteger(d) && d >= 0) ||
-      !Array.isArray(offs) ||
-      offs.length !== 2 ||
-      !offs.every((d) => Number.isSafeInteger(d) && d >= 0)
-    ) {
-      throw formatError(file, `header entry of tensor '${key}' is malformed`);
-    }
-    const [begin, end] = offs as [number, number];
-    if (begin > end || end > dataLength) {
-      throw formatError(file, `tensor '${key}' has data_offsets [${begin}, ${end}] outside the ${dataLength} data bytes; truncated?`);
-    }
-    entries.set(key, { dtype: e.dtype, shape: shape as number[], begin, end });
-  }
+  const { entries, metadata } = parseSafetensorsHeader(bytes.subarray(8, dataStart), dataLength, (m) => formatError(file, m));
   return {
     keys: [...entries.keys()],
     metadata,

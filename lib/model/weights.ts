@@ -21,6 +21,8 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { endianness } from 'node:os';
 import { join } from 'node:path';
 import { TrimKVError } from '../errors.js';
+import { DTYPE_BYTES } from '../constants.js';
+import { parseSafetensorsHeader } from '../checkpoint/safetensors.js';
 import type { DType, WeightArray } from '../types.js';
 import { argObject, invalid, invalidText } from '../validate.js';
 import type { ModelConfig } from './config.js';
@@ -30,7 +32,6 @@ import { isFile, readJsonObject, requireDir, show } from './files.js';
 export const MAX_SAFETENSORS_HEADER_BYTES = 100_000_000;
 
 const DTYPES: Readonly<Record<string, DType>> = { BF16: 'bf16', F16: 'fp16', F32: 'fp32' };
-const ITEM_SIZE: Readonly<Record<DType, number>> = { bf16: 2, fp16: 2, fp32: 4 };
 /** One positional read moves at most this much (fs caps a single read below 2 GiB). */
 const READ_CHUNK = 1 << 30;
 
@@ -144,54 +145,20 @@ function parseHeader(
   size: number,
 ): { tensors: Map<string, TensorInfo>; metadata: Record<string, string> } {
   if (bytes[0] !== 0x7b /* '{' */) throw formatError(file, 'header is not a JSON object; not a safetensors file');
-  let header: unknown;
-  try {
-    header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
-  } catch (e) {
-    throw formatError(file, `header is not valid JSON (${(e as Error).message})`);
-  }
-  if (typeof header !== 'object' || header === null || Array.isArray(header)) throw formatError(file, 'header is not a JSON object');
-  const dataLength = size - dataStart;
+  const { entries, metadata } = parseSafetensorsHeader(bytes, size - dataStart, (m) => formatError(file, m));
   const tensors = new Map<string, TensorInfo>();
-  let metadata: Record<string, string> = {};
-  for (const [name, v] of Object.entries(header as Record<string, unknown>)) {
-    if (name === '__metadata__') {
-      if (typeof v !== 'object' || v === null || Array.isArray(v) || !Object.values(v).every((s) => typeof s === 'string')) {
-        throw formatError(file, '__metadata__ is not a map of strings');
-      }
-      metadata = v as Record<string, string>;
-      continue;
-    }
-    const e = v as Partial<Record<'dtype' | 'shape' | 'data_offsets', unknown>> | null;
-    const shape = e?.shape;
-    const offs = e?.data_offsets;
-    if (
-      typeof e !== 'object' ||
-      e === null ||
-      typeof e.dtype !== 'string' ||
-      !Array.isArray(shape) ||
-      !shape.every((d) => Number.isSafeInteger(d) && d >= 0) ||
-      !Array.isArray(offs) ||
-      offs.length !== 2 ||
-      !offs.every((d) => Number.isSafeInteger(d) && d >= 0)
-    ) {
-      throw formatError(file, `header entry of tensor '${name}' is malformed (${show(v)})`);
-    }
-    const dtype = DTYPES[e.dtype];
+  for (const [name, { dtype: written, shape, begin, end }] of entries) {
+    const dtype = DTYPES[written];
     if (dtype === undefined) {
-      throw new TrimKVError('ERR_MODEL_DTYPE', `${file}: tensor '${name}' has dtype ${show(e.dtype)}; supported are BF16, F16 and F32`);
-    }
-    const [begin, end] = offs as [number, number];
-    if (begin > end || end > dataLength) {
-      throw formatError(file, `tensor '${name}' has data_offsets [${begin}, ${end}] outside the ${dataLength} data bytes; truncated?`);
+      throw new TrimKVError('ERR_MODEL_DTYPE', `${file}: tensor '${name}' has dtype ${show(written)}; supported are BF16, F16 and F32`);
     }
     let numel = 1;
     for (const d of shape as number[]) numel = numel * d > Number.MAX_SAFE_INTEGER ? Infinity : numel * d;
-    const want = numel * ITEM_SIZE[dtype];
+    const want = numel * DTYPE_BYTES[dtype];
     if (end - begin !== want) {
-      throw formatError(file, `tensor '${name}' of shape [${shape.join(', ')}] ${e.dtype} needs ${want} bytes but data_offsets [${begin}, ${end}] span ${end - begin}`);
+      throw formatError(file, `tensor '${name}' of shape [${shape.join(', ')}] ${written} needs ${want} bytes but data_offsets [${begin}, ${end}] span ${end - begin}`);
     }
-    tensors.set(name, { name, file, dtype, shape: [...(shape as number[])], offset: dataStart + begin, bytes: end - begin });
+    tensors.set(name, { name, file, dtype, shape: [...shape], offset: dataStart + begin, bytes: end - begin });
   }
   // No two tensors may share bytes (empty tensors occupy none).
   const spans = [...tensors.values()].filter((t) => t.bytes > 0).sort((a, b) => a.offset - b.offset);
@@ -321,7 +288,7 @@ class WeightsReader implements ModelWeights {
 
   async readWeight(name: string): Promise<WeightArray> {
     const t = this.info(name);
-    const size = ITEM_SIZE[t.dtype];
+    const size = DTYPE_BYTES[t.dtype];
     const raw = new Uint8Array(t.bytes); // fresh, so aligned for the typed array
     await this.read(name, raw);
     if (endianness() !== 'LE') for (let i = 0; i < raw.length; i += size) raw.subarray(i, i + size).reverse();
