@@ -28,7 +28,8 @@ const load = (list) => list.split(',').map((f) => JSON.parse(readFileSync(f, 'ut
   ?? JSON.parse(readFileSync(f, 'utf8')).runs[0]);
 const runsA = load(values.a), runsB = load(values.b);
 
-const rowKey = (row) => KEYS.filter((k) => row[k] !== undefined && row[k] !== null).map((k) => `${k} ${row[k]}`).join(', ');
+const show = (v) => (typeof v === 'object' ? JSON.stringify(v) : String(v));
+const rowKey = (row) => KEYS.filter((k) => row[k] !== undefined && row[k] !== null).map((k) => `${k} ${show(row[k])}`).join(', ');
 const median = (xs) => {
   const s = [...xs].sort((x, y) => x - y);
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
