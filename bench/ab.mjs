@@ -17,7 +17,7 @@ if (!values.a || !values.b) {
 }
 
 // The fields that name a row (everything that is not a measurement).
-const KEYS = ['batch', 'memory', 'buffer', 'headDim', 'dtype', 'scope', 'floor', 'chunk', 'cached', 'evict',
+const KEYS = ['batch', 'memory', 'buffer', 'headDim', 'dtype', 'scope', 'floor', 'chunk', 'cached',
   'inputSize', 'intermediateSize', 'kvHeads', 'qHeads', 'kind'];
 // The sections compared and their timings: [section, timing field, what it is].
 const TIMINGS = [['decode', 'time', 'per call'], ['decode', 'burst', 'back-to-back'], ['scopes', 'time', 'per call'],
