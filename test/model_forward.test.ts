@@ -23,6 +23,7 @@ interface Expected {
   dtype: string;
   tolerance: { logits_rel: number };
   full_cache: { steps: number; sequences: FullCacheSequence[] };
+  full_cache_long?: { steps: number; sequences: FullCacheSequence[] };
 }
 
 function expected(model: string): Expected {
@@ -65,6 +66,40 @@ function maxAbsDiff(a: Float32Array, b: Float32Array): number {
   return m;
 }
 
+/**
+ * Teacher-forced logits of every step within `tol` of the reference rows (relative to the
+ * largest reference logit), then free-running greedy tokens against `generated`: all of them
+ * when `exactGreedy`, else up to a first difference that the README's near-tie rule allows.
+ */
+async function checkSequence(model: string, seq: FullCacheSequence, ref: Float32Array[], steps: number, tol: number, exactGreedy: boolean): Promise<void> {
+  expect(ref).toHaveLength(steps + 1);
+  const maxLength = seq.prompt.length + steps + 1;
+  using m = await loadForwardModel(join(ROOT, model));
+
+  // Teacher forcing: the prompt in one call, then generated[s - 1] at step s.
+  let bound = 0;
+  for (const r of ref) bound = Math.max(bound, maxAbs(r));
+  bound *= tol;
+  const diffs: number[] = [];
+  for (let s = 0; s <= steps; s++) {
+    const logits = s === 0 ? m.forward(seq.prompt, 0, { maxLength }) : m.forward([seq.generated[s - 1]!], seq.prompt.length + s - 1, { maxLength });
+    diffs.push(maxAbsDiff(logits, ref[s]!));
+  }
+  expect(Math.max(...diffs), `max |runner - ref| over the sequence (bound ${bound})`).toBeLessThanOrEqual(bound);
+
+  // Free-running greedy: prefill, then feed back our own argmax.
+  const got: number[] = [argmax(m.forward(seq.prompt, 0, { maxLength }))];
+  for (let s = 1; s <= steps; s++) got.push(argmax(m.forward([got[s - 1]!], seq.prompt.length + s - 1, { maxLength })));
+  const first = got.findIndex((t, s) => t !== seq.generated[s]);
+  if (exactGreedy || first < 0) {
+    expect(got).toEqual(seq.generated);
+  } else {
+    // A near-tie (README): the margin at the first difference within twice our difference there.
+    expect(seq.margin[first]!, `first difference at step ${first}`).toBeLessThanOrEqual(2 * diffs[first]!);
+    expect(got.slice(0, first)).toEqual(seq.generated.slice(0, first));
+  }
+}
+
 const CASES = [
   { model: 'qwen3-fp32', exactGreedy: true },
   { model: 'qwen3', exactGreedy: false },
@@ -75,38 +110,29 @@ const CASES = [
 describe.each(CASES)('full cache: $model', ({ model, exactGreedy }) => {
   const exp = expected(model);
   const tol = exp.tolerance.logits_rel;
-  if (exactGreedy) expect(tol).toBeLessThanOrEqual(1e-4);
+
+  test('the fixture is the expected kind', async () => {
+    using m = await loadForwardModel(join(ROOT, model));
+    expect(m.dtype).toBe(exp.dtype === 'float32' ? 'fp32' : 'bf16');
+    expect(tol).toBe(exp.dtype === 'float32' ? 1e-4 : 4e-2);
+    expect(exp.full_cache.steps).toBe(model === 'phi3' ? 46 : 64);
+  });
 
   test.each(exp.full_cache.sequences.map((s, i) => [i, s] as const))('sequence %i: teacher-forced logits and greedy tokens', async (_i, seq) => {
     const ref = (await referenceLogits(model)).get(seq.logits)!;
-    const steps = exp.full_cache.steps;
-    expect(ref).toHaveLength(steps + 1);
-    const maxLength = seq.prompt.length + steps + 1;
-    using m = await loadForwardModel(join(ROOT, model));
-    expect(m.dtype).toBe(exp.dtype === 'float32' ? 'fp32' : 'bf16');
+    await checkSequence(model, seq, ref, exp.full_cache.steps, tol, exactGreedy);
+  });
+});
 
-    // Teacher forcing: the prompt in one call, then generated[s - 1] at step s.
-    let bound = 0;
-    for (const r of ref) bound = Math.max(bound, maxAbs(r));
-    bound *= tol;
-    const diffs: number[] = [];
-    for (let s = 0; s <= steps; s++) {
-      const logits = s === 0 ? m.forward(seq.prompt, 0, { maxLength }) : m.forward([seq.generated[s - 1]!], seq.prompt.length + s - 1, { maxLength });
-      diffs.push(maxAbsDiff(logits, ref[s]!));
-    }
-    expect(Math.max(...diffs), `max |runner - ref| over the sequence (bound ${bound})`).toBeLessThanOrEqual(bound);
+describe('full cache, long factors: phi3', () => {
+  const exp = expected('phi3');
+  const long = exp.full_cache_long!;
 
-    // Free-running greedy: prefill, then feed back our own argmax.
-    const got: number[] = [argmax(m.forward(seq.prompt, 0, { maxLength }))];
-    for (let s = 1; s <= steps; s++) got.push(argmax(m.forward([got[s - 1]!], seq.prompt.length + s - 1, { maxLength })));
-    const first = got.findIndex((t, s) => t !== seq.generated[s]);
-    if (exactGreedy || first < 0) {
-      expect(got).toEqual(seq.generated);
-    } else {
-      // A near-tie (README): the margin at the first difference within twice our difference there.
-      expect(seq.margin[first]!, `first difference at step ${first}`).toBeLessThanOrEqual(2 * Math.max(diffs[first]!, 0));
-      expect(got.slice(0, first)).toEqual(seq.generated.slice(0, first));
-    }
+  // Lengths 74 and 135 exceed original_max_position_embeddings 64: long factors from the start.
+  test.each(long.sequences.map((s, i) => [i, s] as const))('sequence %i: teacher-forced logits and greedy tokens', async (_i, seq) => {
+    expect(seq.prompt.length + long.steps + 1).toBeGreaterThan(64);
+    const ref = (await referenceLogits('phi3')).get(seq.logits)!;
+    await checkSequence('phi3', seq, ref, long.steps, exp.tolerance.logits_rel, false);
   });
 });
 
