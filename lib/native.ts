@@ -60,7 +60,8 @@ export interface NativeAddon {
     out: ArrayBufferView, bias: ArrayBufferView) => NativeGateHandle;
   NativeCache: new (backend: number, config: object) => NativeCacheHandle;
   /** The model forward (csrc/model/): config fields as lib/model/forward.ts passes them. */
-  NativeModel: new (backend: number, config: object, weights: Record<string, NativeTensorHandle>) => NativeModelHandle;
+  NativeModel: new (backend: number, config: object, weights: Record<string, NativeTensorHandle>,
+    cache?: { cache: NativeCacheHandle; gates: NativeGateHandle[]; lamFp32: boolean }) => NativeModelHandle;
   /**
    * Per-call times (ms): CUDA events on the device (after a spin of spinMs), a steady clock on the
    * CPU. With group > 1, one value per run of `group` back-to-back calls (its time / group).

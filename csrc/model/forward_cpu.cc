@@ -2,6 +2,7 @@
 // dtype where the reference (transformers in that dtype) holds a tensor of it: after each
 // linear layer, norm, RoPE, attention output, activation product and residual add. Matmuls
 // and the norms' mean of squares accumulate in fp32; RoPE angles and the logits are fp32.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -57,8 +58,8 @@ struct layer_t {
 
 class CpuModel final : public Model {
  public:
-  CpuModel(const model_config_t& cfg, weight_map_t weights)
-      : Model(cfg), weights_(std::move(weights)) {
+  CpuModel(const model_config_t& cfg, weight_map_t weights, model_cache_t cache)
+      : Model(cfg, std::move(cache)), weights_(std::move(weights)) {
     embed_ = get("model.embed_tokens.weight");
     norm_ = get("model.norm.weight");
     lm_head_ = get(cfg.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
@@ -114,9 +115,16 @@ class CpuModel final : public Model {
                    want_long ? "long" : "short",
                    " mid-way; start the sequence again at position 0 with its maximum length");
     }
-    for (layer_t& L : layers_) {
-      for (auto& k : L.keys) k.resize(static_cast<size_t>(start) * c.head_dim);
-      for (auto& v : L.values) v.resize(static_cast<size_t>(start) * c.head_dim);
+    if (cache_.cache) {
+      TRIMKV_CHECK(start == 0 || start == length_, code::kState, "start position ", start,
+                   ": a sequence in a KV cache continues at its length ", length_,
+                   " or starts again at 0");
+      if (start == 0) cache_.cache->reset(0);
+    } else {
+      for (layer_t& L : layers_) {
+        for (auto& k : L.keys) k.resize(static_cast<size_t>(start) * c.head_dim);
+        for (auto& v : L.values) v.resize(static_cast<size_t>(start) * c.head_dim);
+      }
     }
     length_ = start;
 
@@ -126,9 +134,8 @@ class CpuModel final : public Model {
     for (int t = 0; t < n; ++t) embed_.row(tokens[t], &h[static_cast<size_t>(t) * D]);
 
     std::vector<float> q, k, v, qkv, attn(static_cast<size_t>(n) * Hq * hd), proj, gu, g, u;
-    std::vector<float> scratch;
-    const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-    for (layer_t& L : layers_) {
+    for (int l = 0; l < c.layers; ++l) {
+      layer_t& L = layers_[static_cast<size_t>(l)];
       rms_norm(h.data(), n, D, L.input_norm, x.data());
       if (c.arch == Arch::kPhi3) {
         linear(x.data(), n, L.qkv, qkv);
@@ -154,23 +161,11 @@ class CpuModel final : public Model {
       for (int t = 0; t < n; ++t) {
         rope(&q[static_cast<size_t>(t) * Hq * hd], Hq, start + t);
         rope(&k[static_cast<size_t>(t) * Hkv * hd], Hkv, start + t);
-        for (int j = 0; j < Hkv; ++j) {
-          const float* kr = &k[(static_cast<size_t>(t) * Hkv + j) * hd];
-          const float* vr = &v[(static_cast<size_t>(t) * Hkv + j) * hd];
-          L.keys[j].insert(L.keys[j].end(), kr, kr + hd);
-          L.values[j].insert(L.values[j].end(), vr, vr + hd);
-        }
       }
-      // Attention: token t sees the cache and the new tokens up to itself.
-      const int group = Hq / Hkv;
-      for (int t = 0; t < n; ++t) {
-        for (int hq = 0; hq < Hq; ++hq) {
-          const int j = hq / group;
-          float* out = &attn[(static_cast<size_t>(t) * Hq + hq) * hd];
-          cpu::attend_row(&q[(static_cast<size_t>(t) * Hq + hq) * hd], L.keys[j].data(),
-                          L.values[j].data(), start + t + 1, hd, scale, out, scratch);
-          for (int d = 0; d < hd; ++d) out[d] = round(out[d]);
-        }
+      if (cache_.cache) {
+        attend_cache(l, x, q, k, v, n, start, attn);
+      } else {
+        attend_full(L, q, k, v, n, start, attn);
       }
       linear(attn.data(), n, L.o, proj);
       for (size_t i = 0; i < h.size(); ++i) h[i] = round(h[i] + proj[i]);
@@ -279,18 +274,122 @@ class CpuModel final : public Model {
     }
   }
 
+  /// The plain full cache: append, then token t sees positions [0, start + t].
+  void attend_full(layer_t& L, const std::vector<float>& q, const std::vector<float>& k,
+                   const std::vector<float>& v, int n, int start, std::vector<float>& attn) {
+    const int hd = cfg_.head_dim, Hq = cfg_.q_heads, Hkv = cfg_.kv_heads, group = Hq / Hkv;
+    const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+    for (int t = 0; t < n; ++t) {
+      for (int j = 0; j < Hkv; ++j) {
+        const float* kr = &k[(static_cast<size_t>(t) * Hkv + j) * hd];
+        const float* vr = &v[(static_cast<size_t>(t) * Hkv + j) * hd];
+        L.keys[j].insert(L.keys[j].end(), kr, kr + hd);
+        L.values[j].insert(L.values[j].end(), vr, vr + hd);
+      }
+    }
+    for (int t = 0; t < n; ++t) {
+      for (int hq = 0; hq < Hq; ++hq) {
+        const int j = hq / group;
+        float* out = &attn[(static_cast<size_t>(t) * Hq + hq) * hd];
+        cpu::attend_row(&q[(static_cast<size_t>(t) * Hq + hq) * hd], L.keys[j].data(),
+                        L.values[j].data(), start + t + 1, hd, scale, out, scratch_);
+        for (int d = 0; d < hd; ++d) out[d] = round(out[d]);
+      }
+    }
+  }
+
+  /// The TRIM-KV cache (sequence slot 0): lam from the layer's gate ("rg" on x; "rg2"/"rg3" on
+  /// [k_0; v_0; k_1; v_1; ...] with the rotated keys and raw values), rounded to the model
+  /// dtype unless lam_fp32; then one prefill chunk (start 0 or several tokens) or one decode
+  /// step, which append, attend and evict (SPEC sections 4, 5).
+  void attend_cache(int layer, const std::vector<float>& x, const std::vector<float>& q,
+                    const std::vector<float>& k, const std::vector<float>& v, int n, int start,
+                    std::vector<float>& attn) {
+    const int hd = cfg_.head_dim, Hq = cfg_.q_heads, Hkv = cfg_.kv_heads;
+    Cache& cache = *cache_.cache;
+    Gate& gate = *cache_.gates[static_cast<size_t>(layer)];
+    const int in = gate.spec().input_size;
+    std::vector<float> gx(static_cast<size_t>(n) * in);
+    if (gate.spec().kind == GateKind::kRg) {
+      std::copy(x.begin(), x.begin() + static_cast<std::ptrdiff_t>(gx.size()), gx.begin());
+    } else {
+      for (int t = 0; t < n; ++t) {
+        for (int j = 0; j < Hkv; ++j) {
+          const size_t src = (static_cast<size_t>(t) * Hkv + j) * hd;
+          float* dst = &gx[static_cast<size_t>(t) * in + static_cast<size_t>(2 * j) * hd];
+          std::copy(&k[src], &k[src] + hd, dst);
+          std::copy(&v[src], &v[src] + hd, dst + hd);
+        }
+      }
+    }
+    Tensor gxt(Backend::kCpu, DType::kF32, {n, in});
+    gxt.write_f32(gx.data(), gx.size());
+    const bool decode = start > 0 && n == 1;
+    const int rows = decode ? cache.config().batch : n;  // decode: every slot, only 0 active
+    Tensor lam_n(Backend::kCpu, DType::kF32, {n, Hkv});
+    gate.run(gxt, lam_n);
+    std::vector<float> lam(static_cast<size_t>(rows) * Hkv, 0.f);
+    lam_n.read_f32(lam.data());
+    if (!cache_.lam_fp32)
+      for (int i = 0; i < n * Hkv; ++i)
+        lam[static_cast<size_t>(i)] = round(lam[static_cast<size_t>(i)]);
+
+    const DType dt = cache.config().dtype;
+    auto upload = [&](const std::vector<float>& src, int heads) {
+      Tensor t(Backend::kCpu, dt, {rows, heads, hd});
+      std::vector<float> buf(static_cast<size_t>(rows) * heads * hd, 0.f);
+      std::copy(src.begin(), src.begin() + static_cast<std::ptrdiff_t>(n) * heads * hd,
+                buf.begin());
+      t.write_f32(buf.data(), buf.size());
+      return t;
+    };
+    Tensor qt = upload(q, Hq), kt = upload(k, Hkv), vt = upload(v, Hkv);
+    Tensor lamt(Backend::kCpu, DType::kF32, {rows, Hkv});
+    lamt.write_f32(lam.data(), lam.size());
+    Tensor outt(Backend::kCpu, dt, {rows, Hq, hd});
+    if (decode) {
+      std::vector<int32_t> positions(static_cast<size_t>(rows), -1);
+      positions[0] = start;
+      decode_args_t a;
+      a.q = &qt;
+      a.k = &kt;
+      a.v = &vt;
+      a.lam = &lamt;
+      a.out = &outt;
+      a.positions = {positions.data(), positions.size()};
+      cache.decode(layer, a);
+    } else {
+      prefill_args_t a;
+      prefill_chunk_t chunk;
+      chunk.seq = 0;
+      chunk.start = start;
+      chunk.length = n;
+      a.chunks = {chunk};
+      a.q = &qt;
+      a.k = &kt;
+      a.v = &vt;
+      a.lam = &lamt;
+      a.out = &outt;
+      cache.prefill(layer, a);
+    }
+    std::vector<float> out(static_cast<size_t>(rows) * Hq * hd);
+    outt.read_f32(out.data());
+    for (size_t i = 0; i < attn.size(); ++i) attn[i] = round(out[i]);
+  }
+
   weight_map_t weights_;
   matrix_t embed_, norm_, lm_head_;
   std::vector<layer_t> layers_;
   int length_ = 0;
   bool long_factors_ = false;
-  std::vector<float> wrow_, cos_, sin_;
+  std::vector<float> wrow_, cos_, sin_, scratch_;
 };
 
 }  // namespace
 
-std::unique_ptr<Model> create_cpu_model(const model_config_t& cfg, weight_map_t weights) {
-  return std::make_unique<CpuModel>(cfg, std::move(weights));
+std::unique_ptr<Model> create_cpu_model(const model_config_t& cfg, weight_map_t weights,
+                                        model_cache_t cache) {
+  return std::make_unique<CpuModel>(cfg, std::move(weights), std::move(cache));
 }
 
 }  // namespace trimkv::model

@@ -29,8 +29,8 @@ void check_weight(const weight_map_t& w, const std::string& name, std::vector<in
 
 }  // namespace
 
-std::unique_ptr<Model> Model::create(Backend backend, const model_config_t& c,
-                                     weight_map_t weights) {
+std::unique_ptr<Model> Model::create(Backend backend, const model_config_t& c, weight_map_t weights,
+                                     model_cache_t mc) {
   TRIMKV_CHECK(backend == Backend::kCpu, code::kUnsupported,
                "the model forward runs on the cpu backend only (no CUDA implementation yet)");
   TRIMKV_CHECK(c.hidden >= 1 && c.layers >= 1 && c.q_heads >= 1 && c.kv_heads >= 1 &&
@@ -73,7 +73,36 @@ std::unique_ptr<Model> Model::create(Backend backend, const model_config_t& c,
   }
   check_weight(weights, "model.norm.weight", {D});
   if (!c.tie_word_embeddings) check_weight(weights, "lm_head.weight", {V, D});
-  return create_cpu_model(c, std::move(weights));
+  if (mc.cache) {
+    const cache_config_t& k = mc.cache->config();
+    TRIMKV_CHECK(mc.cache->backend() == backend, code::kInvalidArgument,
+                 "the KV cache is on another backend than the model");
+    TRIMKV_CHECK(k.layers == c.layers && k.q_heads == c.q_heads && k.kv_heads == c.kv_heads &&
+                     k.head_dim == c.head_dim,
+                 code::kShape, "the KV cache has layers=", k.layers, " qHeads=", k.q_heads,
+                 " kvHeads=", k.kv_heads, " headDim=", k.head_dim,
+                 "; the model has layers=", c.layers, " qHeads=", c.q_heads,
+                 " kvHeads=", c.kv_heads, " headDim=", c.head_dim);
+    TRIMKV_CHECK(k.dtype == c.dtype, code::kDType, "the KV cache's dtype ", dtype_name(k.dtype),
+                 " is not the model's ", dtype_name(c.dtype));
+    TRIMKV_CHECK(mc.gates.size() == static_cast<size_t>(c.layers), code::kInvalidArgument,
+                 "a KV cache needs one retention gate per layer: expected ", c.layers,
+                 " but received ", mc.gates.size());
+    for (size_t l = 0; l < mc.gates.size(); ++l) {
+      TRIMKV_CHECK(mc.gates[l] != nullptr, code::kInvalidArgument, "gate ", l, " is missing");
+      const gate_spec_t& g = mc.gates[l]->spec();
+      const int want = g.kind == GateKind::kRg ? c.hidden : 2 * c.kv_heads * c.head_dim;
+      TRIMKV_CHECK(mc.gates[l]->backend() == backend, code::kInvalidArgument, "gate ", l,
+                   " is on another backend than the model");
+      TRIMKV_CHECK(g.kv_heads == c.kv_heads && g.input_size == want, code::kShape, "gate ", l,
+                   " has kvHeads=", g.kv_heads, " inputSize=", g.input_size, "; the model needs ",
+                   c.kv_heads, " and ", want);
+    }
+  } else {
+    TRIMKV_CHECK(mc.gates.empty(), code::kInvalidArgument,
+                 "retention gates were given without a KV cache");
+  }
+  return create_cpu_model(c, std::move(weights), std::move(mc));
 }
 
 }  // namespace trimkv::model

@@ -3,8 +3,9 @@
 // forward pass of one sequence. The CPU implementation (model/forward_cpu.cc) is the reference
 // the CUDA one will be checked against; the CUDA backend reports ERR_UNSUPPORTED for now.
 //
-// This first version keeps a plain full KV cache per layer (every position, no eviction) inside
-// the model; the TRIM-KV cache op replaces it when the gates are wired.
+// Attention runs over a TRIM-KV cache (ops/cache.h, one sequence in its slot 0, lam from a
+// retention gate per layer, ops/gate.h) or, without one, over a plain full KV cache inside the
+// model (every position, no eviction).
 #pragma once
 
 #include <map>
@@ -14,6 +15,8 @@
 
 #include "common/dtype.h"
 #include "common/enums.h"
+#include "ops/cache.h"
+#include "ops/gate.h"
 #include "runtime/tensor.h"
 
 namespace trimkv::model {
@@ -48,13 +51,20 @@ struct model_config_t {
 /// The weights, by their Hugging Face names (model.layers.{l}. ...), each a host tensor.
 using weight_map_t = std::map<std::string, Tensor>;
 
+/// The bounded cache a model attends over, shared with its JS handles (which may inspect it).
+struct model_cache_t {
+  std::shared_ptr<Cache> cache;              // null: the plain full cache
+  std::vector<std::shared_ptr<Gate>> gates;  // one per layer: lam of every new token
+  bool lam_fp32 = false;  // keep lam in fp32 (default: rounded to the model dtype, as stored)
+};
+
 class Model {
  public:
   /// Checks the configuration and every tensor's presence and shape.
   /// \throws Error ERR_UNSUPPORTED for the CUDA backend (not written yet), ERR_INVALID_ARGUMENT
   ///   / ERR_SHAPE naming the field or tensor.
   static std::unique_ptr<Model> create(Backend backend, const model_config_t& cfg,
-                                       weight_map_t weights);
+                                       weight_map_t weights, model_cache_t cache = {});
   virtual ~Model() = default;
 
   const model_config_t& config() const { return cfg_; }
@@ -62,17 +72,21 @@ class Model {
   virtual int length() const = 0;
 
   /// Runs `n` tokens at positions [start, start + n) of the sequence: its cache is cut to
-  /// `start` positions first (so `start` <= length()), then the tokens attend over it and
+  /// `start` positions first (so `start` <= length(); with a TRIM-KV cache, which cannot be
+  /// cut, `start` is 0 or length()), then the tokens attend over it and
   /// causally among themselves. `max_length` is the sequence's maximum length (longrope picks
   /// its factors from it at start 0, once). Writes the fp32 logits of the last token to
   /// `logits` (vocab floats).
   virtual void forward(const int32_t* tokens, int n, int start, int max_length, float* logits) = 0;
 
  protected:
-  explicit Model(const model_config_t& cfg) : cfg_(cfg) {}
+  explicit Model(const model_config_t& cfg, model_cache_t cache)
+      : cfg_(cfg), cache_(std::move(cache)) {}
   model_config_t cfg_;
+  model_cache_t cache_;
 };
 
-std::unique_ptr<Model> create_cpu_model(const model_config_t& cfg, weight_map_t weights);
+std::unique_ptr<Model> create_cpu_model(const model_config_t& cfg, weight_map_t weights,
+                                        model_cache_t cache);
 
 }  // namespace trimkv::model

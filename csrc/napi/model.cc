@@ -3,6 +3,8 @@
 
 #include "common/config.h"
 #include "napi/common.h"
+#include "ops/cache.h"
+#include "ops/gate.h"
 
 namespace trimkv::napi {
 namespace {
@@ -60,7 +62,22 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
         const std::string name = names.Get(i).As<Napi::String>().Utf8Value();
         weights.emplace(name, *unwrap_tensor(w.Get(name), name.c_str()));
       }
-      model_ = model::Model::create(backend, c, std::move(weights));
+      // Optional 4th argument: { cache: NativeCache, gates: NativeGate[], lamFp32: boolean }.
+      model::model_cache_t mc;
+      if (info.Length() > 3 && !info[3].IsUndefined()) {
+        TRIMKV_CHECK(info[3].IsObject(), code::kInvalidArgument,
+                     "Expected an object { cache, gates, lamFp32 } for the cache argument");
+        Napi::Object k = info[3].As<Napi::Object>();
+        mc.cache = shared_cache(k.Get("cache"), "cache");
+        Napi::Value gv = k.Get("gates");
+        TRIMKV_CHECK(gv.IsArray(), code::kInvalidArgument, "Expected an array of gates for gates");
+        Napi::Array ga = gv.As<Napi::Array>();
+        for (uint32_t i = 0; i < ga.Length(); ++i)
+          mc.gates.push_back(shared_gate(ga.Get(i), "gates"));
+        Napi::Value lf = k.Get("lamFp32");
+        mc.lam_fp32 = lf.IsBoolean() && lf.As<Napi::Boolean>().Value();
+      }
+      model_ = model::Model::create(backend, c, std::move(weights), std::move(mc));
       return info.Env().Undefined();
     });
   }

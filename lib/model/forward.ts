@@ -2,16 +2,20 @@
  * The native forward pass of a model directory (csrc/model/): the CPU reference of issue 15.
  * Loads config.json and the safetensors weights with the readers of this folder, uploads every
  * tensor the architecture uses, and runs tokens of one sequence, returning the fp32 logits of
- * the last position. The sequence's KV cache is a plain full cache inside the model for now
- * (no eviction); the CUDA backend reports `ERR_UNSUPPORTED`.
+ * the last position. Attention runs over a TRIM-KV `KVCache` (sequence slot 0) with one
+ * `RetentionGate` per layer when given, else over a plain full cache inside the model (no
+ * eviction). The CUDA backend reports `ERR_UNSUPPORTED`.
  *
  * Error codes (all `TrimKVError`): those of `loadModelConfig`, `openModelWeights` and
  * `checkModelTensors`; `ERR_UNSUPPORTED` for the cuda backend; `ERR_RANGE` for a start
  * position past the sequence, a token outside the vocabulary or a length past
  * `maxPositionEmbeddings`; `ERR_STATE` when a later call's `maxLength` would switch longrope's
- * factors mid-sequence; `ERR_DISPOSED` after `dispose`.
+ * factors mid-sequence, or (with a cache) a start other than 0 or the length; `ERR_SHAPE` /
+ * `ERR_DTYPE` for a cache or gates that do not fit the model; `ERR_DISPOSED` after `dispose`.
  */
 import { BACKEND_INDEX, loadAddon, type NativeModelHandle, type NativeTensorHandle } from '../native.js';
+import { nativeCacheHandle, type KVCache } from '../cache.js';
+import { nativeGateHandle, type RetentionGate } from '../gate.js';
 import { native, TrimKVError } from '../errors.js';
 import type { DType } from '../types.js';
 import { invalid } from '../validate.js';
@@ -21,6 +25,16 @@ import { checkModelTensors, expectedModelTensors, openModelWeights } from './wei
 export interface ForwardModelOptions {
   /** Where the forward runs (default 'cpu'; 'cuda' is not implemented yet). */
   backend?: 'cpu' | 'cuda';
+  /**
+   * A TRIM-KV cache of this model's shape and dtype (the model runs its sequence slot 0; the
+   * cache stays the caller's: `inspect` / `lengths` on it show what the forward kept). Needs
+   * `gates`.
+   */
+  cache?: KVCache;
+  /** One retention gate per layer (`Runtime.createGate` of each `Checkpoint.layers` entry). */
+  gates?: readonly RetentionGate[];
+  /** lam as the reference stores it: rounded to the model dtype ('model', default) or 'fp32'. */
+  lamDtype?: 'model' | 'fp32';
 }
 
 export interface ForwardOptions {
@@ -57,6 +71,17 @@ export interface ForwardModel {
 export async function loadForwardModel(dir: string, options: ForwardModelOptions = {}): Promise<ForwardModel> {
   const backend = options.backend ?? 'cpu';
   if (backend !== 'cpu' && backend !== 'cuda') invalid("'cpu' or 'cuda'", 'options.backend', backend);
+  if (options.lamDtype !== undefined && options.lamDtype !== 'model' && options.lamDtype !== 'fp32') {
+    invalid("'model' or 'fp32'", 'options.lamDtype', options.lamDtype);
+  }
+  if ((options.cache === undefined) !== (options.gates === undefined)) {
+    invalid('a cache and its gates together (or neither)', options.cache === undefined ? 'options.cache' : 'options.gates', undefined);
+  }
+  if (options.gates !== undefined && !Array.isArray(options.gates)) invalid('an array of RetentionGate', 'options.gates', options.gates);
+  const cacheArg =
+    options.cache === undefined
+      ? undefined
+      : { cache: nativeCacheHandle(options.cache), gates: [...options.gates!].map(nativeGateHandle), lamFp32: options.lamDtype === 'fp32' };
   const config = await loadModelConfig(dir);
   await using weights = await openModelWeights(dir);
   const check = checkModelTensors(weights, config);
@@ -106,6 +131,7 @@ export async function loadForwardModel(dir: string, options: ForwardModelOptions
             attentionFactor: ropeAttentionScaling(config),
           },
           tensors,
+          cacheArg,
         ),
     );
     // The model holds its own references to the weights' buffers.
