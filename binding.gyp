@@ -9,6 +9,8 @@
         "csrc/cpu/parallel.cc",
         "csrc/cuda_none/cuda_unavailable.cc",
         "csrc/cuda_none/device_none.cc",
+        "csrc/model/forward_cpu.cc",
+        "csrc/model/model.cc",
         "csrc/ops/cache.cc",
         "csrc/ops/gate.cc",
         "csrc/ops/support.cc",
@@ -17,6 +19,7 @@
         "csrc/napi/bench.cc",
         "csrc/napi/cache.cc",
         "csrc/napi/gate.cc",
+        "csrc/napi/model.cc",
         "csrc/napi/runtime.cc",
         "csrc/napi/support.cc",
         "csrc/napi/tensor.cc"

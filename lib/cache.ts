@@ -55,7 +55,18 @@ export function cacheSupport(backend: BackendName, config: CacheConfig | Resolve
   return r.ok ? null : (r.reason ?? 'unsupported');
 }
 
+let handleOfCache: (c: KVCache) => NativeCacheHandle;
+
+/** @internal The native handle of a cache, for the model runner (lib/model/forward.ts). */
+export function nativeCacheHandle(c: KVCache): NativeCacheHandle {
+  return handleOfCache(c);
+}
+
 export class KVCache {
+  static {
+    handleOfCache = (c) => c.#h();
+  }
+
   readonly config: ResolvedCacheConfig;
   readonly backend: BackendName;
   #handle: NativeCacheHandle | undefined;

@@ -32,7 +32,21 @@ export function gateSupport(backend: BackendName, inputSize: number): string | n
   return r.ok ? null : (r.reason ?? 'unsupported');
 }
 
+let handleOfGate: (g: RetentionGate) => NativeGateHandle;
+
+/** @internal The native handle of a gate, for the model runner (lib/model/forward.ts). */
+export function nativeGateHandle(g: RetentionGate): NativeGateHandle {
+  return handleOfGate(g);
+}
+
 export class RetentionGate {
+  static {
+    handleOfGate = (g) => {
+      if (!g.#handle) throw new TrimKVError('ERR_DISPOSED', 'the retention gate has been disposed');
+      return g.#handle;
+    };
+  }
+
   readonly kind: GateKind;
   readonly inputSize: number;
   readonly intermediateSize: number;

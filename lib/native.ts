@@ -45,6 +45,13 @@ export interface NativeCacheHandle {
   dispose(): void;
 }
 
+export interface NativeModelHandle {
+  /** Runs tokens at positions [start, start + n); returns the fp32 logits of the last one. */
+  forward(tokens: Int32Array, start: number, maxLength: number): Float32Array;
+  length(): number;
+  dispose(): void;
+}
+
 export interface NativeAddon {
   cudaStatus(): NativeCudaStatus;
   synchronize(): Promise<void>;
@@ -52,6 +59,9 @@ export interface NativeAddon {
   NativeGate: new (backend: number, spec: object, dtype: string, a: ArrayBufferView, b: ArrayBufferView,
     out: ArrayBufferView, bias: ArrayBufferView) => NativeGateHandle;
   NativeCache: new (backend: number, config: object) => NativeCacheHandle;
+  /** The model forward (csrc/model/): config fields as lib/model/forward.ts passes them. */
+  NativeModel: new (backend: number, config: object, weights: Record<string, NativeTensorHandle>,
+    cache?: { cache: NativeCacheHandle; gates: NativeGateHandle[]; lamFp32: boolean }) => NativeModelHandle;
   /**
    * Per-call times (ms): CUDA events on the device (after a spin of spinMs), a steady clock on the
    * CPU. With group > 1, one value per run of `group` back-to-back calls (its time / group).

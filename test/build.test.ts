@@ -36,6 +36,7 @@ describe.skipIf(!hasHeaders)('binding.gyp (node-gyp, CPU-only fallback)', () => 
       const t = new addon.NativeTensor(0, 'bf16', [3]);
       t.write(new Float32Array([1, 1.00390625, -2.5]));
       expect(Array.from(t.readSync())).toEqual([1, 1, -2.5]);
+      expect(typeof addon.NativeModel).toBe('function'); // csrc/model/ and napi/model.cc are listed
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -12,6 +12,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   trimkv::napi::register_cache(env, exports);
   trimkv::napi::register_bench(env, exports);
   trimkv::napi::register_support(env, exports);
+  trimkv::napi::register_model(env, exports);
   return exports;
 }
 

@@ -6,6 +6,8 @@
 namespace trimkv::napi {
 namespace {
 
+constexpr napi_type_tag kCacheTag = {0x7472696d6b765f63ULL, 0x616368655f763120ULL};
+
 class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -43,6 +45,7 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
       c.threshold = number_prop(o, "threshold");
       c.scale = static_cast<float>(number_prop(o, "scale"));
       cache_ = Cache::create(backend, c);
+      info.This().As<Napi::Object>().TypeTag(&kCacheTag);
       return info.Env().Undefined();
     });
   }
@@ -175,10 +178,20 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
     return info.Env().Undefined();
   }
 
-  std::unique_ptr<Cache> cache_;
+  friend std::shared_ptr<Cache> trimkv::napi::shared_cache(const Napi::Value&, const char*);
+  // Shared: a model using this cache keeps it alive after a dispose here.
+  std::shared_ptr<Cache> cache_;
 };
 
 }  // namespace
+
+std::shared_ptr<Cache> shared_cache(const Napi::Value& v, const char* name) {
+  TRIMKV_CHECK(v.IsObject() && v.As<Napi::Object>().CheckTypeTag(&kCacheTag),
+               code::kInvalidArgument, "Expected a KV cache for ", name);
+  CacheWrap* w = CacheWrap::Unwrap(v.As<Napi::Object>());
+  TRIMKV_CHECK(w->cache_ != nullptr, code::kDisposed, "the KV cache has been disposed");
+  return w->cache_;
+}
 
 void register_cache(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeCache", CacheWrap::Define(env));

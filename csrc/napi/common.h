@@ -4,12 +4,18 @@
 
 #include <napi.h>
 
+#include <memory>
 #include <new>
 #include <string>
 #include <vector>
 
 #include "common/errors.h"
 #include "runtime/tensor.h"
+
+namespace trimkv {
+class Cache;
+class Gate;
+}  // namespace trimkv
 
 namespace trimkv::napi {
 
@@ -74,6 +80,9 @@ struct addon_data_t {
 
 /// The native tensor behind a JS Tensor handle; throws ERR_INVALID_ARGUMENT / ERR_DISPOSED.
 Tensor* unwrap_tensor(const Napi::Value& v, const char* name);
+/// The cache / gate behind a JS handle, shared (a model holds them); throws as unwrap_tensor.
+std::shared_ptr<Cache> shared_cache(const Napi::Value& v, const char* name);
+std::shared_ptr<Gate> shared_gate(const Napi::Value& v, const char* name);
 
 void register_tensor(Napi::Env env, Napi::Object exports, addon_data_t* data);
 void register_gate(Napi::Env env, Napi::Object exports);
@@ -81,5 +90,6 @@ void register_cache(Napi::Env env, Napi::Object exports);
 void register_runtime(Napi::Env env, Napi::Object exports);
 void register_bench(Napi::Env env, Napi::Object exports);
 void register_support(Napi::Env env, Napi::Object exports);
+void register_model(Napi::Env env, Napi::Object exports);
 
 }  // namespace trimkv::napi

@@ -6,6 +6,8 @@
 namespace trimkv::napi {
 namespace {
 
+constexpr napi_type_tag kGateTag = {0x7472696d6b765f67ULL, 0x6174655f76312020ULL};
+
 class GateWrap : public Napi::ObjectWrap<GateWrap> {
  public:
   static Napi::Function Define(Napi::Env env) {
@@ -35,6 +37,7 @@ class GateWrap : public Napi::ObjectWrap<GateWrap> {
       w.out = bytes_of(info[5], "out");
       w.bias = bytes_of(info[6], "bias");
       gate_ = Gate::create(backend, spec, w);
+      info.This().As<Napi::Object>().TypeTag(&kGateTag);
       return info.Env().Undefined();
     });
   }
@@ -56,10 +59,20 @@ class GateWrap : public Napi::ObjectWrap<GateWrap> {
     return info.Env().Undefined();
   }
 
-  std::unique_ptr<Gate> gate_;
+  friend std::shared_ptr<Gate> trimkv::napi::shared_gate(const Napi::Value&, const char*);
+  // Shared: a model using this gate keeps it alive after a dispose here.
+  std::shared_ptr<Gate> gate_;
 };
 
 }  // namespace
+
+std::shared_ptr<Gate> shared_gate(const Napi::Value& v, const char* name) {
+  TRIMKV_CHECK(v.IsObject() && v.As<Napi::Object>().CheckTypeTag(&kGateTag), code::kInvalidArgument,
+               "Expected a retention gate for ", name);
+  GateWrap* w = GateWrap::Unwrap(v.As<Napi::Object>());
+  TRIMKV_CHECK(w->gate_ != nullptr, code::kDisposed, "the retention gate has been disposed");
+  return w->gate_;
+}
 
 void register_gate(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeGate", GateWrap::Define(env));
