@@ -47,7 +47,7 @@ export interface NativeCacheHandle {
 
 export interface NativeModelHandle {
   /** Runs tokens at positions [start, start + n); returns the fp32 logits of the last one. */
-  forward(tokens: Int32Array, start: number, maxLength: number): Float32Array;
+  forward(tokens: Int32Array, start: number, maxLength: number, lam?: readonly (Float32Array | undefined)[]): Float32Array;
   length(): number;
   dispose(): void;
 }

@@ -31,6 +31,8 @@ interface EvictionRun {
 interface EvictionSequence extends EvictionRun {
   prompt: number[];
   length: number;
+  /** [layer][kv head][position]: the one-pass run's lam of every token processed, as stored. */
+  lam: number[][][];
   chunked: Record<string, EvictionRun>;
 }
 interface EvictionCase {
@@ -168,36 +170,59 @@ function retained(cache: KVCache, layers: number): number[][][] {
   return Array.from({ length: layers }, (_, l) => Array.from({ length: cache.config.kvHeads }, (_, h) => Array.from(cache.inspect(0, l, h).positions)));
 }
 
+/** lam per layer for one forward call: `undefined` (the gate computes it) or [tokens, kvHeads]. */
+type LamFor = (start: number, count: number) => (Float32Array | undefined)[];
+
 /**
  * Teacher-forced run of one eviction sequence (the prompt in chunks of `chunk`, then
  * `run.generated[s - 1]` at step s): the retained sets of the first `layers` layers at every
  * key of `run.retained`, and (when `bound` is given) the top-1 logit of every row within it.
+ * `lamFor` (optional) gives each call's forced lam. Returns the logits of every row.
  */
-function checkRetained(m: ForwardModel, cache: KVCache, seq: EvictionSequence, run: EvictionRun, steps: number, chunk: number, layers: number, bound?: number): void {
+function checkRetained(m: ForwardModel, cache: KVCache, seq: EvictionSequence, run: EvictionRun, steps: number, chunk: number, layers: number, bound?: number, lamFor?: LamFor): Float32Array[] {
   const n = seq.prompt.length;
-  const top1: number[] = [];
+  const call = (tokens: number[], at: number): Float32Array => m.forward(tokens, at, { maxLength: seq.length, lam: lamFor?.(at, tokens.length) });
+  const rows: Float32Array[] = [];
   let logits: Float32Array = new Float32Array();
-  for (let at = 0; at < n; at += chunk) logits = m.forward(seq.prompt.slice(at, Math.min(n, at + chunk)), at, { maxLength: seq.length });
-  top1.push(logits[argmax(logits)]!);
+  for (let at = 0; at < n; at += chunk) logits = call(seq.prompt.slice(at, Math.min(n, at + chunk)), at);
+  rows.push(logits);
   const want = (key: string): number[][][] => run.retained[key]!.slice(0, layers);
   expect(retained(cache, layers), 'retained after the prompt').toEqual(want('0'));
   for (let s = 1; s <= steps; s++) {
-    logits = m.forward([run.generated[s - 1]!], n + s - 1, { maxLength: seq.length });
-    top1.push(logits[argmax(logits)]!);
+    rows.push(call([run.generated[s - 1]!], n + s - 1));
     if (run.retained[String(s)] !== undefined) expect(retained(cache, layers), `retained after step ${s}`).toEqual(want(String(s)));
   }
-  if (bound === undefined) return;
-  const diff = Math.max(...top1.map((t, s) => Math.abs(t - run.top1_logit[s]!)));
-  expect(diff, `top-1 logit difference (bound ${bound})`).toBeLessThanOrEqual(bound);
+  if (bound !== undefined) {
+    const diff = Math.max(...rows.map((r, s) => Math.abs(r[argmax(r)]! - run.top1_logit[s]!)));
+    expect(diff, `top-1 logit difference (bound ${bound})`).toBeLessThanOrEqual(bound);
+  }
+  return rows;
+}
+
+/** The fixture's recorded lam (`lam[layer][kv head][position]`) of `count` positions from `start`, as [token][kv head]. */
+function recordedLam(seq: EvictionSequence, layer: number, start: number, count: number): Float32Array {
+  const heads = seq.lam[layer]!;
+  const out = new Float32Array(count * heads.length);
+  for (let t = 0; t < count; t++) {
+    for (let h = 0; h < heads.length; h++) {
+      const v = heads[h]![start + t];
+      if (v === undefined) throw new Error(`no recorded lam at layer ${layer}, head ${h}, position ${start + t}`);
+      out[t * heads.length + h] = v;
+    }
+  }
+  return out;
 }
 
 /**
  * Runs whose eviction differs from the (GPU) reference's through lam, not the cache: the gate's
  * lam in layer 0 is bit-equal to the fixture's `lam`, but from layer 1 on it differs by a few
  * bf16 steps (its input carries the bf16 rounding differences of layer 0's CPU vs GPU matmuls),
- * and these runs have near-tied evictions (`min_evict_gap` 0 to 1e-3). For them, layer 0's sets
- * (which depend on layer 0's lam alone, or with knorm_alpha on its keys too) are checked exactly;
- * the deeper layers, the top-1 logits and the greedy tokens are not.
+ * and these runs have near-tied evictions (`min_evict_gap` 0 to 1e-3). For them, the free-running
+ * gate path checks layer 0's sets (which depend on layer 0's lam alone, or with knorm_alpha on its
+ * keys too) exactly, and not the deeper layers, the top-1 logits or the greedy tokens. Their
+ * bookkeeping is checked exactly by the teacher-forced lam test below (one pass: every layer,
+ * top-1 logits, greedy tokens; chunked prefill: every layer where the fixture's lam applies, else
+ * layer 0, as the fixture records lam for the one-pass run only).
  */
 const LAM_NOISE: ReadonlySet<string> = new Set([
   'qwen3 rg-M8-B0-alpha sequence 0',
@@ -207,6 +232,68 @@ const LAM_NOISE: ReadonlySet<string> = new Set([
   'phi3 rg-M6-B2-knorm_alpha sequence 1',
 ]);
 
+const MEASURED = new Map<string, Promise<number>>();
+
+/**
+ * This model's measured logit difference: max |runner - ref| of the full-cache teacher-forced
+ * logits over all its full-cache sequences (memoized per model).
+ */
+function measuredLogitDiff(model: string): Promise<number> {
+  let p = MEASURED.get(model);
+  if (p === undefined) {
+    p = (async () => {
+      const exp = expected(model);
+      const refs = await referenceLogits(model);
+      using m = await loadForwardModel(join(ROOT, model));
+      let d = 0;
+      for (const seq of exp.full_cache.sequences) {
+        const ref = refs.get(seq.logits)!;
+        const maxLength = seq.prompt.length + exp.full_cache.steps + 1;
+        for (let s = 0; s <= exp.full_cache.steps; s++) {
+          const logits = s === 0 ? m.forward(seq.prompt, 0, { maxLength }) : m.forward([seq.generated[s - 1]!], seq.prompt.length + s - 1, { maxLength });
+          d = Math.max(d, maxAbsDiff(logits, ref[s]!));
+        }
+      }
+      return d;
+    })();
+    MEASURED.set(model, p);
+  }
+  return p;
+}
+
+/** A forward over a fresh TRIM-KV cache of eviction case `c`, with its gates. */
+async function evictionModel(model: string, c: EvictionCase): Promise<{ m: ForwardModel; cache: KVCache; layers: number; [Symbol.dispose](): void }> {
+  const rt = openRuntime('cpu');
+  const ckpt = await loadCheckpoint(join(ROOT, model, c.gates));
+  const gates = ckpt.layers.map((spec) => rt.createGate(spec));
+  const config = JSON.parse(readFileSync(join(ROOT, model, 'config.json'), 'utf8')) as Record<string, number>;
+  const headDim = config.head_dim ?? config.hidden_size! / config.num_attention_heads!;
+  const layers = config.num_hidden_layers!;
+  const cache = rt.createCache({
+    layers,
+    batch: 1,
+    qHeads: config.num_attention_heads!,
+    kvHeads: config.num_key_value_heads!,
+    headDim,
+    memory: c.memory,
+    buffer: c.buffer,
+    window: c.window,
+    strategy: c.strategy,
+    scope: c.scope,
+    dtype: 'bf16',
+  });
+  const m = await loadForwardModel(join(ROOT, model), { cache, gates });
+  return {
+    m,
+    cache,
+    layers,
+    [Symbol.dispose]: () => {
+      m.dispose();
+      rt.dispose();
+    },
+  };
+}
+
 describe.each(['qwen3', 'llama', 'phi3'] as const)('eviction: %s', (model) => {
   const exp = expected(model);
   const tol = exp.tolerance.logits_rel;
@@ -214,26 +301,8 @@ describe.each(['qwen3', 'llama', 'phi3'] as const)('eviction: %s', (model) => {
 
   test.each(cases)('%s: retained sets (one pass, chunks of 4 and 8) and greedy tokens', async (name, c, seq) => {
     expect(c.lam_dtype).toBe(exp.dtype);
-    using rt = openRuntime('cpu');
-    const ckpt = await loadCheckpoint(join(ROOT, model, c.gates));
-    const gates = ckpt.layers.map((spec) => rt.createGate(spec));
-    const config = JSON.parse(readFileSync(join(ROOT, model, 'config.json'), 'utf8')) as Record<string, number>;
-    const headDim = config.head_dim ?? config.hidden_size! / config.num_attention_heads!;
-    const layers = config.num_hidden_layers!;
-    const cache = rt.createCache({
-      layers,
-      batch: 1,
-      qHeads: config.num_attention_heads!,
-      kvHeads: config.num_key_value_heads!,
-      headDim,
-      memory: c.memory,
-      buffer: c.buffer,
-      window: c.window,
-      strategy: c.strategy,
-      scope: c.scope,
-      dtype: 'bf16',
-    });
-    using m = await loadForwardModel(join(ROOT, model), { cache, gates });
+    using e = await evictionModel(model, c);
+    const { m, cache, layers } = e;
     const noisy = LAM_NOISE.has(`${model} ${name}`);
     const checked = noisy ? 1 : layers;
     const bound = noisy ? undefined : tol * Math.max(...seq.top1_logit.map(Math.abs));
@@ -248,6 +317,60 @@ describe.each(['qwen3', 'llama', 'phi3'] as const)('eviction: %s', (model) => {
     const first = got.findIndex((t, s) => t !== seq.generated[s]);
     if (first >= 0) expect(seq.margin[first]!, `first difference at step ${first}`).toBeLessThanOrEqual(2 * bound);
     expect(got.slice(0, first < 0 ? undefined : first)).toEqual(seq.generated.slice(0, first < 0 ? undefined : first));
+  });
+
+  /*
+   * Teacher forcing of lam as well as tokens (every run, LAM_NOISE included): the fixture's
+   * recorded lam replaces the gate's, so the cache bookkeeping (append, score, evict, chunked
+   * prefill) is compared exactly even where our gate lands on a neighbouring bf16 value. The
+   * fixture records lam for the one-pass run only (`lam[layer][kv head][position]`); a chunked
+   * run's lam from layer 1 on depends on layer 0's mid-prompt evictions, so it is forced in full
+   * only when the chunked run provably is the one-pass computation (no chunk boundary before the
+   * last one evicts anything), else in layer 0 alone (a function of the token and its position)
+   * for every position fed the one-pass run's token, with the gate computing the rest.
+   */
+  test.each(cases)('%s: teacher-forced lam: retained sets (one pass, chunks of 4 and 8) and greedy tokens', async (name, c, seq) => {
+    using e = await evictionModel(model, c);
+    const { m, cache, layers } = e;
+    const n = seq.prompt.length;
+    const total = n + c.steps;
+    for (const layer of seq.lam) for (const head of layer) expect(head).toHaveLength(total);
+    const all: LamFor = (at, count) => Array.from({ length: layers }, (_, l) => recordedLam(seq, l, at, count));
+
+    // One pass: every layer exact; then the greedy token of every row whose reference margin is
+    // above twice the logit difference (README): the eviction runs record only the top-1 logit,
+    // so d is the larger of the top-1 difference there and this model's measured max |runner -
+    // ref| over its full-cache teacher-forced logits (the same forward numerics).
+    const rows = checkRetained(m, cache, seq, seq, c.steps, n, layers, undefined, all);
+    const top1 = rows.map((r, s) => Math.abs(r[argmax(r)]! - seq.top1_logit[s]!));
+    const bound = tol * Math.max(...seq.top1_logit.map(Math.abs));
+    expect(Math.max(...top1), `top-1 logit difference (bound ${bound})`).toBeLessThanOrEqual(bound);
+    const measured = await measuredLogitDiff(model);
+    let compared = 0;
+    rows.forEach((r, s) => {
+      const d = Math.max(top1[s]!, measured);
+      if (seq.margin[s]! <= 2 * d) return;
+      compared++;
+      expect(argmax(r), `greedy token of step ${s} (margin ${seq.margin[s]}, d ${d})`).toBe(seq.generated[s]);
+    });
+    expect(compared, 'greedy steps compared').toBeGreaterThan(0);
+
+    for (const [key, run] of Object.entries(seq.chunked)) {
+      const chunk = Number(key);
+      let same = true; // no eviction at a chunk boundary before the last one
+      for (let at = chunk; at < n; at += chunk) if (at >= c.memory + c.buffer && at > c.memory) same = false;
+      if (same) {
+        expect(run.generated, `chunks of ${chunk}: the one-pass run`).toEqual(seq.generated);
+        checkRetained(m, cache, seq, run, c.steps, chunk, layers, undefined, all);
+        continue;
+      }
+      const layer0: LamFor = (at, count) => {
+        const own = at < n || run.generated[at - n] === seq.generated[at - n];
+        return Array.from({ length: layers }, (_, l) => (l === 0 && own ? recordedLam(seq, 0, at, count) : undefined));
+      };
+      const noisy = LAM_NOISE.has(`${model} ${name}`);
+      checkRetained(m, cache, seq, run, c.steps, chunk, noisy ? 1 : layers, noisy ? undefined : bound, layer0);
+    }
   });
 
   test('the lam-noise list names only runs of this fixture', () => {
@@ -290,6 +413,33 @@ describe('a TRIM-KV cache that never evicts', () => {
     expectError(() => m.forward([4], 2), 'ERR_STATE', /continues at its length 3 or starts again at 0/);
     m.forward([4], 3);
     expect(m.length).toBe(4);
+  });
+});
+
+describe('forced lam (test only)', () => {
+  test('replaces the gate of the layers it names, rounded and stored as the gate lam is', async () => {
+    using rt = openRuntime('cpu');
+    const gates = (await loadCheckpoint(join(ROOT, 'qwen3', 'gates-rg'))).layers.map((spec) => rt.createGate(spec));
+    const make = (): KVCache => rt.createCache({ layers: 2, batch: 1, qHeads: 4, kvHeads: 2, headDim: 128, memory: 64, dtype: 'bf16' });
+    const forcedCache = make();
+    const freeCache = make();
+    using forced = await loadForwardModel(join(ROOT, 'qwen3'), { cache: forcedCache, gates });
+    using free = await loadForwardModel(join(ROOT, 'qwen3'), { cache: freeCache, gates });
+    forced.forward([5, 6, 7], 0, { lam: [new Float32Array(6).fill(-0.3), undefined] });
+    free.forward([5, 6, 7], 0);
+    // -0.3 rounds to bf16 -0.30078125; score = lam * (T + 1 - p) at T = 3.
+    for (const h of [0, 1]) expect(Array.from(forcedCache.inspect(0, 0, h).scores)).toEqual([0, 1, 2].map((p) => Math.fround(-0.30078125 * (4 - p))));
+    expect(forcedCache.inspect(0, 0, 0).scores).not.toEqual(freeCache.inspect(0, 0, 0).scores);
+    // Layer 1's gate still runs, on the same input (layer 0's attention does not depend on lam
+    // before anything is evicted).
+    expect(forcedCache.inspect(0, 1, 1).scores).toEqual(freeCache.inspect(0, 1, 1).scores);
+    forced.forward([8], 3, { lam: [new Float32Array([-1, -2]), new Float32Array([-0.5, -0.25])] });
+    expect(forcedCache.inspect(0, 1, 1).scores[3]).toBe(-0.25 * 2); // T 4, p 3
+
+    expectError(() => forced.forward([9], 4, { lam: [undefined] }), 'ERR_INVALID_ARGUMENT', /options\.lam/);
+    expectError(() => forced.forward([9], 4, { lam: [new Float32Array(4), undefined] }), 'ERR_INVALID_ARGUMENT', /options\.lam\[0\]/);
+    using plain = await loadForwardModel(join(ROOT, 'qwen3'));
+    expectError(() => plain.forward([1], 0, { lam: [undefined, undefined] }), 'ERR_INVALID_ARGUMENT', /a model loaded with a cache/);
   });
 });
 

@@ -92,7 +92,8 @@ class CpuModel final : public Model {
 
   int length() const override { return length_; }
 
-  void forward(const int32_t* tokens, int n, int start, int max_length, float* logits) override {
+  void forward(const int32_t* tokens, int n, int start, int max_length, float* logits,
+               const float* const* lam) override {
     const model_config_t& c = cfg_;
     TRIMKV_CHECK(n >= 1, code::kInvalidArgument, "forward needs at least one token");
     TRIMKV_CHECK(start >= 0 && start <= length_, code::kRange, "start position ", start,
@@ -163,7 +164,7 @@ class CpuModel final : public Model {
         rope(&k[static_cast<size_t>(t) * Hkv * hd], Hkv, start + t);
       }
       if (cache_.cache) {
-        attend_cache(l, x, q, k, v, n, start, attn);
+        attend_cache(l, x, q, k, v, n, start, lam ? lam[l] : nullptr, attn);
       } else {
         attend_full(L, q, k, v, n, start, attn);
       }
@@ -298,17 +299,11 @@ class CpuModel final : public Model {
     }
   }
 
-  /// The TRIM-KV cache (sequence slot 0): lam from the layer's gate ("rg" on x; "rg2"/"rg3" on
-  /// [k_0; v_0; k_1; v_1; ...] with the rotated keys and raw values), rounded to the model
-  /// dtype unless lam_fp32; then one prefill chunk (start 0 or several tokens) or one decode
-  /// step, which append, attend and evict (SPEC sections 4, 5).
-  void attend_cache(int layer, const std::vector<float>& x, const std::vector<float>& q,
-                    const std::vector<float>& k, const std::vector<float>& v, int n, int start,
-                    std::vector<float>& attn) {
-    const int hd = cfg_.head_dim, Hq = cfg_.q_heads, Hkv = cfg_.kv_heads;
-    Cache& cache = *cache_.cache;
-    Gate& gate = *cache_.gates[static_cast<size_t>(layer)];
-    const int in = gate.spec().input_size;
+  /// The layer's gate on n tokens: "rg" on x; "rg2"/"rg3" on [k_0; v_0; k_1; v_1; ...] with the
+  /// rotated keys and raw values. Writes lam [n][Hkv] (fp32, not rounded) to the front of `lam`.
+  void run_gate(Gate& gate, int in, const std::vector<float>& x, const std::vector<float>& k,
+                const std::vector<float>& v, int n, std::vector<float>& lam) {
+    const int hd = cfg_.head_dim, Hkv = cfg_.kv_heads;
     std::vector<float> gx(static_cast<size_t>(n) * in);
     if (gate.spec().kind == GateKind::kRg) {
       std::copy(x.begin(), x.begin() + static_cast<std::ptrdiff_t>(gx.size()), gx.begin());
@@ -324,12 +319,33 @@ class CpuModel final : public Model {
     }
     Tensor gxt(Backend::kCpu, DType::kF32, {n, in});
     gxt.write_f32(gx.data(), gx.size());
-    const bool decode = start > 0 && n == 1;
-    const int rows = decode ? cache.config().batch : n;  // decode: every slot, only 0 active
     Tensor lam_n(Backend::kCpu, DType::kF32, {n, Hkv});
     gate.run(gxt, lam_n);
+    std::vector<float> out(static_cast<size_t>(n) * Hkv);
+    lam_n.read_f32(out.data());
+    std::copy(out.begin(), out.end(), lam.begin());
+  }
+
+  /// The TRIM-KV cache (sequence slot 0): lam from the layer's gate ("rg" on x; "rg2"/"rg3" on
+  /// [k_0; v_0; k_1; v_1; ...] with the rotated keys and raw values), rounded to the model
+  /// dtype unless lam_fp32; then one prefill chunk (start 0 or several tokens) or one decode
+  /// step, which append, attend and evict (SPEC sections 4, 5). `forced` (test only): n * Hkv
+  /// values that replace the gate's lam (then rounded and stored the same way).
+  void attend_cache(int layer, const std::vector<float>& x, const std::vector<float>& q,
+                    const std::vector<float>& k, const std::vector<float>& v, int n, int start,
+                    const float* forced, std::vector<float>& attn) {
+    const int hd = cfg_.head_dim, Hq = cfg_.q_heads, Hkv = cfg_.kv_heads;
+    Cache& cache = *cache_.cache;
+    Gate& gate = *cache_.gates[static_cast<size_t>(layer)];
+    const int in = gate.spec().input_size;
+    const bool decode = start > 0 && n == 1;
+    const int rows = decode ? cache.config().batch : n;  // decode: every slot, only 0 active
     std::vector<float> lam(static_cast<size_t>(rows) * Hkv, 0.f);
-    lam_n.read_f32(lam.data());
+    if (forced != nullptr) {
+      std::copy(forced, forced + static_cast<size_t>(n) * Hkv, lam.begin());
+    } else {
+      run_gate(gate, in, x, k, v, n, lam);
+    }
     if (!cache_.lam_fp32)
       for (int i = 0; i < n * Hkv; ++i)
         lam[static_cast<size_t>(i)] = round(lam[static_cast<size_t>(i)]);

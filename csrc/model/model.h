@@ -77,7 +77,13 @@ class Model {
   /// causally among themselves. `max_length` is the sequence's maximum length (longrope picks
   /// its factors from it at start 0, once). Writes the fp32 logits of the last token to
   /// `logits` (vocab floats).
-  virtual void forward(const int32_t* tokens, int n, int start, int max_length, float* logits) = 0;
+  ///
+  /// `lam` (test only, for teacher-forcing the cache bookkeeping against a reference whose gate
+  /// numerics differ by rounding): null, or one entry per layer, each null (that layer's gate
+  /// computes lam) or `n * kv_heads` floats ([token][kv head]) used instead of the gate's output,
+  /// rounded and stored exactly as the gate's lam would be. Ignored without a TRIM-KV cache.
+  virtual void forward(const int32_t* tokens, int n, int start, int max_length, float* logits,
+                       const float* const* lam = nullptr) = 0;
 
  protected:
   explicit Model(const model_config_t& cfg, model_cache_t cache)

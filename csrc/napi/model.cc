@@ -88,7 +88,7 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
     return model_.get();
   }
 
-  // forward(tokens: Int32Array, start, maxLength) -> Float32Array logits of the last token
+  // forward(tokens: Int32Array, start, maxLength, lam?) -> Float32Array logits of the last token
   Napi::Value Forward(const Napi::CallbackInfo& info) {
     return guard(info.Env(), [&]() -> Napi::Value {
       model::Model* m = get();
@@ -101,9 +101,38 @@ class ModelWrap : public Napi::ObjectWrap<ModelWrap> {
       TRIMKV_CHECK(start >= 0 && start <= INT32_MAX && max_length >= 0 && max_length <= INT32_MAX &&
                        tokens.ElementLength() <= INT32_MAX,
                    code::kRange, "start / maxLength / tokens out of range");
+      const int n = static_cast<int>(tokens.ElementLength());
+      // Optional 4th argument (test only): lam per layer, each a Float32Array [n, kvHeads] or
+      // undefined / null (that layer's gate computes it). The arrays stay alive in `info`.
+      std::vector<const float*> lam;
+      if (info.Length() > 3 && !info[3].IsUndefined() && !info[3].IsNull()) {
+        TRIMKV_CHECK(info[3].IsArray(), code::kInvalidArgument,
+                     "Expected an array (one entry per layer) for lam");
+        Napi::Array la = info[3].As<Napi::Array>();
+        const model::model_config_t& c = m->config();
+        TRIMKV_CHECK(la.Length() == static_cast<uint32_t>(c.layers), code::kInvalidArgument,
+                     "lam needs one entry per layer: expected ", c.layers, " but received ",
+                     la.Length());
+        for (uint32_t l = 0; l < la.Length(); ++l) {
+          Napi::Value e = la.Get(l);
+          if (e.IsUndefined() || e.IsNull()) {
+            lam.push_back(nullptr);
+            continue;
+          }
+          TRIMKV_CHECK(
+              e.IsTypedArray() && e.As<Napi::TypedArray>().TypedArrayType() == napi_float32_array,
+              code::kInvalidArgument, "Expected a Float32Array or undefined for lam[", l, "]");
+          Napi::Float32Array a = e.As<Napi::Float32Array>();
+          TRIMKV_CHECK(
+              a.ElementLength() == static_cast<size_t>(n) * c.kv_heads, code::kShape, "lam[", l,
+              "] has ", a.ElementLength(),
+              " values; expected tokens * kvHeads = ", static_cast<size_t>(n) * c.kv_heads);
+          lam.push_back(a.Data());
+        }
+      }
       Napi::Float32Array logits = Napi::Float32Array::New(info.Env(), m->config().vocab);
-      m->forward(tokens.Data(), static_cast<int>(tokens.ElementLength()), static_cast<int>(start),
-                 static_cast<int>(max_length), logits.Data());
+      m->forward(tokens.Data(), n, static_cast<int>(start), static_cast<int>(max_length),
+                 logits.Data(), lam.empty() ? nullptr : lam.data());
       return logits;
     });
   }

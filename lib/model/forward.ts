@@ -43,6 +43,14 @@ export interface ForwardOptions {
    * factors from it once, at position 0. Default: `startPos + tokens.length`.
    */
   maxLength?: number;
+  /**
+   * Test only (teacher-forcing the cache bookkeeping against a reference whose gate numerics
+   * differ by rounding): per layer, `undefined` (its gate computes lam) or the lam of this call's
+   * tokens, `tokens.length * kvHeads` values ([token][kv head]), used instead of the gate's and
+   * rounded and stored exactly as the gate's would be. Needs a model loaded with a cache.
+   * @internal
+   */
+  lam?: readonly (Float32Array | undefined)[];
 }
 
 /** A model loaded for the native forward, holding one sequence. */
@@ -136,7 +144,7 @@ export async function loadForwardModel(dir: string, options: ForwardModelOptions
     );
     // The model holds its own references to the weights' buffers.
     disposeAll();
-    return new NativeForwardModel(config, check.dtype, handle);
+    return new NativeForwardModel(config, check.dtype, handle, cacheArg !== undefined);
   } catch (e) {
     disposeAll();
     throw e;
@@ -150,6 +158,7 @@ class NativeForwardModel implements ForwardModel {
     readonly config: ModelConfig,
     readonly dtype: DType,
     handle: NativeModelHandle,
+    private readonly hasCache: boolean,
   ) {
     this.handle = handle;
   }
@@ -176,7 +185,17 @@ class NativeForwardModel implements ForwardModel {
     if (!Number.isSafeInteger(startPos) || startPos < 0) invalid('an integer >= 0', 'startPos', startPos);
     const maxLength = options.maxLength ?? startPos + ids.length;
     if (!Number.isSafeInteger(maxLength)) invalid('an integer', 'options.maxLength', maxLength);
-    return native(() => h.forward(ids, startPos, maxLength));
+    const lam = options.lam;
+    if (lam !== undefined) {
+      if (!this.hasCache) invalid('a model loaded with a cache and gates', 'options.lam', lam);
+      if (!Array.isArray(lam) || lam.length !== this.config.layers) invalid(`an array of ${this.config.layers} entries (one per layer)`, 'options.lam', lam);
+      lam.forEach((a: unknown, l) => {
+        if (a !== undefined && !(a instanceof Float32Array && a.length === ids.length * this.config.kvHeads)) {
+          invalid(`undefined or a Float32Array of ${ids.length * this.config.kvHeads} values (tokens * kvHeads)`, `options.lam[${l}]`, a);
+        }
+      });
+    }
+    return native(() => h.forward(ids, startPos, maxLength, lam));
   }
 
   dispose(): void {
