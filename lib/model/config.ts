@@ -11,10 +11,14 @@
  *   disagrees with the model.
  */
 import { dirname, join } from 'node:path';
-import type { Checkpoint } from '../checkpoint/index.js';
+import { isCheckpoint, type Checkpoint } from '../checkpoint/index.js';
+import { types } from 'node:util';
 import { TrimKVError } from '../errors.js';
 import type { DType } from '../types.js';
-import { invalid } from '../validate.js';
+import { argObject, arrayOf, invalid, isArgObject, readField } from '../validate.js';
+
+/** Most positions one ropeCosSin call takes (its tables hold positions x headDim floats each). */
+const MAX_ROPE_POSITIONS = 2 ** 20;
 import { isFile, readJsonObject, requireDir, show } from './files.js';
 
 /** The architectures (Hugging Face `model_type`) trimkv can run. */
@@ -188,10 +192,8 @@ export async function loadModelConfig(dir: string): Promise<ModelConfig> {
  *   unsupported or malformed `rope_scaling` (factor lists of the wrong length).
  */
 export function parseModelConfig(json: unknown, file = 'config.json'): ModelConfig {
-  if (typeof json !== 'object' || json === null || Array.isArray(json)) {
-    throw new TrimKVError('ERR_MODEL_CONFIG', `${file}: expected a JSON object but received ${show(json)}`);
-  }
-  const raw = json as Record<string, unknown>;
+  if (typeof file !== 'string') invalid('a string', 'file', file);
+  const raw = jsonObject(json, file);
   const c = new Fields(raw, file);
   const modelType = raw.model_type;
   if (typeof modelType !== 'string' || !(MODEL_ARCHITECTURES as readonly string[]).includes(modelType)) {
@@ -296,7 +298,54 @@ export function parseModelConfig(json: unknown, file = 'config.json'): ModelConf
   const bos = c.ids('bos_token_id');
   if (bos.length > 1) throw c.error('bos_token_id', 'a single token id');
   if (bos.length === 1) config.bosTokenId = bos[0]!;
+  // Frozen and branded: the functions that take a ModelConfig trust its fields.
+  Object.freeze(config.rope);
+  MODEL_CONFIGS.add(Object.freeze(config));
   return config;
+}
+
+const MODEL_CONFIGS = new WeakSet<object>();
+
+/**
+ * @internal `v` as a ModelConfig that parseModelConfig / loadModelConfig made (else
+ * ERR_INVALID_ARGUMENT): the functions taking one trust its fields.
+ */
+export function expectModelConfig(v: unknown, name = 'config'): ModelConfig {
+  if (typeof v !== 'object' || v === null || !MODEL_CONFIGS.has(v)) invalid('a ModelConfig from parseModelConfig or loadModelConfig', name, v);
+  return v as ModelConfig;
+}
+
+/** A JSON object argument read once (a Proxy or throwing getter cannot run later). */
+function jsonObject(json: unknown, file: string): Record<string, unknown> {
+  if (types.isProxy(json) || typeof json !== 'object' || json === null || Array.isArray(json)) {
+    throw new TrimKVError('ERR_MODEL_CONFIG', `${file}: expected a JSON object but received ${show(json)}`);
+  }
+  return plainJson(json, file, 0, { nodes: 0 }) as Record<string, unknown>;
+}
+
+/**
+ * A copy of `v` as plain JSON data, read once with every property through readField: a Proxy,
+ * a function, a cycle or nesting past 64 levels is ERR_MODEL_CONFIG, a throwing getter
+ * ERR_INVALID_ARGUMENT, and at most 2^20 values are copied, so nothing later can run user code.
+ */
+function plainJson(v: unknown, file: string, depth: number, budget: { nodes: number }): unknown {
+  if (++budget.nodes > 2 ** 20) throw new TrimKVError('ERR_MODEL_CONFIG', `${file}: more than ${2 ** 20} values`);
+  if (v === null || typeof v === 'string' || typeof v === 'number' || typeof v === 'boolean') return v;
+  if (typeof v !== 'object' || types.isProxy(v) || depth > 64) {
+    throw new TrimKVError('ERR_MODEL_CONFIG', `${file}: not JSON data (${depth > 64 ? 'nested over 64 levels' : show(v)})`);
+  }
+  if (Array.isArray(v)) {
+    if (v.length > 2 ** 20) throw new TrimKVError('ERR_MODEL_CONFIG', `${file}: a list of ${v.length} values`);
+    const out = new Array<unknown>(v.length);
+    for (let i = 0; i < v.length; i++) out[i] = plainJson(readField(v, String(i), 'config', i), file, depth + 1, budget);
+    return out;
+  }
+  const out: Record<string, unknown> = {};
+  for (const k of Object.keys(v)) {
+    // defineProperty: a key '__proto__' stays a key.
+    Object.defineProperty(out, k, { value: plainJson(readField(v, k, 'config', k), file, depth + 1, budget), enumerable: true, writable: true, configurable: true });
+  }
+  return out;
 }
 
 function parseRopeScaling(
@@ -381,10 +430,8 @@ export async function loadGenerationConfig(dir: string): Promise<GenerationConfi
  *   non-boolean do_sample.
  */
 export function parseGenerationConfig(json: unknown, file = 'generation_config.json'): GenerationConfig {
-  if (typeof json !== 'object' || json === null || Array.isArray(json)) {
-    throw new TrimKVError('ERR_MODEL_CONFIG', `${file}: expected a JSON object but received ${show(json)}`);
-  }
-  const raw = json as Record<string, unknown>;
+  if (typeof file !== 'string') invalid('a string', 'file', file);
+  const raw = jsonObject(json, file);
   const c = new Fields(raw, file);
   const g: GenerationConfig = { eosTokenIds: c.ids('eos_token_id'), raw, file };
   const one = (field: string): number | undefined => {
@@ -423,6 +470,8 @@ export function parseGenerationConfig(json: unknown, file = 'generation_config.j
  *   config's `base_model`.
  */
 export function checkGatesAgainstModel(gates: Checkpoint, model: ModelConfig): void {
+  if (!isCheckpoint(gates)) invalid('a Checkpoint from loadCheckpoint or parseCheckpoint', 'gates', gates);
+  expectModelConfig(model, 'model');
   const diffs: string[] = [];
   const cmp = (what: string, gate: unknown, want: unknown): void => {
     if (gate !== undefined && gate !== null && gate !== want) diffs.push(`${what}: gates ${show(gate)}, model ${show(want)}`);
@@ -432,7 +481,9 @@ export function checkGatesAgainstModel(gates: Checkpoint, model: ModelConfig): v
   cmp('num_key_value_heads', gates.cacheDefaults.kvHeads, model.kvHeads);
   cmp('num_attention_heads', gates.cacheDefaults.qHeads, model.qHeads);
   cmp('head_dim', gates.cacheDefaults.headDim, model.headDim);
-  const hidden = gates.config.hidden_size ?? (gates.config.text_config as Record<string, unknown> | undefined)?.hidden_size;
+  // config.json as given: a nested value may be anything, so it is read with care.
+  const text = gates.config.text_config;
+  const hidden = gates.config.hidden_size ?? (isArgObject(text) ? readField(text, 'hidden_size', 'gates.config.text_config.hidden_size') : undefined);
   cmp('hidden_size', hidden, model.hiddenSize);
   const input = gates.layers[0]?.inputSize;
   const wantInput = gates.kind === 'rg' ? model.hiddenSize : model.kvHeads * 2 * model.headDim;
@@ -468,6 +519,7 @@ function checkMaxLength(config: ModelConfig, maxLength: number | undefined, requ
  * @throws {TrimKVError} `ERR_RANGE` when `maxLength` exceeds `maxPositionEmbeddings` (longrope).
  */
 export function ropeFactorSet(config: ModelConfig, maxLength: number): 'short' | 'long' | null {
+  expectModelConfig(config);
   if (config.rope.type !== 'longrope') return null;
   checkMaxLength(config, maxLength, true);
   // transformers' Phi-3: long factors once seq_len = max position + 1 exceeds the original window.
@@ -483,7 +535,7 @@ export function ropeFactorSet(config: ModelConfig, maxLength: number): 'short' |
  *   when it exceeds `maxPositionEmbeddings`.
  */
 export function ropeInvFreq(config: ModelConfig, maxLength?: number): Float32Array {
-  const rope = config.rope;
+  const rope = expectModelConfig(config).rope;
   checkMaxLength(config, maxLength, rope.type === 'longrope');
   const dim = config.headDim;
   const half = dim / 2;
@@ -528,6 +580,7 @@ export function ropeInvFreq(config: ModelConfig, maxLength?: number): Float32Arr
  * @throws {TrimKVError} `ERR_RANGE` when `maxLength` exceeds `maxPositionEmbeddings`.
  */
 export function ropeAttentionScaling(config: ModelConfig, maxLength?: number): number {
+  expectModelConfig(config);
   checkMaxLength(config, maxLength, false);
   return config.rope.type === 'longrope' ? f32(config.rope.attentionFactor) : 1;
 }
@@ -547,6 +600,12 @@ export function ropeCosSin(
   const scale = ropeAttentionScaling(config, maxLength);
   const dim = config.headDim;
   const half = dim / 2;
+  // Read once and bounded before anything is allocated: typed arrays as they are, arrays index by index.
+  const list: ArrayLike<number> = types.isTypedArray(positions) && !types.isProxy(positions)
+    ? (positions as unknown as ArrayLike<number>)
+    : arrayOf(positions, 'positions', 'an array of positions', (x) => x as number, { maxLength: MAX_ROPE_POSITIONS });
+  if (list.length > MAX_ROPE_POSITIONS) invalid(`at most ${MAX_ROPE_POSITIONS} positions`, 'positions', positions, 'ERR_RANGE');
+  positions = list;
   const cos = new Float32Array(positions.length * dim);
   const sin = new Float32Array(positions.length * dim);
   for (let p = 0; p < positions.length; p++) {

@@ -6,6 +6,7 @@
  */
 import { readFile, stat } from 'node:fs/promises';
 import { TrimKVError, type ErrorCode } from '../errors.js';
+import { describe } from '../validate.js';
 
 /** Largest config / generation_config / tokenizer_config / index file accepted. */
 export const MAX_SMALL_JSON_BYTES = 16 * 1024 * 1024;
@@ -77,14 +78,12 @@ export async function readJsonObject(
   return value as Record<string, unknown>;
 }
 
-/** `JSON.stringify` for messages, shortened so a hostile value cannot flood them. */
+/**
+ * A value for messages: `describe` (bounded in depth and length, never throws, Proxies and
+ * getters never run), with "nothing" for a missing field.
+ */
 export function show(value: unknown): string {
   if (value === undefined) return 'nothing (field missing)';
-  let s: string;
-  try {
-    s = JSON.stringify(value) ?? String(value);
-  } catch {
-    s = String(value);
-  }
+  const s = describe(value);
   return s.length > 80 ? `${s.slice(0, 77)}...` : s;
 }

@@ -198,10 +198,10 @@ export class ModelTokenizer {
    *   outside [0, vocabSize).
    */
   decode(ids: readonly number[], options: DecodeOptions = {}): string {
-    this.checkIds(ids);
+    const list = this.checkIds(ids);
     const skip = argObject(options, 'options', 'a DecodeOptions object', ['skipSpecialTokens'] as const).skipSpecialTokens ?? false;
     if (typeof skip !== 'boolean') invalid('a boolean', 'skipSpecialTokens', skip);
-    return this.rawDecode(ids as number[], skip);
+    return this.rawDecode(list, skip);
   }
 
   /** Whether `id` is a special token (skipped by `skipSpecialTokens`). */
@@ -289,13 +289,13 @@ export class ModelTokenizer {
     );
   }
 
-  private checkIds(ids: readonly number[]): void {
-    if (!Array.isArray(ids)) invalid('an array of token ids', 'ids', ids);
-    for (let i = 0; i < ids.length; i++) {
-      const id = ids[i];
-      if (typeof id !== 'number' || !Number.isSafeInteger(id)) invalid('an integer token id', `ids[${i}]`, id);
-      if (id < 0 || id >= this.vocabSize) invalid(`a token id in [0, ${this.vocabSize}) (the tokenizer's vocabulary)`, `ids[${i}]`, id, 'ERR_RANGE');
-    }
+  /** The ids read once, index by index (a Proxy or a getter never runs later), and checked. */
+  private checkIds(ids: readonly number[]): number[] {
+    return arrayOf(ids, 'ids', 'an array of token ids', (id, name) => {
+      if (typeof id !== 'number' || !Number.isSafeInteger(id)) invalid('an integer token id', name, id);
+      if (id < 0 || id >= this.vocabSize) invalid(`a token id in [0, ${this.vocabSize}) (the tokenizer's vocabulary)`, name, id, 'ERR_RANGE');
+      return id;
+    }, { maxLength: 2 ** 24 });
   }
 
   private rawDecode(ids: number[], skip: boolean): string {
@@ -336,14 +336,13 @@ class IncrementalDecoder implements DecodeStream {
   private contextText = '';
 
   constructor(
-    private readonly check: (ids: readonly number[]) => void,
+    private readonly check: (ids: readonly number[]) => number[],
     private readonly decode: (ids: number[]) => string,
     private readonly holdSpace: boolean,
   ) {}
 
   push(input: number | readonly number[]): string {
-    const ids = typeof input === 'number' ? [input] : input;
-    this.check(ids);
+    const ids = this.check(typeof input === 'number' ? [input] : input);
     this.ids.push(...ids);
     const n = this.ids.length;
     const full = n - this.read >= MAX_HELD_TOKENS;

@@ -25,7 +25,7 @@ import { DTYPE_BYTES } from '../constants.js';
 import { parseSafetensorsHeader } from '../checkpoint/safetensors.js';
 import type { DType, WeightArray } from '../types.js';
 import { argObject, invalid, invalidText } from '../validate.js';
-import type { ModelConfig } from './config.js';
+import { expectModelConfig, type ModelConfig } from './config.js';
 import { isFile, readJsonObject, requireDir, show } from './files.js';
 
 /** The reference implementation's limit on a safetensors header. */
@@ -235,8 +235,13 @@ export async function openModelWeights(dir: string): Promise<ModelWeights> {
       `${dir}: no model.safetensors or model.safetensors.index.json (only safetensors weights are read, not PyTorch .bin files)`,
     );
   }
-  return new WeightsReader(dir, files, tensors, metadata);
+  const w = new WeightsReader(dir, files, tensors, metadata);
+  WEIGHTS.add(w);
+  return w;
 }
+
+/** The readers openModelWeights made (a brand: checkModelTensors trusts their tensor tables). */
+const WEIGHTS = new WeakSet<object>();
 
 class WeightsReader implements ModelWeights {
   private handles = new Map<string, Promise<FileHandle>>();
@@ -322,6 +327,7 @@ export interface ModelTensorCheck {
 
 /** Names and shapes a model of `config` must have (MODELS.md's table). */
 export function expectedModelTensors(config: ModelConfig): Map<string, number[]> {
+  expectModelConfig(config);
   const { hiddenSize: D, layers: L, qHeads: Hq, kvHeads: Hkv, headDim: hd, intermediateSize: I, vocabSize: V } = config;
   const m = new Map<string, number[]>([['model.embed_tokens.weight', [V, D]]]);
   for (let l = 0; l < L; l++) {
@@ -364,6 +370,8 @@ const MAX_LISTED = 8;
  *   mis-shaped or unexpected tensors with their files.
  */
 export function checkModelTensors(weights: Pick<ModelWeights, 'tensors' | 'dir'>, config: ModelConfig, options: { allowExtra?: boolean } = {}): ModelTensorCheck {
+  if (!WEIGHTS.has(weights as object)) invalid('ModelWeights from openModelWeights', 'weights', weights);
+  expectModelConfig(config);
   const { allowExtra } = argObject(options, 'options', 'a { allowExtra } object', ['allowExtra'] as const);
   if (allowExtra !== undefined && typeof allowExtra !== 'boolean') invalid('a boolean', 'options.allowExtra', allowExtra);
   const expected = expectedModelTensors(config);
