@@ -320,10 +320,20 @@ function mutate(f: { d: string; source: 'pth' | 'safetensors'; config: Record<st
     trimkv.parseCheckpoint(f.config, b, f.source);
     counts.loaded!++;
   } catch (e) {
-    counts.refused!++;
-    if (!(e instanceof TrimKVError)) fail(step, call, `threw ${(e as Error)?.constructor?.name}: ${String((e as Error)?.message ?? e)}`);
-    if (!CODES.has(e.code)) fail(step, call, `undocumented code ${e.code}`);
+    refused(step, call, e, counts);
   }
+  quick(step, call, t0);
+}
+
+/** A mutated file's refusal: a TrimKVError with a documented code. */
+function refused(step: number, call: string, e: unknown, counts: Record<string, number>): void {
+  counts.refused!++;
+  if (!(e instanceof TrimKVError)) fail(step, call, `threw ${(e as Error)?.constructor?.name}: ${String((e as Error)?.message ?? e)}`);
+  if (!CODES.has(e.code)) fail(step, call, `undocumented code ${e.code}`);
+}
+
+/** Loaded or refused within 2 s of t0. */
+function quick(step: number, call: string, t0: number): void {
   const ms = performance.now() - t0;
   if (ms > 2000) fail(step, call, `took ${ms.toFixed(0)} ms`);
 }
@@ -387,12 +397,9 @@ async function runModels(): Promise<Record<string, number>> {
         }
         counts.loaded!++;
       } catch (e) {
-        counts.refused!++;
-        if (!(e instanceof TrimKVError)) fail(step, call, `threw ${(e as Error)?.constructor?.name}: ${String((e as Error)?.message ?? e)}`);
-        if (!CODES.has(e.code)) fail(step, call, `undocumented code ${e.code}`);
+        refused(step, call, e, counts);
       }
-      const ms = performance.now() - t0;
-      if (ms > 2000) fail(step, call, `took ${ms.toFixed(0)} ms`);
+      quick(step, call, t0);
       rmSync(dir, { recursive: true, force: true });
     }
   } finally {

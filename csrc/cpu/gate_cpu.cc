@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "common/errors.h"
+#include "cpu/dot.h"
 #include "cpu/parallel.h"
 #include "ops/gate.h"
 
@@ -27,15 +28,6 @@ float activate(Activation act, float u) {
 
 // log(sigmoid(z)) without overflow for large |z|: min(z, 0) - log1p(exp(-|z|)).
 float log_sigmoid(float z) { return std::fmin(z, 0.f) - std::log1p(std::exp(-std::fabs(z))); }
-
-float dot(const float* a, const float* b, int n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  for (; i < n; ++i) acc[0] += a[i] * b[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
 
 std::vector<float> to_float(const std::vector<uint8_t>& raw, DType t) {
   std::vector<float> out(raw.size() / dtype_size(t));

@@ -6,8 +6,10 @@
 #include <cmath>
 #include <vector>
 
+#include "common/dtype.h"
 #include "common/errors.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/dot.h"
 #include "model/model.h"
 
 namespace trimkv::model {
@@ -22,34 +24,9 @@ struct matrix_t {
 
   void row(int64_t r, float* out) const {
     const size_t off = static_cast<size_t>(r * cols);
-    switch (dtype) {
-      case DType::kF32: {
-        const float* p = static_cast<const float*>(data) + off;
-        for (int64_t i = 0; i < cols; ++i) out[i] = p[i];
-        break;
-      }
-      case DType::kBF16: {
-        const uint16_t* p = static_cast<const uint16_t*>(data) + off;
-        for (int64_t i = 0; i < cols; ++i) out[i] = bf16_to_float(p[i]);
-        break;
-      }
-      case DType::kF16: {
-        const uint16_t* p = static_cast<const uint16_t*>(data) + off;
-        for (int64_t i = 0; i < cols; ++i) out[i] = fp16_to_float(p[i]);
-        break;
-      }
-    }
+    to_float_n(data, dtype, off, static_cast<size_t>(cols), out);
   }
 };
-
-float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  for (; i < n; ++i) acc[0] += a[i] * b[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
 
 struct layer_t {
   matrix_t input_norm, post_norm, q, k, v, qkv, q_norm, k_norm, o, gate, up, gate_up, down;
